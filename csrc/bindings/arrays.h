@@ -1,0 +1,60 @@
+// NumPy arrays <-> core views. The Python layer has already normalised
+// arguments; this only checks what the native code relies on.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "core/error.h"
+#include "core/tensor.h"
+
+namespace lk::bindings {
+
+namespace py = pybind11;
+
+inline bool is_f32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
+inline bool is_f64(const py::array& a) { return a.dtype().equal(py::dtype::of<double>()); }
+
+// An array the core may read, with its view. Misaligned data or strides that
+// are not whole elements (possible with np.ndarray(buffer=..., strides=...))
+// are copied once, so kernels may assume element-aligned access.
+struct Input {
+  py::array array;
+  TensorView view;
+};
+
+inline Input input_view(py::array a, const char* name, int ndim) {
+  LK_CHECK(a.ndim() == ndim, name, ": expected ", ndim, " dimensions, got ", a.ndim());
+  LK_CHECK(ndim <= kMaxDims, name, ": too many dimensions");
+  LK_CHECK(is_f32(a) || is_f64(a), name, ": expected float32 or float64");
+  const auto item = a.itemsize();
+  bool ok = (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
+  for (int i = 0; i < ndim && ok; ++i) ok = a.strides(i) % item == 0;
+  if (!ok) a = py::array::ensure(a, py::array::c_style);
+  Input in{a, {}};
+  in.view.data = const_cast<void*>(a.data());
+  in.view.dtype = is_f32(a) ? DType::f32 : DType::f64;
+  in.view.ndim = ndim;
+  for (int i = 0; i < ndim; ++i) {
+    in.view.shape[i] = a.shape(i);
+    in.view.strides[i] = a.strides(i) / item;
+  }
+  return in;
+}
+
+// The output: `out` when the caller gave one (checked), else a new array.
+template <class T>
+py::array_t<T> output_array(const py::object& out, const std::vector<py::ssize_t>& shape) {
+  if (out.is_none()) return py::array_t<T>(shape);
+  auto a = py::reinterpret_borrow<py::array>(out);
+  LK_CHECK(a.dtype().equal(py::dtype::of<T>()), "out: expected dtype ", py::str(py::dtype::of<T>()).cast<std::string>());
+  LK_CHECK(a.writeable(), "out: array is read-only");
+  LK_CHECK(static_cast<size_t>(a.ndim()) == shape.size(), "out: expected ", shape.size(), " dimensions");
+  for (size_t i = 0; i < shape.size(); ++i)
+    LK_CHECK(a.shape(i) == shape[i], "out: wrong shape at dimension ", i, ": expected ", shape[i], ", got ", a.shape(i));
+  LK_CHECK((a.flags() & py::array::c_style) != 0, "out: must be C-contiguous");
+  return py::reinterpret_borrow<py::array_t<T>>(out);
+}
+
+}  // namespace lk::bindings

@@ -1,0 +1,75 @@
+// Build and run-time configuration: threads, ISA level, what was compiled.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "core/cpu_features.h"
+#include "core/thread_pool.h"
+#include "cpu/ukernels/ukernels.h"
+#ifdef LK_WITH_CUDA
+#include "cuda/device.h"
+#endif
+
+namespace lk::bindings {
+
+namespace py = pybind11;
+
+void register_config(py::module_& m) {
+  m.def("get_num_threads", &get_num_threads);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("n: number of threads must be at least 1, got " + std::to_string(n));
+    py::gil_scoped_release release;
+    set_num_threads(n);
+  });
+  m.def("available_cores", &available_cores);
+  m.def("detected_isa", [] { return std::string(isa_name(detected_isa())); });
+  m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
+  m.def("set_isa_cap", [](const std::string& name) { set_isa_cap(isa_from_name(name)); });
+  m.def("ukernel_names", [] {
+    const auto& t = cpu::ukernels();
+    py::dict d;
+    d["f32_gemm"] = t.f32_gemm.name;
+    d["f64_gemm"] = t.f64_gemm.name;
+    return d;
+  });
+  m.def("build_info", [] {
+    py::dict d;
+    d["compiler"] =
+#if defined(__clang__)
+        "clang " __clang_version__;
+#elif defined(__GNUC__)
+        "gcc " __VERSION__;
+#else
+        "unknown";
+#endif
+    d["build_type"] = LK_BUILD_TYPE;
+#ifdef LK_HAVE_X86_KERNELS
+    d["isa_kernels"] = py::make_tuple("generic", "avx2", "avx512");
+#else
+    d["isa_kernels"] = py::make_tuple("generic");
+#endif
+#ifdef LK_WITH_CUDA
+    d["cuda"] = true;
+    d["cuda_architectures"] = LK_CUDA_ARCHITECTURES;
+    d["cuda_runtime_version"] = cuda::runtime_version();
+#else
+    d["cuda"] = false;
+#endif
+    return d;
+  });
+  m.def("cuda_devices", [] {
+    py::list out;
+#ifdef LK_WITH_CUDA
+    for (const auto& dev : cuda::devices()) {
+      py::dict d;
+      d["name"] = dev.name;
+      d["compute_capability"] = py::make_tuple(dev.major, dev.minor);
+      d["sm_count"] = dev.sm_count;
+      d["memory_bytes"] = dev.memory_bytes;
+      out.append(d);
+    }
+#endif
+    return out;
+  });
+}
+
+}  // namespace lk::bindings

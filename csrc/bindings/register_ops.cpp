@@ -1,0 +1,176 @@
+// The functional ops: check, release the GIL, call the core.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <optional>
+
+#include "bindings/arrays.h"
+#include "cpu/activation.h"
+#include "cpu/conv2d.h"
+#include "cpu/linear.h"
+#include "cpu/pool2d.h"
+
+namespace lk::bindings {
+
+using I2 = std::array<int64_t, 2>;
+using I4 = std::array<int64_t, 4>;
+
+static Activation activation_from(const std::string& name) {
+  if (name == "none") return Activation::none;
+  if (name == "relu") return Activation::relu;
+  throw std::invalid_argument(cat("activation: expected None or 'relu', got '", name, "'"));
+}
+
+static void check_same_dtype(const Input& a, const Input& b, const char* name) {
+  if (a.view.dtype != b.view.dtype)
+    throw py::type_error(cat(name, ": dtype ", dtype_name(b.view.dtype), " does not match input dtype ",
+                             dtype_name(a.view.dtype)));
+}
+
+template <class T>
+static py::array conv2d_typed(const Conv2dDesc& d, const Input& x, const Input& w, const std::optional<Input>& b,
+                              const py::object& out) {
+  auto y = output_array<T>(out, {d.N, d.K, d.P(), d.Q()});
+  T* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    cpu::Conv2dPlan<T> plan(d, w.view, b ? &b->view : nullptr);
+    plan.run(x.view, yp);
+  }
+  return y;
+}
+
+static py::array conv2d(py::array input, py::array weight, std::optional<py::array> bias, I2 stride, I4 padding,
+                        I2 dilation, int64_t groups, const std::string& activation, py::object out) {
+  Input x = input_view(input, "input", 4), w = input_view(weight, "weight", 4);
+  check_same_dtype(x, w, "weight");
+  std::optional<Input> b;
+  if (bias) {
+    b = input_view(*bias, "bias", 1);
+    check_same_dtype(x, *b, "bias");
+  }
+  Conv2dDesc d;
+  d.dtype = x.view.dtype;
+  d.N = x.view.shape[0], d.C = x.view.shape[1], d.H = x.view.shape[2], d.W = x.view.shape[3];
+  d.K = w.view.shape[0], d.R = w.view.shape[2], d.S = w.view.shape[3];
+  d.groups = groups;
+  d.stride_h = stride[0], d.stride_w = stride[1];
+  d.pad_top = padding[0], d.pad_bottom = padding[1], d.pad_left = padding[2], d.pad_right = padding[3];
+  d.dil_h = dilation[0], d.dil_w = dilation[1];
+  d.has_bias = b.has_value();
+  d.act = activation_from(activation);
+  cpu::validate(d);
+  LK_CHECK(w.view.shape[1] * groups == d.C, "weight: expected ", d.C / groups, " input channels per group, got ",
+           w.view.shape[1]);
+  if (b) LK_CHECK(b->view.shape[0] == d.K, "bias: expected ", d.K, " entries, got ", b->view.shape[0]);
+  return d.dtype == DType::f32 ? conv2d_typed<float>(d, x, w, b, out) : conv2d_typed<double>(d, x, w, b, out);
+}
+
+template <class T>
+static py::object max_pool2d_typed(const Pool2dDesc& d, const Input& x, bool return_indices, const py::object& out) {
+  auto y = output_array<T>(out, {d.N, d.C, d.P(), d.Q()});
+  std::optional<py::array_t<int64_t>> idx;
+  if (return_indices) idx.emplace(std::vector<py::ssize_t>{d.N, d.C, d.P(), d.Q()});
+  T* yp = y.mutable_data();
+  int64_t* ip = idx ? idx->mutable_data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    cpu::max_pool2d<T>(d, x.view, yp, ip);
+  }
+  if (idx) return py::make_tuple(y, *idx);
+  return y;
+}
+
+static py::object max_pool2d(py::array input, I2 kernel, I2 stride, I2 padding, I2 dilation, bool ceil_mode,
+                             bool return_indices, py::object out) {
+  Input x = input_view(input, "input", 4);
+  Pool2dDesc d;
+  d.dtype = x.view.dtype;
+  d.N = x.view.shape[0], d.C = x.view.shape[1], d.H = x.view.shape[2], d.W = x.view.shape[3];
+  d.kh = kernel[0], d.kw = kernel[1];
+  d.stride_h = stride[0], d.stride_w = stride[1];
+  d.pad_h = padding[0], d.pad_w = padding[1];
+  d.dil_h = dilation[0], d.dil_w = dilation[1];
+  d.ceil_mode = ceil_mode;
+  cpu::validate(d);
+  return d.dtype == DType::f32 ? max_pool2d_typed<float>(d, x, return_indices, out)
+                               : max_pool2d_typed<double>(d, x, return_indices, out);
+}
+
+template <class T>
+static py::array linear_typed(const LinearDesc& d, const Input& x, const Input& w, const std::optional<Input>& b,
+                              const py::object& out) {
+  auto y = output_array<T>(out, {d.M, d.N});
+  T* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    cpu::LinearPlan<T> plan(d, w.view, b ? &b->view : nullptr);
+    plan.run(x.view, yp);
+  }
+  return y;
+}
+
+static py::array linear(py::array input, py::array weight, std::optional<py::array> bias,
+                        const std::string& activation, py::object out) {
+  Input x = input_view(input, "input", 2), w = input_view(weight, "weight", 2);
+  check_same_dtype(x, w, "weight");
+  std::optional<Input> b;
+  if (bias) {
+    b = input_view(*bias, "bias", 1);
+    check_same_dtype(x, *b, "bias");
+  }
+  LinearDesc d;
+  d.dtype = x.view.dtype;
+  d.M = x.view.shape[0], d.K = x.view.shape[1], d.N = w.view.shape[0];
+  LK_CHECK(w.view.shape[1] == d.K, "weight: expected ", d.K, " input features, got ", w.view.shape[1]);
+  if (b) LK_CHECK(b->view.shape[0] == d.N, "bias: expected ", d.N, " entries, got ", b->view.shape[0]);
+  d.has_bias = b.has_value();
+  d.act = activation_from(activation);
+  return d.dtype == DType::f32 ? linear_typed<float>(d, x, w, b, out) : linear_typed<double>(d, x, w, b, out);
+}
+
+// relu and softmax work on C-contiguous arrays (Python makes them so).
+template <class T, class F>
+static py::array elementwise(py::array x, py::object out, F&& f) {
+  LK_CHECK((x.flags() & py::array::c_style) != 0, "input: must be C-contiguous");
+  std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+  auto y = output_array<T>(out, shape);
+  const T* xp = static_cast<const T*>(x.data());
+  T* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    f(xp, yp);
+  }
+  return y;
+}
+
+static py::array relu(py::array x, py::object out) {
+  const int64_t n = x.size();
+  if (is_f32(x)) return elementwise<float>(x, out, [n](const float* a, float* b) { cpu::relu(a, b, n); });
+  LK_CHECK(is_f64(x), "input: expected float32 or float64");
+  return elementwise<double>(x, out, [n](const double* a, double* b) { cpu::relu(a, b, n); });
+}
+
+static py::array softmax(py::array x, int64_t outer, int64_t dim, int64_t inner, bool log, py::object out) {
+  LK_CHECK(outer >= 0 && dim >= 0 && inner >= 0 && outer * dim * inner == x.size(), "dim: bad split of the input");
+  if (is_f32(x))
+    return elementwise<float>(x, out, [=](const float* a, float* b) { cpu::softmax(a, b, outer, dim, inner, log); });
+  LK_CHECK(is_f64(x), "input: expected float32 or float64");
+  return elementwise<double>(x, out, [=](const double* a, double* b) { cpu::softmax(a, b, outer, dim, inner, log); });
+}
+
+void register_ops(py::module_& m) {
+  using namespace pybind11::literals;
+  m.def("conv2d", &conv2d, "input"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert(), "stride"_a,
+        "padding"_a, "dilation"_a, "groups"_a, "activation"_a, "out"_a);
+  m.def("max_pool2d", &max_pool2d, "input"_a.noconvert(), "kernel_size"_a, "stride"_a, "padding"_a, "dilation"_a,
+        "ceil_mode"_a, "return_indices"_a, "out"_a);
+  m.def("linear", &linear, "input"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert(), "activation"_a,
+        "out"_a);
+  m.def("relu", &relu, "input"_a.noconvert(), "out"_a);
+  m.def("softmax", &softmax, "input"_a.noconvert(), "outer"_a, "dim"_a, "inner"_a, "log"_a, "out"_a);
+}
+
+}  // namespace lk::bindings

@@ -1,0 +1,41 @@
+// Aligned storage for packed weights, and per-thread scratch space that is
+// reused across calls so steady-state runs allocate nothing.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
+
+namespace lk {
+
+constexpr size_t kAlign = 64;  // one cache line, one AVX-512 register
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <class T>
+using AlignedPtr = std::unique_ptr<T[], AlignedFree>;
+
+template <class T>
+AlignedPtr<T> aligned_alloc_array(size_t n) {
+  size_t bytes = n * sizeof(T);
+  if (n != 0 && bytes / n != sizeof(T)) throw std::bad_alloc();
+  bytes = (bytes + kAlign - 1) / kAlign * kAlign;
+  void* p = std::aligned_alloc(kAlign, bytes == 0 ? kAlign : bytes);
+  if (p == nullptr) throw std::bad_alloc();
+  return AlignedPtr<T>(static_cast<T*>(p));
+}
+
+// Scratch memory owned by the calling thread, valid until its next call to
+// scratch() with the same slot. Slots let one task hold two buffers at once.
+void* scratch(int slot, size_t bytes);
+
+template <class T>
+T* scratch_array(int slot, size_t n) {
+  if (n > SIZE_MAX / sizeof(T)) throw std::bad_alloc();
+  return static_cast<T*>(scratch(slot, n * sizeof(T)));
+}
+
+}  // namespace lk

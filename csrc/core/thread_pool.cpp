@@ -1,0 +1,195 @@
+#include "core/thread_pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+#include <vector>
+
+#ifdef __linux__
+#include <sched.h>
+#include <unistd.h>
+#endif
+
+namespace lk {
+
+int available_cores() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+  const unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+namespace {
+
+struct Job {
+  const std::function<void(int64_t)>* fn = nullptr;
+  int64_t n = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::atomic<int> seats{0};  // workers that may still join
+  std::mutex error_mu;
+  std::exception_ptr error;
+
+  void work() {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      try {
+        (*fn)(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mu);
+        if (!error) error = std::current_exception();
+      }
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) done.notify_all();
+    }
+  }
+};
+
+thread_local bool t_inside_task = false;
+
+class Pool {
+ public:
+  explicit Pool(int threads) { start(threads); }
+  ~Pool() { stop(); }
+
+  int threads() const { return threads_; }
+
+  void resize(int threads) {
+    std::unique_lock<std::shared_mutex> lock(resize_mu_);
+    stop();
+    start(threads);
+  }
+
+  void run(int64_t n, int max_threads, const std::function<void(int64_t)>& fn) {
+    std::shared_lock<std::shared_mutex> lock(resize_mu_);
+    int want = max_threads > 0 ? std::min(max_threads, threads_) : threads_;
+    if (static_cast<int64_t>(want) > n) want = static_cast<int>(n);
+    if (want <= 1 || t_inside_task) {
+      const bool outer = t_inside_task;
+      t_inside_task = true;
+      struct Restore { bool v; ~Restore() { t_inside_task = v; } } restore{outer};
+      for (int64_t t = 0; t < n; ++t) fn(t);
+      return;
+    }
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->n = n;
+    job->seats.store(want - 1);
+    {
+      std::lock_guard<std::mutex> q(queue_mu_);
+      queue_.push_back(job);
+    }
+    if (want - 1 >= static_cast<int>(workers_.size())) queue_cv_.notify_all();
+    else for (int i = 0; i < want - 1; ++i) queue_cv_.notify_one();
+
+    t_inside_task = true;
+    job->work();
+    t_inside_task = false;
+    // Tasks still running on workers: wait for them (spin briefly first,
+    // since most tasks are short and a sleeping wake-up costs microseconds).
+    for (int spin = 0; spin < 2000 && job->done.load(std::memory_order_acquire) < n; ++spin) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    }
+    for (int64_t d; (d = job->done.load(std::memory_order_acquire)) < n;) job->done.wait(d);
+    {
+      // The job may still sit in the queue if no worker came for it.
+      std::lock_guard<std::mutex> q(queue_mu_);
+      auto it = std::find(queue_.begin(), queue_.end(), job);
+      if (it != queue_.end()) queue_.erase(it);
+    }
+    if (job->error) std::rethrow_exception(job->error);
+  }
+
+ private:
+  void start(int threads) {
+    threads_ = std::max(1, threads);
+    stopping_ = false;
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> q(queue_mu_);
+      stopping_ = true;
+    }
+    queue_cv_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
+  void worker_loop() {
+    t_inside_task = true;
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> q(queue_mu_);
+        queue_cv_.wait(q, [this] { return stopping_ || !queue_.empty(); });
+        if (stopping_) return;
+        job = queue_.front();
+        if (job->seats.fetch_sub(1) <= 1 || job->next.load() >= job->n) queue_.pop_front();
+      }
+      job->work();
+    }
+  }
+
+  int threads_ = 1;
+  bool stopping_ = false;
+  std::vector<std::thread> workers_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::shared_mutex resize_mu_;
+};
+
+int initial_threads() {
+  if (const char* env = std::getenv("LEPTON_NUM_THREADS")) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 1 && v <= 4096) return static_cast<int>(v);
+  }
+  return available_cores();
+}
+
+std::mutex g_pool_mu;
+Pool* g_pool = nullptr;
+#ifdef __linux__
+pid_t g_pool_pid = 0;
+#endif
+
+Pool& pool() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+#ifdef __linux__
+  // A forked child inherits the pool object but not its threads: abandon it
+  // (joining threads that do not exist is undefined) and start afresh.
+  if (g_pool != nullptr && g_pool_pid != getpid()) g_pool = nullptr;
+  if (g_pool == nullptr) g_pool_pid = getpid();
+#endif
+  // Never destroyed: workers must not be joined during interpreter shutdown.
+  if (g_pool == nullptr) g_pool = new Pool(initial_threads());
+  return *g_pool;
+}
+
+}  // namespace
+
+int get_num_threads() { return pool().threads(); }
+
+void set_num_threads(int n) { pool().resize(n); }
+
+void parallel_for(int64_t n_tasks, int max_threads, const std::function<void(int64_t)>& fn) {
+  if (n_tasks <= 0) return;
+  pool().run(n_tasks, max_threads, fn);
+}
+
+}  // namespace lk

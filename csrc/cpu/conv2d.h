@@ -1,0 +1,50 @@
+// 2-D convolution: a plan is made once per descriptor (algorithm, blocking,
+// packed weights) and run on any number of inputs of that shape.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "core/descriptors.h"
+#include "core/memory.h"
+#include "core/tensor.h"
+#include "cpu/ukernels/ukernels.h"
+
+namespace lk::cpu {
+
+enum class ConvAlgo {
+  implicit_gemm,  // im2col one block of output pixels at a time, then the GEMM microkernel
+  direct,         // per output plane; for groups with very few output channels (depthwise)
+};
+
+const char* conv_algo_name(ConvAlgo a);
+
+template <class T>
+class Conv2dPlan {
+ public:
+  // weight: K x C/groups x R x S, any strides; bias: K entries or null.
+  Conv2dPlan(const Conv2dDesc& desc, const TensorView& weight, const TensorView* bias);
+
+  // x: N x C x H x W, any strides; y: N x K x P x Q, contiguous.
+  void run(const TensorView& x, T* y) const;
+
+  std::string describe() const;
+  const Conv2dDesc& desc() const { return d_; }
+
+ private:
+  void run_implicit_gemm(const TensorView& x, T* y) const;
+  void run_direct(const TensorView& x, T* y) const;
+
+  Conv2dDesc d_;
+  ConvAlgo algo_;
+  GemmUkernel<T> uk_;
+  int64_t kc_ = 0;       // K-block of the GEMM (rows of C*R*S per pass)
+  int64_t nc_ = 0;       // output pixels per task
+  int threads_ = 1;
+  int64_t group_stride_ = 0;  // packed weights per group
+  AlignedPtr<T> weights_;     // implicit_gemm: MR panels per group; direct: K x Cg x R x S
+  AlignedPtr<T> bias_;        // K entries, or null
+};
+
+void validate(const Conv2dDesc& d);
+
+}  // namespace lk::cpu

@@ -1,0 +1,26 @@
+"""lepton-kernels: fast fused kernels for classic convolutional networks.
+
+    import lepton_kernels as lk
+    y = lk.conv2d(x, w, b, padding=1, activation="relu")
+    y = lk.max_pool2d(y, 2)
+"""
+
+from ._core import __version__
+from .config import get_config, get_isa, get_num_threads, set_isa, set_num_threads, show_config
+from .functional import conv2d, linear, log_softmax, max_pool2d, relu, softmax
+
+__all__ = [
+    "__version__",
+    "conv2d",
+    "max_pool2d",
+    "linear",
+    "relu",
+    "softmax",
+    "log_softmax",
+    "get_num_threads",
+    "set_num_threads",
+    "get_isa",
+    "set_isa",
+    "get_config",
+    "show_config",
+]

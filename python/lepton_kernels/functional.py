@@ -1,0 +1,233 @@
+"""The functional API: the semantics of ``torch.nn.functional`` on NumPy arrays.
+
+Every op takes float32 (the fast path) or float64 arrays of any layout,
+never modifies its inputs and returns a new array of the input's dtype, or
+writes into ``out=`` when given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from ._args import (
+    check_array,
+    check_out,
+    check_out_size,
+    check_same_dtype,
+    int_param,
+    normalize_dim,
+    pair,
+    spatial_input,
+)
+
+__all__ = ["conv2d", "max_pool2d", "linear", "relu", "softmax", "log_softmax"]
+
+_ACTIVATIONS = {None: "none", "relu": "relu"}
+
+
+def _activation(activation):
+    try:
+        return _ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}") from None
+
+
+def _batched_out(out, batched):
+    if out is None or batched:
+        return out
+    if isinstance(out, np.ndarray) and out.ndim == 3:
+        return out[None]
+    raise ValueError("out: expected a 3-D array for an unbatched input")
+
+
+def _conv_padding(padding, kernel, dilation, stride):
+    """(top, bottom, left, right) from an int, a pair, 'valid' or 'same'."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding: 'same' is not supported for strided convolutions")
+            pads = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]  # the extra row/column goes last, as in torch
+            return tuple(pads)
+        raise ValueError(f"padding: expected 'valid', 'same', an int or a pair of ints, got {padding!r}")
+    ph, pw = pair(padding, "padding", minimum=0)
+    return (ph, ph, pw, pw)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, out=None):
+    """2-D convolution of an (N, C, H, W) or (C, H, W) input with (K, C/groups, R, S) filters.
+
+    ``padding`` is an int, a pair, ``'valid'`` or ``'same'``; ``groups`` splits
+    the channels (``groups == C`` is depthwise). ``activation='relu'`` fuses a
+    ReLU into the output pass.
+    """
+    check_array(input, "input")
+    check_array(weight, "weight")
+    check_same_dtype(input, weight, "weight")
+    x, batched = spatial_input(input)
+    if weight.ndim != 4:
+        raise ValueError(f"weight: expected a 4-D array (out_channels, in_channels/groups, kH, kW), "
+                         f"got shape {weight.shape}")
+    if bias is not None:
+        check_array(bias, "bias")
+        check_same_dtype(input, bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {bias.shape}")
+    stride = pair(stride, "stride", minimum=1)
+    dilation = pair(dilation, "dilation", minimum=1)
+    groups = int_param(groups, "groups", minimum=1)
+    N, C, H, W = x.shape
+    K, Cg, R, S = weight.shape
+    if 0 in (Cg, R, S):
+        raise ValueError(f"weight: expected non-zero size for non-output dimensions, got shape {weight.shape}")
+    if C % groups or Cg * groups != C:
+        raise ValueError(f"groups: input has {C} channels, which does not match weight's {Cg} channels "
+                         f"per group times groups={groups}")
+    if K % groups:
+        raise ValueError(f"groups: out_channels {K} is not divisible by groups={groups}")
+    pads = _conv_padding(padding, (R, S), dilation, stride)
+    eff_h, eff_w = dilation[0] * (R - 1) + 1, dilation[1] * (S - 1) + 1
+    if H + pads[0] + pads[1] < eff_h or W + pads[2] + pads[3] < eff_w:
+        raise ValueError(f"weight: kernel size ({eff_h}, {eff_w}) with dilation can't be greater than the "
+                         f"padded input size ({H + pads[0] + pads[1]}, {W + pads[2] + pads[3]})")
+    P = (H + pads[0] + pads[1] - eff_h) // stride[0] + 1
+    Q = (W + pads[2] + pads[3] - eff_w) // stride[1] + 1
+    check_out_size((N, K, P, Q), x.dtype)
+    check_out(out, (input, weight, bias))
+    y = _core.conv2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation),
+                     _batched_out(out, batched))
+    if out is not None:
+        return out
+    return y if batched else y[0]
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False,
+               *, out=None):
+    """2-D max-pooling of an (N, C, H, W) or (C, H, W) input.
+
+    ``stride`` defaults to ``kernel_size``. NaN propagates; on ties the first
+    index wins; indices (int64) are flattened per H*W plane, as in torch.
+    """
+    check_array(input, "input")
+    x, batched = spatial_input(input)
+    kernel = pair(kernel_size, "kernel_size", minimum=1)
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else pair(
+        stride, "stride", minimum=1)
+    pad = pair(padding, "padding", minimum=0)
+    dilation = pair(dilation, "dilation", minimum=1)
+    if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
+        raise ValueError(f"padding: should be at most half of kernel_size, got padding={pad} and "
+                         f"kernel_size={kernel}")
+    _, _, H, W = x.shape
+    sizes = []
+    for n, k, s, p, d in zip((H, W), kernel, stride, pad, dilation):
+        num = n + 2 * p - d * (k - 1) - 1
+        o = (-(-num // s) if ceil_mode else num // s) + 1
+        if ceil_mode and (o - 1) * s >= n + p:
+            o -= 1
+        sizes.append(o)
+    if sizes[0] < 1 or sizes[1] < 1:
+        raise ValueError(f"input: given input size ({x.shape[1]}x{H}x{W}), the calculated output size "
+                         f"({x.shape[1]}x{sizes[0]}x{sizes[1]}) is too small")
+    check_out_size((x.shape[0], x.shape[1], *sizes), x.dtype)
+    check_out(out, (input,))
+    res = _core.max_pool2d(x, kernel, stride, pad, dilation, bool(ceil_mode), bool(return_indices),
+                           _batched_out(out, batched))
+    if return_indices:
+        y, idx = res
+        if out is not None:
+            y = out
+        elif not batched:
+            y = y[0]
+        return y, (idx if batched else idx[0])
+    if out is not None:
+        return out
+    return res if batched else res[0]
+
+
+def linear(input, weight, bias=None, *, activation=None, out=None):
+    """``input @ weight.T + bias`` for input (..., in_features), weight (out_features, in_features).
+
+    A 1-D weight (in_features,) gives an output without the feature axis, as in torch.
+    ``activation='relu'`` fuses a ReLU into the output pass.
+    """
+    check_array(input, "input")
+    check_array(weight, "weight")
+    check_same_dtype(input, weight, "weight")
+    if input.ndim < 1:
+        raise ValueError("input: expected at least 1 dimension, got a 0-d array")
+    if weight.ndim not in (1, 2):
+        raise ValueError(f"weight: expected a 2-D array (out_features, in_features), got shape {weight.shape}")
+    vector_weight = weight.ndim == 1
+    w2 = weight[None] if vector_weight else weight
+    K = input.shape[-1]
+    if w2.shape[1] != K:
+        raise ValueError(f"weight: expected {K} input features to match input's last dimension, "
+                         f"got weight of shape {weight.shape}")
+    b = bias
+    if bias is not None:
+        check_array(bias, "bias")
+        check_same_dtype(input, bias, "bias")
+        expected = () if vector_weight else (w2.shape[0],)
+        if bias.shape != expected and not (vector_weight and bias.shape == (1,)):
+            raise ValueError(f"bias: expected shape {expected}, got {bias.shape}")
+        b = bias.reshape(1) if vector_weight else bias
+    lead = input.shape[:-1]
+    out_shape = lead + (() if vector_weight else (w2.shape[0],))
+    check_out_size(out_shape, input.dtype)
+    check_out(out, (input, weight, bias))
+    x2 = input if input.ndim == 2 else input.reshape(-1, K)
+    if x2.shape[0] == 0 and input.ndim != 2:
+        x2 = np.empty((0, K), input.dtype)
+    out2 = None
+    if out is not None:
+        if out.shape != out_shape:
+            raise ValueError(f"out: expected shape {out_shape}, got {out.shape}")
+        out2 = out.reshape(x2.shape[0], w2.shape[0])
+        if not np.shares_memory(out2, out):
+            raise ValueError("out: must be C-contiguous")
+    y = _core.linear(x2, w2, b, _activation(activation), out2)
+    return out if out is not None else y.reshape(out_shape)
+
+
+def _contiguous(x, name):
+    check_array(x, name)
+    return np.ascontiguousarray(x)
+
+
+def _elementwise_out(out, x, original):
+    if out is None or out is original:
+        return out
+    check_out(out, (original,))
+    return out
+
+
+def relu(input, *, out=None):
+    """max(input, 0) element-wise; NaN stays NaN. ``out=input`` works in place."""
+    x = _contiguous(input, "input")
+    res = _core.relu(x, _elementwise_out(out, x, input))
+    return res
+
+
+def _softmax(input, dim, out, log):
+    x = _contiguous(input, "input")
+    d = normalize_dim(dim, x.ndim)
+    shape = x.shape if x.ndim else (1,)
+    outer = int(np.prod(shape[:d], dtype=np.int64))
+    inner = int(np.prod(shape[d + 1:], dtype=np.int64))
+    return _core.softmax(x, outer, shape[d], inner, log, _elementwise_out(out, x, input))
+
+
+def softmax(input, dim, *, out=None):
+    """exp(x) / sum(exp(x)) along ``dim``, computed stably (max subtracted, sums in float64)."""
+    return _softmax(input, dim, out, False)
+
+
+def log_softmax(input, dim, *, out=None):
+    """x - log(sum(exp(x))) along ``dim``, computed stably."""
+    return _softmax(input, dim, out, True)
