@@ -36,8 +36,8 @@ static py::array conv2d_typed(const Conv2dDesc& d, const Input& x, const Input& 
   T* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    cpu::Conv2dPlan<T> plan(d, w.view, b ? &b->view : nullptr);
-    plan.run(x.view, yp);
+    cpu::Conv2dPlan<T> plan(d);
+    plan.run(x.view, &w.view, b ? &b->view : nullptr, yp);
   }
   return y;
 }
@@ -106,8 +106,8 @@ static py::array linear_typed(const LinearDesc& d, const Input& x, const Input& 
   T* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    cpu::LinearPlan<T> plan(d, w.view, b ? &b->view : nullptr);
-    plan.run(x.view, yp);
+    cpu::LinearPlan<T> plan(d);
+    plan.run(x.view, &w.view, b ? &b->view : nullptr, yp);
   }
   return y;
 }

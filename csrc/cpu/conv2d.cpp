@@ -90,112 +90,143 @@ int threads_for(double flops) {
 
 }  // namespace
 
+// Copies weight (K x Cg x R x S, any strides) into K x CRS rows.
 template <class T>
-Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, const TensorView& w, const TensorView* bias)
-    : d_(desc), uk_(ukernels().gemm<T>()) {
-  validate(d_);
-  const int64_t K = d_.K, Cg = d_.Cg(), R = d_.R, S = d_.S, G = d_.groups, Kg = d_.Kg();
-  LK_CHECK(w.ndim == 4 && w.shape[0] == K && w.shape[1] == Cg && w.shape[2] == R && w.shape[3] == S,
-           "weight: shape does not match the descriptor");
-  const int64_t CRS = Cg * R * S, P = d_.P(), Q = d_.Q();
+void flatten_weight(const TensorView& w, T* dst) {
   const T* wp = w.ptr<T>();
-  auto wat = [&](int64_t k, int64_t c, int64_t r, int64_t s) {
-    return wp[k * w.strides[0] + c * w.strides[1] + r * w.strides[2] + s * w.strides[3]];
-  };
+  for (int64_t k = 0; k < w.shape[0]; ++k)
+    for (int64_t c = 0; c < w.shape[1]; ++c)
+      for (int64_t r = 0; r < w.shape[2]; ++r)
+        for (int64_t s = 0; s < w.shape[3]; ++s)
+          *dst++ = wp[k * w.strides[0] + c * w.strides[1] + r * w.strides[2] + s * w.strides[3]];
+}
 
-  if (d_.has_bias) {
-    LK_CHECK(bias != nullptr && bias->ndim == 1 && bias->shape[0] == K, "bias: expected ", K, " entries");
-    bias_ = aligned_alloc_array<T>(K);
-    for (int64_t k = 0; k < K; ++k) bias_[k] = bias->ptr<T>()[k * bias->strides[0]];
-  }
-
+template <class T>
+Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc) : d_(desc), uk_(ukernels().gemm<T>()) {
+  validate(d_);
+  const int64_t Kg = d_.Kg(), CRS = d_.Cg() * d_.R * d_.S, P = d_.P(), Q = d_.Q(), PQ = P * Q;
+  // Below 4 output channels per group the microkernel's rows would be
+  // mostly padding; the direct loop wins there (depthwise above all).
   algo_ = Kg < 4 ? ConvAlgo::direct : ConvAlgo::implicit_gemm;
-  const double flops = 2.0 * d_.N * K * CRS * P * Q;
-  threads_ = threads_for(flops);
+  threads_ = threads_for(2.0 * d_.N * d_.K * CRS * PQ);
+  if (algo_ == ConvAlgo::direct) return;
 
-  if (algo_ == ConvAlgo::direct) {
-    weights_ = aligned_alloc_array<T>(K * CRS);
-    T* dst = weights_.get();
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t s = 0; s < S; ++s) *dst++ = wat(k, c, r, s);
-    return;
-  }
-
-  // Implicit GEMM per group: C (Kg x P*Q) = A (Kg x CRS) * B (CRS x P*Q).
   const int mr = uk_.mr, nr = uk_.nr;
-  group_stride_ = round_up(Kg, mr) * CRS;
-  weights_ = aligned_alloc_array<T>(G * group_stride_);
-  {
-    auto flat = aligned_alloc_array<T>(Kg * CRS);
-    for (int64_t g = 0; g < G; ++g) {
-      T* f = flat.get();
-      for (int64_t k = 0; k < Kg; ++k)
-        for (int64_t c = 0; c < Cg; ++c)
-          for (int64_t r = 0; r < R; ++r)
-            for (int64_t s = 0; s < S; ++s) *f++ = wat(g * Kg + k, c, r, s);
-      pack_a_panels(flat.get(), CRS, int64_t{1}, Kg, CRS, mr, weights_.get() + g * group_stride_);
-    }
-  }
-
   // K blocks: the whole reduction in one pass while it is short; otherwise
   // near-equal blocks of at most 512 rows so a B block stays in L2.
   const int64_t nkb = CRS <= 768 ? 1 : ceil_div(CRS, 512);
   kc_ = ceil_div(CRS, nkb);
   const int64_t l2_budget = 256 * 1024;
-  const int64_t PQ = P * Q;
   nc_ = std::max<int64_t>(nr, l2_budget / (kc_ * static_cast<int64_t>(sizeof(T))) / nr * nr);
   nc_ = std::min(nc_, round_up(PQ, nr));
   // Enough tasks to keep every thread busy, without going below one panel.
-  const int64_t outer = std::max<int64_t>(1, d_.N * G);
+  const int64_t outer = std::max<int64_t>(1, d_.N * d_.groups);
   const int64_t want_tasks = 4 * static_cast<int64_t>(threads_);
   if (outer * ceil_div(PQ, nc_) < want_tasks)
     nc_ = std::max<int64_t>(nr, round_up(ceil_div(PQ, ceil_div(want_tasks, outer)), nr));
+  // Still too few (small images, many channels): split the output channels
+  // too, each task packing its own copy of the pixel block.
+  mc_ = round_up(Kg, mr);
+  const int64_t tasks = outer * ceil_div(PQ, nc_);
+  if (tasks < want_tasks) mc_ = std::max<int64_t>(mr, round_up(ceil_div(Kg, ceil_div(want_tasks, tasks)), mr));
 }
 
 template <class T>
-void Conv2dPlan<T>::run(const TensorView& x, T* y) const {
+void Conv2dPlan<T>::pack(const TensorView& w, const TensorView* bias) {
+  const int64_t K = d_.K, Kg = d_.Kg(), CRS = d_.Cg() * d_.R * d_.S;
+  LK_CHECK(w.ndim == 4 && w.shape[0] == K && w.shape[1] == d_.Cg() && w.shape[2] == d_.R && w.shape[3] == d_.S,
+           "weight: shape does not match the plan");
+  LK_CHECK(d_.has_bias == (bias != nullptr), "bias: does not match the plan");
+  auto flat = aligned_alloc_array<T>(K * CRS);
+  flatten_weight(w, flat.get());
+  if (algo_ == ConvAlgo::direct) {
+    weights_ = std::move(flat);
+  } else {
+    const int64_t group_stride = round_up(Kg, uk_.mr) * CRS;
+    weights_ = aligned_alloc_array<T>(d_.groups * group_stride);
+    for (int64_t g = 0; g < d_.groups; ++g)
+      pack_a_panels(flat.get() + g * Kg * CRS, CRS, int64_t{1}, Kg, CRS, uk_.mr, weights_.get() + g * group_stride);
+  }
+  if (bias) {
+    bias_ = aligned_alloc_array<T>(K);
+    for (int64_t k = 0; k < K; ++k) bias_[k] = bias->ptr<T>()[k * bias->strides[0]];
+  }
+  packed_ = true;
+}
+
+template <class T>
+void Conv2dPlan<T>::run(const TensorView& x, const TensorView* w, const TensorView* b, T* y) const {
   LK_CHECK(x.ndim == 4 && x.shape[0] == d_.N && x.shape[1] == d_.C && x.shape[2] == d_.H && x.shape[3] == d_.W,
            "input: shape does not match the plan");
   if (d_.N == 0 || d_.K == 0) return;
+  const int64_t K = d_.K, CRS = d_.Cg() * d_.R * d_.S;
+  Weights wt{weights_.get(), packed_ && algo_ == ConvAlgo::implicit_gemm ? 0 : CRS, bias_.get()};
+  AlignedPtr<T> flat, bias_copy;
+  if (!packed_) {
+    LK_CHECK(w != nullptr && w->ndim == 4 && w->shape[0] == K && w->shape[1] == d_.Cg() && w->shape[2] == d_.R &&
+                 w->shape[3] == d_.S,
+             "weight: shape does not match the plan");
+    LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
+    // Contiguous weights are read in place: nothing to pack per call.
+    const bool rows = w->strides[3] == 1 && w->strides[2] == d_.S && w->strides[1] == d_.R * d_.S &&
+                      (w->strides[0] == CRS || K == 1);
+    if (rows) {
+      wt.w = w->ptr<T>();
+    } else {
+      flat = aligned_alloc_array<T>(K * CRS);
+      flatten_weight(*w, flat.get());
+      wt.w = flat.get();
+    }
+    if (b != nullptr && b->strides[0] == 1) {
+      wt.bias = b->ptr<T>();
+    } else if (b != nullptr) {
+      bias_copy = aligned_alloc_array<T>(K);
+      for (int64_t k = 0; k < K; ++k) bias_copy[k] = b->ptr<T>()[k * b->strides[0]];
+      wt.bias = bias_copy.get();
+    }
+  }
   if (algo_ == ConvAlgo::direct)
-    run_direct(x, y);
+    run_direct(x, wt, y);
   else
-    run_implicit_gemm(x, y);
+    run_implicit_gemm(x, wt, y);
 }
 
 template <class T>
-void Conv2dPlan<T>::run_implicit_gemm(const TensorView& x, T* y) const {
+void Conv2dPlan<T>::run_implicit_gemm(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t G = d_.groups, Kg = d_.Kg(), Cg = d_.Cg(), PQ = d_.P() * d_.Q();
   const int64_t CRS = Cg * d_.R * d_.S;
-  const int64_t nblocks = ceil_div(PQ, nc_);
+  const int64_t nblocks = ceil_div(PQ, nc_), mblocks = ceil_div(Kg, mc_);
   const int nr = uk_.nr, mr = uk_.mr;
   const T* xp = x.ptr<T>();
   const bool relu = d_.act == Activation::relu;
+  const int64_t group_stride = wt.lda == 0 ? round_up(Kg, mr) * CRS : Kg * CRS;
 
-  parallel_for(d_.N * G * nblocks, threads_, [&](int64_t task) {
-    const int64_t jb = task % nblocks, g = (task / nblocks) % G, n = task / (nblocks * G);
+  parallel_for(d_.N * G * nblocks * mblocks, threads_, [&](int64_t task) {
+    const int64_t mb = task % mblocks, jb = (task / mblocks) % nblocks;
+    const int64_t g = (task / (mblocks * nblocks)) % G, n = task / (mblocks * nblocks * G);
     const int64_t j0 = jb * nc_, j1 = std::min(PQ, j0 + nc_);
+    const int64_t m0 = mb * mc_, m = std::min(mc_, Kg - m0);
     T* B = scratch_array<T>(0, static_cast<size_t>(kc_ * round_up(j1 - j0, nr)));
     const T* xg = xp + n * x.strides[0] + g * Cg * x.strides[1];
-    T* C = y + (n * d_.K + g * Kg) * PQ + j0;
-    const T* A = weights_.get() + g * group_stride_;
+    T* C = y + (n * d_.K + g * Kg + m0) * PQ + j0;
+    // m0 is a multiple of MR, so it starts a panel of packed weights.
+    const T* A = wt.w + g * group_stride + (wt.lda == 0 ? (m0 / mr) * CRS * mr : m0 * wt.lda);
     for (int64_t pc = 0; pc < CRS; pc += kc_) {
       const int64_t kc = std::min(kc_, CRS - pc);
       pack_im2col(d_, xg, x.strides[1], x.strides[2], x.strides[3], pc, kc, j0, j1, nr, B);
       GemmEpilogue<T> ep;
-      ep.bias = (pc == 0 && bias_) ? bias_.get() + g * Kg : nullptr;
+      ep.bias = (pc == 0 && wt.bias) ? wt.bias + g * Kg + m0 : nullptr;
       ep.bias_per_row = true;
       ep.accumulate = pc > 0;
       ep.relu = relu && pc + kc == CRS;
-      macro_kernel(uk_, Kg, j1 - j0, kc, A + pc * mr, CRS * mr, B, kc * nr, C, PQ, ep);
+      const T* a = A + (wt.lda == 0 ? pc * mr : pc);
+      macro_kernel(uk_, m, j1 - j0, kc, a, CRS * mr, wt.lda, B, kc * nr, C, PQ, ep);
     }
   });
 }
 
 template <class T>
-void Conv2dPlan<T>::run_direct(const TensorView& x, T* y) const {
+void Conv2dPlan<T>::run_direct(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t K = d_.K, Kg = d_.Kg(), Cg = d_.Cg(), R = d_.R, S = d_.S, P = d_.P(), Q = d_.Q();
   const int64_t sc = x.strides[1], sh = x.strides[2], sw = x.strides[3];
   const T* xp = x.ptr<T>();
@@ -204,8 +235,8 @@ void Conv2dPlan<T>::run_direct(const TensorView& x, T* y) const {
   parallel_for(d_.N * K, threads_, [&](int64_t task) {
     const int64_t k = task % K, n = task / K, g = k / Kg;
     T* out = y + task * P * Q;
-    std::fill(out, out + P * Q, bias_ ? bias_[k] : T(0));
-    const T* wk = weights_.get() + k * Cg * R * S;
+    std::fill(out, out + P * Q, wt.bias ? wt.bias[k] : T(0));
+    const T* wk = wt.w + k * Cg * R * S;
     for (int64_t c = 0; c < Cg; ++c) {
       const T* xc = xp + n * x.strides[0] + (g * Cg + c) * sc;
       for (int64_t r = 0; r < R; ++r) {
@@ -214,6 +245,7 @@ void Conv2dPlan<T>::run_direct(const TensorView& x, T* y) const {
           const int64_t ih_off = r * d_.dil_h - d_.pad_top, iw_off = s * d_.dil_w - d_.pad_left;
           int64_t qlo, qhi;
           valid_columns(iw_off, d_.stride_w, d_.W, Q, &qlo, &qhi);
+          if (qlo == qhi) continue;
           const int64_t step = d_.stride_w * sw;
           for (int64_t p = 0; p < P; ++p) {
             const int64_t ih = p * d_.stride_h + ih_off;
@@ -235,8 +267,9 @@ void Conv2dPlan<T>::run_direct(const TensorView& x, T* y) const {
 
 template <class T>
 std::string Conv2dPlan<T>::describe() const {
-  std::string s = cat("conv2d ", dtype_name(dtype_of<T>()), " algo=", conv_algo_name(algo_), " threads=", threads_);
-  if (algo_ == ConvAlgo::implicit_gemm) s += cat(" ukernel=", uk_.name, " kc=", kc_, " nc=", nc_);
+  std::string s = cat("conv2d ", dtype_name(dtype_of<T>()), " algo=", conv_algo_name(algo_), " threads=", threads_,
+                      packed_ ? " weights=packed" : " weights=in-place");
+  if (algo_ == ConvAlgo::implicit_gemm) s += cat(" ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
   return s;
 }
 

@@ -21,28 +21,39 @@ const char* conv_algo_name(ConvAlgo a);
 template <class T>
 class Conv2dPlan {
  public:
-  // weight: K x C/groups x R x S, any strides; bias: K entries or null.
-  Conv2dPlan(const Conv2dDesc& desc, const TensorView& weight, const TensorView* bias);
+  explicit Conv2dPlan(const Conv2dDesc& desc);
 
-  // x: N x C x H x W, any strides; y: N x K x P x Q, contiguous.
-  void run(const TensorView& x, T* y) const;
+  // Packs weight (K x C/groups x R x S, any strides) and bias (K entries or
+  // null) into the plan, for callers that run many times with the same
+  // weights; run() then ignores the weights it is given.
+  void pack(const TensorView& weight, const TensorView* bias);
+
+  // x: N x C x H x W, any strides; y: N x K x P x Q, contiguous. weight and
+  // bias as for pack(); unused once the plan holds packed weights.
+  void run(const TensorView& x, const TensorView* weight, const TensorView* bias, T* y) const;
 
   std::string describe() const;
   const Conv2dDesc& desc() const { return d_; }
 
  private:
-  void run_implicit_gemm(const TensorView& x, T* y) const;
-  void run_direct(const TensorView& x, T* y) const;
+  struct Weights {
+    const T* w;     // implicit_gemm: per group, packed panels (lda 0) or Kg x CRS rows (lda CRS)
+    int64_t lda;    // direct: K x CRS rows
+    const T* bias;  // K contiguous entries, or null
+  };
+  void run_implicit_gemm(const TensorView& x, const Weights& wt, T* y) const;
+  void run_direct(const TensorView& x, const Weights& wt, T* y) const;
 
   Conv2dDesc d_;
   ConvAlgo algo_;
   GemmUkernel<T> uk_;
-  int64_t kc_ = 0;       // K-block of the GEMM (rows of C*R*S per pass)
-  int64_t nc_ = 0;       // output pixels per task
+  int64_t kc_ = 0;  // K-block of the GEMM (rows of C*R*S per pass)
+  int64_t mc_ = 0;  // output channels per task
+  int64_t nc_ = 0;  // output pixels per task
   int threads_ = 1;
-  int64_t group_stride_ = 0;  // packed weights per group
-  AlignedPtr<T> weights_;     // implicit_gemm: MR panels per group; direct: K x Cg x R x S
-  AlignedPtr<T> bias_;        // K entries, or null
+  bool packed_ = false;
+  AlignedPtr<T> weights_;  // implicit_gemm: MR panels per group; direct: K x CRS
+  AlignedPtr<T> bias_;
 };
 
 void validate(const Conv2dDesc& d);

@@ -51,19 +51,21 @@ void pack_b_panels(const T* src, int64_t rs, int64_t cs, int64_t k, int64_t n, i
 }
 
 // C[0:m, 0:n] (row stride ldc) op= A * B over one K block of length kc.
-// A: ceil(m/MR) panels, each a_panel_stride apart; B: ceil(n/NR) panels,
-// each b_panel_stride apart. ep.bias points at the bias of row 0 / column 0.
+// A: packed panels a_panel_stride apart (lda == 0), or a row-major matrix
+// with row stride lda used in place. B: ceil(n/NR) panels b_panel_stride
+// apart. ep.bias points at the bias of row 0 / column 0.
 template <class T>
 void macro_kernel(const GemmUkernel<T>& uk, int64_t m, int64_t n, int64_t kc, const T* A, int64_t a_panel_stride,
-                  const T* B, int64_t b_panel_stride, T* C, int64_t ldc, const GemmEpilogue<T>& ep) {
+                  int64_t lda, const T* B, int64_t b_panel_stride, T* C, int64_t ldc, const GemmEpilogue<T>& ep) {
   GemmEpilogue<T> e = ep;
+  const GemmUkernelFn<T> fn = lda == 0 ? uk.packed : uk.rows;
   for (int64_t i = 0; i < m; i += uk.mr) {
     const int mr = static_cast<int>(std::min<int64_t>(uk.mr, m - i));
-    const T* a = A + (i / uk.mr) * a_panel_stride;
+    const T* a = lda == 0 ? A + (i / uk.mr) * a_panel_stride : A + i * lda;
     for (int64_t j = 0; j < n; j += uk.nr) {
       const int nr = static_cast<int>(std::min<int64_t>(uk.nr, n - j));
       if (ep.bias != nullptr) e.bias = ep.bias + (ep.bias_per_row ? i : j);
-      uk.fn(kc, a, B + (j / uk.nr) * b_panel_stride, C + i * ldc + j, ldc, mr, nr, e);
+      fn(kc, a, lda, B + (j / uk.nr) * b_panel_stride, C + i * ldc + j, ldc, mr, nr, e);
     }
   }
 }

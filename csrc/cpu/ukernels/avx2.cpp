@@ -1,0 +1,17 @@
+// Microkernels of the avx2 level: this translation unit alone is compiled with that level's flags (CMakeLists.txt).
+#include "cpu/ukernels/ukernels.h"
+
+namespace lk::cpu {
+namespace {
+#include "cpu/ukernels/kernels.inc"
+}  // namespace
+
+extern const UkernelTable kUkernels_avx2 = {
+    Isa::avx2,
+    {4, 24, &gemm_ukernel<float, 32, 4, 3, true>, &gemm_ukernel<float, 32, 4, 3, false>, "f32_gemm_ukernel_4x24__avx2"},
+    {4, 12, &gemm_ukernel<double, 32, 4, 3, true>, &gemm_ukernel<double, 32, 4, 3, false>, "f64_gemm_ukernel_4x12__avx2"},
+    {&dot_ukernel<float, 32, 4>, "f32_dot_ukernel_4x8__avx2"},
+    {&dot_ukernel<double, 32, 4>, "f64_dot_ukernel_4x4__avx2"},
+};
+
+}  // namespace lk::cpu

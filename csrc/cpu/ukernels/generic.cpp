@@ -1,0 +1,17 @@
+// Microkernels of the generic level: this translation unit alone is compiled with that level's flags (CMakeLists.txt).
+#include "cpu/ukernels/ukernels.h"
+
+namespace lk::cpu {
+namespace {
+#include "cpu/ukernels/kernels.inc"
+}  // namespace
+
+extern const UkernelTable kUkernels_generic = {
+    Isa::generic,
+    {4, 12, &gemm_ukernel<float, 16, 4, 3, true>, &gemm_ukernel<float, 16, 4, 3, false>, "f32_gemm_ukernel_4x12__generic"},
+    {4, 6, &gemm_ukernel<double, 16, 4, 3, true>, &gemm_ukernel<double, 16, 4, 3, false>, "f64_gemm_ukernel_4x6__generic"},
+    {&dot_ukernel<float, 16, 4>, "f32_dot_ukernel_4x4__generic"},
+    {&dot_ukernel<double, 16, 4>, "f64_dot_ukernel_4x2__generic"},
+};
+
+}  // namespace lk::cpu

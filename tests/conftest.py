@@ -1,0 +1,96 @@
+"""Shared fixtures: reproducible fresh randomness, the ISA level, thread count.
+
+Every run draws new random data. The seed of each test's generator is shown
+in the report of a failing test; set LEPTON_TEST_SEED to replay it. Tests
+driven by hypothesis draw their data seed as part of the example, so it is
+printed in the falsifying example (and replayed from hypothesis' database).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import lepton_kernels as lk
+
+ISA_LEVELS = ("generic", "avx2", "avx512")
+
+# When a hypothesis test fails, its pytest plugin imports libcst to suggest a
+# patch; some libcst versions warn on import (mypy_extensions.TypedDict), and
+# -W error turns that into an internal error that hides the real failure.
+# Import it once here with that one warning silenced.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "mypy_extensions.TypedDict is deprecated", DeprecationWarning)
+    try:
+        import libcst  # noqa: F401
+    except ImportError:
+        pass
+
+# The fixtures that hypothesis tests use (the ISA level) set process state
+# that holds for every example, so a function-scoped fixture is what we want.
+# No deadline: timing on a shared 2-core machine is too noisy to mean anything.
+settings.register_profile(
+    "lepton",
+    max_examples=25,
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("LEPTON_HYPOTHESIS_PROFILE", "lepton"))
+
+
+_SEED_KEY = pytest.StashKey[int]()
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test (or LEPTON_TEST_SEED), reported when the test fails."""
+    env = os.environ.get("LEPTON_TEST_SEED")
+    value = int(env) if env else np.random.SeedSequence().entropy
+    request.node.stash[_SEED_KEY] = value
+    return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and _SEED_KEY in item.stash:
+        report.sections.append(("random seed", f"reproduce with LEPTON_TEST_SEED={item.stash[_SEED_KEY]}"))
+    return report
+
+
+@pytest.fixture(params=ISA_LEVELS)
+def isa(request):
+    """Run the test with kernels capped at each ISA level the CPU supports."""
+    level = request.param
+    detected = lk.get_config()["isa_detected"]
+    if ISA_LEVELS.index(level) > ISA_LEVELS.index(detected):
+        pytest.skip(f"the CPU supports ISA levels up to {detected!r}, not {level!r}")
+    previous = lk.get_isa()
+    lk.set_isa(level)
+    try:
+        # Make sure the cap really switched kernels, or every level would
+        # silently test the same code.
+        assert lk.get_isa() == level
+        assert lk.get_config()["ukernels"]["f32_gemm"].endswith(level)
+        yield level
+    finally:
+        lk.set_isa(previous)
+
+
+@pytest.fixture
+def restore_threads():
+    """Restores the library's thread count after a test that changes it."""
+    previous = lk.get_num_threads()
+    yield previous
+    lk.set_num_threads(previous)
