@@ -135,14 +135,14 @@ def relu(x):
 def log_softmax(x, dim):
     x = np.asarray(x, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        shifted = x - np.max(x, axis=dim, keepdims=True)
+        shifted = x - np.max(x, axis=dim, keepdims=True, initial=-np.inf)
         return shifted - np.log(np.sum(np.exp(shifted), axis=dim, keepdims=True))
 
 
 def softmax(x, dim):
     x = np.asarray(x, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        e = np.exp(x - np.max(x, axis=dim, keepdims=True))
+        e = np.exp(x - np.max(x, axis=dim, keepdims=True, initial=-np.inf))
         return e / np.sum(e, axis=dim, keepdims=True)
 
 
@@ -194,7 +194,7 @@ def assert_softmax_close(got, x, dim, log, context=""):
     eps = np.finfo(dtype).eps
     x64 = x.astype(np.float64)
     with np.errstate(invalid="ignore"):
-        spread = np.abs(x64 - np.max(x64, axis=dim, keepdims=True))
+        spread = np.abs(x64 - np.max(x64, axis=dim, keepdims=True, initial=-np.inf))
     if log:
         ref = log_softmax(x64, dim)
         scale = 1.0 + spread + np.abs(ref)

@@ -9,6 +9,7 @@
 #include "bindings/arrays.h"
 #include "cpu/activation.h"
 #include "cpu/conv2d.h"
+#include "cpu/conv_pool.h"
 #include "cpu/linear.h"
 #include "cpu/pool2d.h"
 
@@ -42,30 +43,75 @@ static py::array conv2d_typed(const Conv2dDesc& d, const Input& x, const Input& 
   return y;
 }
 
-static py::array conv2d(py::array input, py::array weight, std::optional<py::array> bias, I2 stride, I4 padding,
-                        I2 dilation, int64_t groups, const std::string& activation, py::object out) {
-  Input x = input_view(input, "input", 4), w = input_view(weight, "weight", 4);
-  check_same_dtype(x, w, "weight");
+struct ConvArgs {
+  Input x, w;
   std::optional<Input> b;
-  if (bias) {
-    b = input_view(*bias, "bias", 1);
-    check_same_dtype(x, *b, "bias");
-  }
   Conv2dDesc d;
-  d.dtype = x.view.dtype;
-  d.N = x.view.shape[0], d.C = x.view.shape[1], d.H = x.view.shape[2], d.W = x.view.shape[3];
-  d.K = w.view.shape[0], d.R = w.view.shape[2], d.S = w.view.shape[3];
+};
+
+static ConvArgs conv_args(py::array input, py::array weight, std::optional<py::array> bias, I2 stride, I4 padding,
+                          I2 dilation, int64_t groups, const std::string& activation) {
+  ConvArgs a{input_view(input, "input", 4), input_view(weight, "weight", 4), std::nullopt, {}};
+  check_same_dtype(a.x, a.w, "weight");
+  if (bias) {
+    a.b = input_view(*bias, "bias", 1);
+    check_same_dtype(a.x, *a.b, "bias");
+  }
+  Conv2dDesc& d = a.d;
+  d.dtype = a.x.view.dtype;
+  d.N = a.x.view.shape[0], d.C = a.x.view.shape[1], d.H = a.x.view.shape[2], d.W = a.x.view.shape[3];
+  d.K = a.w.view.shape[0], d.R = a.w.view.shape[2], d.S = a.w.view.shape[3];
   d.groups = groups;
   d.stride_h = stride[0], d.stride_w = stride[1];
   d.pad_top = padding[0], d.pad_bottom = padding[1], d.pad_left = padding[2], d.pad_right = padding[3];
   d.dil_h = dilation[0], d.dil_w = dilation[1];
-  d.has_bias = b.has_value();
+  d.has_bias = a.b.has_value();
   d.act = activation_from(activation);
   cpu::validate(d);
-  LK_CHECK(w.view.shape[1] * groups == d.C, "weight: expected ", d.C / groups, " input channels per group, got ",
-           w.view.shape[1]);
-  if (b) LK_CHECK(b->view.shape[0] == d.K, "bias: expected ", d.K, " entries, got ", b->view.shape[0]);
-  return d.dtype == DType::f32 ? conv2d_typed<float>(d, x, w, b, out) : conv2d_typed<double>(d, x, w, b, out);
+  LK_CHECK(a.w.view.shape[1] * groups == d.C, "weight: expected ", d.C / groups, " input channels per group, got ",
+           a.w.view.shape[1]);
+  if (a.b) LK_CHECK(a.b->view.shape[0] == d.K, "bias: expected ", d.K, " entries, got ", a.b->view.shape[0]);
+  return a;
+}
+
+static Pool2dDesc pool_desc(I2 kernel, I2 stride, I2 padding, I2 dilation, bool ceil_mode) {
+  Pool2dDesc d;
+  d.kh = kernel[0], d.kw = kernel[1];
+  d.stride_h = stride[0], d.stride_w = stride[1];
+  d.pad_h = padding[0], d.pad_w = padding[1];
+  d.dil_h = dilation[0], d.dil_w = dilation[1];
+  d.ceil_mode = ceil_mode;
+  return d;
+}
+
+static py::array conv2d(py::array input, py::array weight, std::optional<py::array> bias, I2 stride, I4 padding,
+                        I2 dilation, int64_t groups, const std::string& activation, py::object out) {
+  ConvArgs a = conv_args(input, weight, bias, stride, padding, dilation, groups, activation);
+  return a.d.dtype == DType::f32 ? conv2d_typed<float>(a.d, a.x, a.w, a.b, out)
+                                 : conv2d_typed<double>(a.d, a.x, a.w, a.b, out);
+}
+
+template <class T>
+static py::array conv2d_max_pool2d_typed(const ConvArgs& a, const Pool2dDesc& pool, const py::object& out) {
+  cpu::Conv2dMaxPool2dPlan<T> plan(a.d, pool);
+  const Pool2dDesc& p = plan.pool();
+  auto y = output_array<T>(out, {p.N, p.C, p.P(), p.Q()});
+  T* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    plan.run(a.x.view, &a.w.view, a.b ? &a.b->view : nullptr, yp);
+  }
+  return y;
+}
+
+static py::array conv2d_max_pool2d(py::array input, py::array weight, std::optional<py::array> bias, I2 stride,
+                                   I4 padding, I2 dilation, int64_t groups, const std::string& activation,
+                                   I2 pool_kernel, I2 pool_stride, I2 pool_padding, I2 pool_dilation, bool ceil_mode,
+                                   py::object out) {
+  ConvArgs a = conv_args(input, weight, bias, stride, padding, dilation, groups, activation);
+  const Pool2dDesc pool = pool_desc(pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode);
+  return a.d.dtype == DType::f32 ? conv2d_max_pool2d_typed<float>(a, pool, out)
+                                 : conv2d_max_pool2d_typed<double>(a, pool, out);
 }
 
 template <class T>
@@ -86,14 +132,9 @@ static py::object max_pool2d_typed(const Pool2dDesc& d, const Input& x, bool ret
 static py::object max_pool2d(py::array input, I2 kernel, I2 stride, I2 padding, I2 dilation, bool ceil_mode,
                              bool return_indices, py::object out) {
   Input x = input_view(input, "input", 4);
-  Pool2dDesc d;
+  Pool2dDesc d = pool_desc(kernel, stride, padding, dilation, ceil_mode);
   d.dtype = x.view.dtype;
   d.N = x.view.shape[0], d.C = x.view.shape[1], d.H = x.view.shape[2], d.W = x.view.shape[3];
-  d.kh = kernel[0], d.kw = kernel[1];
-  d.stride_h = stride[0], d.stride_w = stride[1];
-  d.pad_h = padding[0], d.pad_w = padding[1];
-  d.dil_h = dilation[0], d.dil_w = dilation[1];
-  d.ceil_mode = ceil_mode;
   cpu::validate(d);
   return d.dtype == DType::f32 ? max_pool2d_typed<float>(d, x, return_indices, out)
                                : max_pool2d_typed<double>(d, x, return_indices, out);
@@ -165,6 +206,9 @@ void register_ops(py::module_& m) {
   using namespace pybind11::literals;
   m.def("conv2d", &conv2d, "input"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert(), "stride"_a,
         "padding"_a, "dilation"_a, "groups"_a, "activation"_a, "out"_a);
+  m.def("conv2d_max_pool2d", &conv2d_max_pool2d, "input"_a.noconvert(), "weight"_a.noconvert(),
+        "bias"_a.noconvert(), "stride"_a, "padding"_a, "dilation"_a, "groups"_a, "activation"_a, "pool_kernel_size"_a,
+        "pool_stride"_a, "pool_padding"_a, "pool_dilation"_a, "ceil_mode"_a, "out"_a);
   m.def("max_pool2d", &max_pool2d, "input"_a.noconvert(), "kernel_size"_a, "stride"_a, "padding"_a, "dilation"_a,
         "ceil_mode"_a, "return_indices"_a, "out"_a);
   m.def("linear", &linear, "input"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert(), "activation"_a,

@@ -155,114 +155,132 @@ void Conv2dPlan<T>::pack(const TensorView& w, const TensorView* bias) {
 }
 
 template <class T>
-void Conv2dPlan<T>::run(const TensorView& x, const TensorView* w, const TensorView* b, T* y) const {
-  LK_CHECK(x.ndim == 4 && x.shape[0] == d_.N && x.shape[1] == d_.C && x.shape[2] == d_.H && x.shape[3] == d_.W,
-           "input: shape does not match the plan");
-  if (d_.N == 0 || d_.K == 0) return;
+typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const TensorView* w, const TensorView* b,
+                                                    BoundStorage& storage) const {
   const int64_t K = d_.K, CRS = d_.Cg() * d_.R * d_.S;
-  Weights wt{weights_.get(), packed_ && algo_ == ConvAlgo::implicit_gemm ? 0 : CRS, bias_.get()};
-  AlignedPtr<T> flat, bias_copy;
-  if (!packed_) {
-    LK_CHECK(w != nullptr && w->ndim == 4 && w->shape[0] == K && w->shape[1] == d_.Cg() && w->shape[2] == d_.R &&
-                 w->shape[3] == d_.S,
-             "weight: shape does not match the plan");
-    LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
-    // Contiguous weights are read in place: nothing to pack per call.
-    const bool rows = w->strides[3] == 1 && w->strides[2] == d_.S && w->strides[1] == d_.R * d_.S &&
-                      (w->strides[0] == CRS || K == 1);
-    if (rows) {
-      wt.w = w->ptr<T>();
-    } else {
-      flat = aligned_alloc_array<T>(K * CRS);
-      flatten_weight(*w, flat.get());
-      wt.w = flat.get();
-    }
-    if (b != nullptr && b->strides[0] == 1) {
-      wt.bias = b->ptr<T>();
-    } else if (b != nullptr) {
-      bias_copy = aligned_alloc_array<T>(K);
-      for (int64_t k = 0; k < K; ++k) bias_copy[k] = b->ptr<T>()[k * b->strides[0]];
-      wt.bias = bias_copy.get();
-    }
+  if (packed_) return {weights_.get(), algo_ == ConvAlgo::implicit_gemm ? 0 : CRS, bias_.get()};
+  LK_CHECK(w != nullptr && w->ndim == 4 && w->shape[0] == K && w->shape[1] == d_.Cg() && w->shape[2] == d_.R &&
+               w->shape[3] == d_.S,
+           "weight: shape does not match the plan");
+  LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
+  Weights wt{nullptr, CRS, nullptr};
+  // Contiguous weights are read in place: nothing to pack per call.
+  const bool rows = w->strides[3] == 1 && w->strides[2] == d_.S && w->strides[1] == d_.R * d_.S &&
+                    (w->strides[0] == CRS || K == 1);
+  if (rows) {
+    wt.w = w->ptr<T>();
+  } else {
+    storage.weights = aligned_alloc_array<T>(K * CRS);
+    flatten_weight(*w, storage.weights.get());
+    wt.w = storage.weights.get();
   }
-  if (algo_ == ConvAlgo::direct)
-    run_direct(x, wt, y);
-  else
-    run_implicit_gemm(x, wt, y);
+  if (b != nullptr && b->strides[0] == 1) {
+    wt.bias = b->ptr<T>();
+  } else if (b != nullptr) {
+    storage.bias = aligned_alloc_array<T>(K);
+    for (int64_t k = 0; k < K; ++k) storage.bias[k] = b->ptr<T>()[k * b->strides[0]];
+    wt.bias = storage.bias.get();
+  }
+  return wt;
 }
 
 template <class T>
-void Conv2dPlan<T>::run_implicit_gemm(const TensorView& x, const Weights& wt, T* y) const {
-  const int64_t G = d_.groups, Kg = d_.Kg(), Cg = d_.Cg(), PQ = d_.P() * d_.Q();
-  const int64_t CRS = Cg * d_.R * d_.S;
-  const int64_t nblocks = ceil_div(PQ, nc_), mblocks = ceil_div(Kg, mc_);
-  const int nr = uk_.nr, mr = uk_.mr;
-  const T* xp = x.ptr<T>();
-  const bool relu = d_.act == Activation::relu;
-  const int64_t group_stride = wt.lda == 0 ? round_up(Kg, mr) * CRS : Kg * CRS;
+void Conv2dPlan<T>::check_input(const TensorView& x) const {
+  LK_CHECK(x.ndim == 4 && x.shape[0] == d_.N && x.shape[1] == d_.C && x.shape[2] == d_.H && x.shape[3] == d_.W,
+           "input: shape does not match the plan");
+}
 
+template <class T>
+void Conv2dPlan<T>::run(const TensorView& x, const TensorView* w, const TensorView* b, T* y) const {
+  check_input(x);
+  if (d_.N == 0 || d_.K == 0) return;
+  BoundStorage storage;
+  const Weights wt = bind(w, b, storage);
+  const int64_t K = d_.K, G = d_.groups, Kg = d_.Kg(), P = d_.P(), PQ = P * d_.Q();
+
+  if (algo_ == ConvAlgo::direct) {
+    parallel_for(d_.N * K, threads_, [&](int64_t task) {
+      direct_rows(x, wt, task / K, task % K, 0, P, y + task * PQ);
+    });
+    return;
+  }
+  const int64_t nblocks = ceil_div(PQ, nc_), mblocks = ceil_div(Kg, mc_);
   parallel_for(d_.N * G * nblocks * mblocks, threads_, [&](int64_t task) {
     const int64_t mb = task % mblocks, jb = (task / mblocks) % nblocks;
     const int64_t g = (task / (mblocks * nblocks)) % G, n = task / (mblocks * nblocks * G);
-    const int64_t j0 = jb * nc_, j1 = std::min(PQ, j0 + nc_);
-    const int64_t m0 = mb * mc_, m = std::min(mc_, Kg - m0);
-    T* B = scratch_array<T>(0, static_cast<size_t>(kc_ * round_up(j1 - j0, nr)));
-    const T* xg = xp + n * x.strides[0] + g * Cg * x.strides[1];
-    T* C = y + (n * d_.K + g * Kg + m0) * PQ + j0;
-    // m0 is a multiple of MR, so it starts a panel of packed weights.
-    const T* A = wt.w + g * group_stride + (wt.lda == 0 ? (m0 / mr) * CRS * mr : m0 * wt.lda);
-    for (int64_t pc = 0; pc < CRS; pc += kc_) {
-      const int64_t kc = std::min(kc_, CRS - pc);
-      pack_im2col(d_, xg, x.strides[1], x.strides[2], x.strides[3], pc, kc, j0, j1, nr, B);
-      GemmEpilogue<T> ep;
-      ep.bias = (pc == 0 && wt.bias) ? wt.bias + g * Kg + m0 : nullptr;
-      ep.bias_per_row = true;
-      ep.accumulate = pc > 0;
-      ep.relu = relu && pc + kc == CRS;
-      const T* a = A + (wt.lda == 0 ? pc * mr : pc);
-      macro_kernel(uk_, m, j1 - j0, kc, a, CRS * mr, wt.lda, B, kc * nr, C, PQ, ep);
-    }
+    const int64_t j0 = jb * nc_, m0 = mb * mc_;
+    gemm_tile(x, wt, n, g, m0, std::min(mc_, Kg - m0), j0, std::min(PQ, j0 + nc_),
+              y + (n * K + g * Kg + m0) * PQ + j0, PQ);
   });
 }
 
 template <class T>
-void Conv2dPlan<T>::run_direct(const TensorView& x, const Weights& wt, T* y) const {
-  const int64_t K = d_.K, Kg = d_.Kg(), Cg = d_.Cg(), R = d_.R, S = d_.S, P = d_.P(), Q = d_.Q();
-  const int64_t sc = x.strides[1], sh = x.strides[2], sw = x.strides[3];
-  const T* xp = x.ptr<T>();
-  const bool relu = d_.act == Activation::relu;
+void Conv2dPlan<T>::run_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t r0, int64_t r1, T* dst,
+                             int64_t ldc) const {
+  const int64_t K = d_.K, G = d_.groups, Kg = d_.Kg(), Q = d_.Q();
+  if (algo_ == ConvAlgo::direct) {
+    for (int64_t k = 0; k < K; ++k) direct_rows(x, wt, n, k, r0, r1, dst + k * ldc);
+    return;
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j0 = r0 * Q; j0 < r1 * Q; j0 += nc_)
+      gemm_tile(x, wt, n, g, 0, Kg, j0, std::min(r1 * Q, j0 + nc_), dst + g * Kg * ldc + (j0 - r0 * Q), ldc);
+}
 
-  parallel_for(d_.N * K, threads_, [&](int64_t task) {
-    const int64_t k = task % K, n = task / K, g = k / Kg;
-    T* out = y + task * P * Q;
-    std::fill(out, out + P * Q, wt.bias ? wt.bias[k] : T(0));
-    const T* wk = wt.w + k * Cg * R * S;
-    for (int64_t c = 0; c < Cg; ++c) {
-      const T* xc = xp + n * x.strides[0] + (g * Cg + c) * sc;
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t s = 0; s < S; ++s) {
-          const T wv = wk[(c * R + r) * S + s];
-          const int64_t ih_off = r * d_.dil_h - d_.pad_top, iw_off = s * d_.dil_w - d_.pad_left;
-          int64_t qlo, qhi;
-          valid_columns(iw_off, d_.stride_w, d_.W, Q, &qlo, &qhi);
-          if (qlo == qhi) continue;
-          const int64_t step = d_.stride_w * sw;
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t ih = p * d_.stride_h + ih_off;
-            if (ih < 0 || ih >= d_.H) continue;
-            T* o = out + p * Q;
-            const T* src = xc + ih * sh + (qlo * d_.stride_w + iw_off) * sw;
-            if (step == 1)
-              for (int64_t q = qlo; q < qhi; ++q) o[q] += wv * src[q - qlo];
-            else
-              for (int64_t q = qlo; q < qhi; ++q) o[q] += wv * src[(q - qlo) * step];
-          }
+template <class T>
+void Conv2dPlan<T>::gemm_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t m0, int64_t m,
+                              int64_t j0, int64_t j1, T* C, int64_t ldc) const {
+  const int64_t Kg = d_.Kg(), Cg = d_.Cg(), CRS = Cg * d_.R * d_.S;
+  const int nr = uk_.nr, mr = uk_.mr;
+  const int64_t group_stride = wt.lda == 0 ? round_up(Kg, mr) * CRS : Kg * CRS;
+  T* B = scratch_array<T>(0, static_cast<size_t>(kc_ * round_up(j1 - j0, nr)));
+  const T* xg = x.ptr<T>() + n * x.strides[0] + g * Cg * x.strides[1];
+  // m0 is a multiple of MR, so it starts a panel of packed weights.
+  const T* A = wt.w + g * group_stride + (wt.lda == 0 ? (m0 / mr) * CRS * mr : m0 * wt.lda);
+  for (int64_t pc = 0; pc < CRS; pc += kc_) {
+    const int64_t kc = std::min(kc_, CRS - pc);
+    pack_im2col(d_, xg, x.strides[1], x.strides[2], x.strides[3], pc, kc, j0, j1, nr, B);
+    GemmEpilogue<T> ep;
+    ep.bias = (pc == 0 && wt.bias) ? wt.bias + g * Kg + m0 : nullptr;
+    ep.bias_per_row = true;
+    ep.accumulate = pc > 0;
+    ep.relu = d_.act == Activation::relu && pc + kc == CRS;
+    macro_kernel(uk_, m, j1 - j0, kc, A + (wt.lda == 0 ? pc * mr : pc), CRS * mr, wt.lda, B, kc * nr, C, ldc, ep);
+  }
+}
+
+template <class T>
+void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k, int64_t r0,
+                                int64_t r1, T* out) const {
+  const int64_t Kg = d_.Kg(), Cg = d_.Cg(), R = d_.R, S = d_.S, Q = d_.Q(), g = k / Kg;
+  const int64_t sc = x.strides[1], sh = x.strides[2], sw = x.strides[3];
+  std::fill(out, out + (r1 - r0) * Q, wt.bias ? wt.bias[k] : T(0));
+  const T* wk = wt.w + k * Cg * R * S;
+  for (int64_t c = 0; c < Cg; ++c) {
+    const T* xc = x.ptr<T>() + n * x.strides[0] + (g * Cg + c) * sc;
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t s = 0; s < S; ++s) {
+        const T wv = wk[(c * R + r) * S + s];
+        const int64_t ih_off = r * d_.dil_h - d_.pad_top, iw_off = s * d_.dil_w - d_.pad_left;
+        int64_t qlo, qhi;
+        valid_columns(iw_off, d_.stride_w, d_.W, Q, &qlo, &qhi);
+        if (qlo == qhi) continue;
+        const int64_t step = d_.stride_w * sw;
+        for (int64_t p = r0; p < r1; ++p) {
+          const int64_t ih = p * d_.stride_h + ih_off;
+          if (ih < 0 || ih >= d_.H) continue;
+          T* o = out + (p - r0) * Q;
+          const T* src = xc + ih * sh + (qlo * d_.stride_w + iw_off) * sw;
+          if (step == 1)
+            for (int64_t q = qlo; q < qhi; ++q) o[q] += wv * src[q - qlo];
+          else
+            for (int64_t q = qlo; q < qhi; ++q) o[q] += wv * src[(q - qlo) * step];
         }
       }
     }
-    if (relu)
-      for (int64_t i = 0; i < P * Q; ++i) out[i] = out[i] < T(0) ? T(0) : out[i];
-  });
+  }
+  if (d_.act == Activation::relu)
+    for (int64_t i = 0; i < (r1 - r0) * Q; ++i) out[i] = out[i] < T(0) ? T(0) : out[i];
 }
 
 template <class T>

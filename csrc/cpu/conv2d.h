@@ -35,14 +35,33 @@ class Conv2dPlan {
   std::string describe() const;
   const Conv2dDesc& desc() const { return d_; }
 
- private:
+  // Weights as the kernels read them, bound for one run.
   struct Weights {
     const T* w;     // implicit_gemm: per group, packed panels (lda 0) or Kg x CRS rows (lda CRS)
     int64_t lda;    // direct: K x CRS rows
     const T* bias;  // K contiguous entries, or null
   };
-  void run_implicit_gemm(const TensorView& x, const Weights& wt, T* y) const;
-  void run_direct(const TensorView& x, const Weights& wt, T* y) const;
+  struct BoundStorage {  // copies made when the caller's weights are not contiguous
+    AlignedPtr<T> weights, bias;
+  };
+  Weights bind(const TensorView* weight, const TensorView* bias, BoundStorage& storage) const;
+  void check_input(const TensorView& x) const;
+
+  // Output rows [r0, r1) of image n, all K channels, into dst (channel k at
+  // dst + k * ldc), on the calling thread: for callers that tile and
+  // parallelise themselves (fusion).
+  void run_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t r0, int64_t r1, T* dst,
+                int64_t ldc) const;
+
+  int threads() const { return threads_; }
+
+ private:
+  // Output pixels [j0, j1) (flattened P*Q) of channels [m0, m0+m) in group g.
+  void gemm_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t m0, int64_t m, int64_t j0,
+                 int64_t j1, T* C, int64_t ldc) const;
+  // Output rows [r0, r1) of channel k.
+  void direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k, int64_t r0, int64_t r1,
+                   T* out) const;
 
   Conv2dDesc d_;
   ConvAlgo algo_;

@@ -22,12 +22,41 @@ void validate(const Pool2dDesc& d) {
 }
 
 template <class T>
+void max_pool_rows(const Pool2dDesc& d, const T* x, int64_t r0, int64_t sh, int64_t sw, int64_t p0, int64_t p1,
+                   T* out, int64_t* idx) {
+  const int64_t Q = d.Q(), H = d.H, W = d.W;
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t h0 = p * d.stride_h - d.pad_h;
+    const int64_t h_end = std::min(h0 + (d.kh - 1) * d.dil_h + 1, H);
+    while (h0 < 0) h0 += d.dil_h;
+    for (int64_t q = 0; q < Q; ++q) {
+      int64_t w0 = q * d.stride_w - d.pad_w;
+      const int64_t w_end = std::min(w0 + (d.kw - 1) * d.dil_w + 1, W);
+      while (w0 < 0) w0 += d.dil_w;
+      // torch's rule: the first maximum wins, a NaN replaces anything.
+      T best = -std::numeric_limits<T>::infinity();
+      int64_t best_i = h0 * W + w0;
+      for (int64_t ih = h0; ih < h_end; ih += d.dil_h) {
+        const T* row = x + (ih - r0) * sh;
+        for (int64_t iw = w0; iw < w_end; iw += d.dil_w) {
+          const T v = row[iw * sw];
+          if (v > best || std::isnan(v)) {
+            best = v;
+            best_i = ih * W + iw;
+          }
+        }
+      }
+      out[(p - p0) * Q + q] = best;
+      if (idx) idx[(p - p0) * Q + q] = best_i;
+    }
+  }
+}
+
+template <class T>
 void max_pool2d(const Pool2dDesc& d, const TensorView& x, T* y, int64_t* indices) {
-  const int64_t P = d.P(), Q = d.Q(), H = d.H, W = d.W, C = d.C;
+  const int64_t P = d.P(), Q = d.Q(), C = d.C;
   const int64_t planes = d.N * C;
   if (planes == 0) return;
-  const int64_t s0 = x.strides[0], s1 = x.strides[1], sh = x.strides[2], sw = x.strides[3];
-  const T* xp = x.ptr<T>();
   const double work = static_cast<double>(planes) * P * Q * d.kh * d.kw;
   const int threads = static_cast<int>(std::clamp(work / 2e6, 1.0, static_cast<double>(get_num_threads())));
   // Plane batches big enough to amortise a task, small enough to balance.
@@ -37,37 +66,17 @@ void max_pool2d(const Pool2dDesc& d, const TensorView& x, T* y, int64_t* indices
   parallel_for(tasks, threads, [&](int64_t task) {
     const int64_t begin = task * per_task, end = std::min(planes, begin + per_task);
     for (int64_t plane = begin; plane < end; ++plane) {
-      const T* xc = xp + (plane / C) * s0 + (plane % C) * s1;
-      T* out = y + plane * P * Q;
-      int64_t* idx = indices ? indices + plane * P * Q : nullptr;
-      for (int64_t p = 0; p < P; ++p) {
-        int64_t h0 = p * d.stride_h - d.pad_h;
-        const int64_t h_end = std::min(h0 + (d.kh - 1) * d.dil_h + 1, H);
-        while (h0 < 0) h0 += d.dil_h;
-        for (int64_t q = 0; q < Q; ++q) {
-          int64_t w0 = q * d.stride_w - d.pad_w;
-          const int64_t w_end = std::min(w0 + (d.kw - 1) * d.dil_w + 1, W);
-          while (w0 < 0) w0 += d.dil_w;
-          T best = -std::numeric_limits<T>::infinity();
-          int64_t best_i = h0 * W + w0;
-          for (int64_t ih = h0; ih < h_end; ih += d.dil_h) {
-            const T* row = xc + ih * sh;
-            for (int64_t iw = w0; iw < w_end; iw += d.dil_w) {
-              const T v = row[iw * sw];
-              if (v > best || std::isnan(v)) {
-                best = v;
-                best_i = ih * W + iw;
-              }
-            }
-          }
-          out[p * Q + q] = best;
-          if (idx) idx[p * Q + q] = best_i;
-        }
-      }
+      const T* xc = x.ptr<T>() + (plane / C) * x.strides[0] + (plane % C) * x.strides[1];
+      max_pool_rows(d, xc, 0, x.strides[2], x.strides[3], 0, P, y + plane * P * Q,
+                    indices ? indices + plane * P * Q : nullptr);
     }
   });
 }
 
+template void max_pool_rows<float>(const Pool2dDesc&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                   float*, int64_t*);
+template void max_pool_rows<double>(const Pool2dDesc&, const double*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                    double*, int64_t*);
 template void max_pool2d<float>(const Pool2dDesc&, const TensorView&, float*, int64_t*);
 template void max_pool2d<double>(const Pool2dDesc&, const TensorView&, double*, int64_t*);
 

@@ -7,12 +7,13 @@
 
 from ._core import __version__
 from .config import get_config, get_isa, get_num_threads, set_isa, set_num_threads, show_config
-from .functional import conv2d, linear, log_softmax, max_pool2d, relu, softmax
+from .functional import conv2d, conv2d_max_pool2d, linear, log_softmax, max_pool2d, relu, softmax
 
 __all__ = [
     "__version__",
     "conv2d",
     "max_pool2d",
+    "conv2d_max_pool2d",
     "linear",
     "relu",
     "softmax",

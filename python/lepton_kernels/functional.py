@@ -21,7 +21,7 @@ from ._args import (
     spatial_input,
 )
 
-__all__ = ["conv2d", "max_pool2d", "linear", "relu", "softmax", "log_softmax"]
+__all__ = ["conv2d", "max_pool2d", "conv2d_max_pool2d", "linear", "relu", "softmax", "log_softmax"]
 
 _ACTIVATIONS = {None: "none", "relu": "relu"}
 
@@ -59,13 +59,8 @@ def _conv_padding(padding, kernel, dilation, stride):
     return (ph, ph, pw, pw)
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, out=None):
-    """2-D convolution of an (N, C, H, W) or (C, H, W) input with (K, C/groups, R, S) filters.
-
-    ``padding`` is an int, a pair, ``'valid'`` or ``'same'``; ``groups`` splits
-    the channels (``groups == C`` is depthwise). ``activation='relu'`` fuses a
-    ReLU into the output pass.
-    """
+def _conv_args(input, weight, bias, stride, padding, dilation, groups):
+    """Checked conv arguments: (batched NCHW input, was it batched, stride, pads, dilation, groups, (P, Q))."""
     check_array(input, "input")
     check_array(weight, "weight")
     check_same_dtype(input, weight, "weight")
@@ -81,7 +76,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     stride = pair(stride, "stride", minimum=1)
     dilation = pair(dilation, "dilation", minimum=1)
     groups = int_param(groups, "groups", minimum=1)
-    N, C, H, W = x.shape
+    _, C, H, W = x.shape
     K, Cg, R, S = weight.shape
     if 0 in (Cg, R, S):
         raise ValueError(f"weight: expected non-zero size for non-output dimensions, got shape {weight.shape}")
@@ -97,13 +92,54 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
                          f"padded input size ({H + pads[0] + pads[1]}, {W + pads[2] + pads[3]})")
     P = (H + pads[0] + pads[1] - eff_h) // stride[0] + 1
     Q = (W + pads[2] + pads[3] - eff_w) // stride[1] + 1
-    check_out_size((N, K, P, Q), x.dtype)
-    check_out(out, (input, weight, bias))
-    y = _core.conv2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation),
-                     _batched_out(out, batched))
+    return x, batched, stride, pads, dilation, groups, (P, Q)
+
+
+def _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W):
+    """Checked pooling arguments: (kernel, stride, padding, dilation, (P, Q))."""
+    kernel = pair(kernel_size, "kernel_size", minimum=1)
+    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
+        stride = kernel
+    else:
+        stride = pair(stride, "stride", minimum=1)
+    pad = pair(padding, "padding", minimum=0)
+    dilation = pair(dilation, "dilation", minimum=1)
+    if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
+        raise ValueError(f"padding: should be at most half of kernel_size, got padding={pad} and "
+                         f"kernel_size={kernel}")
+    sizes = []
+    for n, k, s, p, d in zip((H, W), kernel, stride, pad, dilation):
+        num = n + 2 * p - d * (k - 1) - 1
+        o = (-(-num // s) if ceil_mode else num // s) + 1
+        if ceil_mode and (o - 1) * s >= n + p:
+            o -= 1  # the last window must start inside the input or the left padding
+        sizes.append(o)
+    if sizes[0] < 1 or sizes[1] < 1:
+        raise ValueError(f"input: given input size ({C}x{H}x{W}), the calculated output size "
+                         f"({C}x{sizes[0]}x{sizes[1]}) is too small")
+    return kernel, stride, pad, dilation, tuple(sizes)
+
+
+def _result(y, out, batched):
     if out is not None:
         return out
     return y if batched else y[0]
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, out=None):
+    """2-D convolution of an (N, C, H, W) or (C, H, W) input with (K, C/groups, R, S) filters.
+
+    ``padding`` is an int, a pair, ``'valid'`` or ``'same'``; ``groups`` splits
+    the channels (``groups == C`` is depthwise). ``activation='relu'`` fuses a
+    ReLU into the output pass.
+    """
+    x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
+                                                                    dilation, groups)
+    check_out_size((x.shape[0], weight.shape[0], P, Q), x.dtype)
+    check_out(out, (input, weight, bias))
+    y = _core.conv2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation),
+                     _batched_out(out, batched))
+    return _result(y, out, batched)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False,
@@ -115,39 +151,37 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """
     check_array(input, "input")
     x, batched = spatial_input(input)
-    kernel = pair(kernel_size, "kernel_size", minimum=1)
-    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else pair(
-        stride, "stride", minimum=1)
-    pad = pair(padding, "padding", minimum=0)
-    dilation = pair(dilation, "dilation", minimum=1)
-    if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
-        raise ValueError(f"padding: should be at most half of kernel_size, got padding={pad} and "
-                         f"kernel_size={kernel}")
-    _, _, H, W = x.shape
-    sizes = []
-    for n, k, s, p, d in zip((H, W), kernel, stride, pad, dilation):
-        num = n + 2 * p - d * (k - 1) - 1
-        o = (-(-num // s) if ceil_mode else num // s) + 1
-        if ceil_mode and (o - 1) * s >= n + p:
-            o -= 1
-        sizes.append(o)
-    if sizes[0] < 1 or sizes[1] < 1:
-        raise ValueError(f"input: given input size ({x.shape[1]}x{H}x{W}), the calculated output size "
-                         f"({x.shape[1]}x{sizes[0]}x{sizes[1]}) is too small")
-    check_out_size((x.shape[0], x.shape[1], *sizes), x.dtype)
+    N, C, H, W = x.shape
+    kernel, stride, pad, dilation, (P, Q) = _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W)
+    check_out_size((N, C, P, Q), x.dtype)
     check_out(out, (input,))
     res = _core.max_pool2d(x, kernel, stride, pad, dilation, bool(ceil_mode), bool(return_indices),
                            _batched_out(out, batched))
     if return_indices:
         y, idx = res
-        if out is not None:
-            y = out
-        elif not batched:
-            y = y[0]
-        return y, (idx if batched else idx[0])
-    if out is not None:
-        return out
-    return res if batched else res[0]
+        return _result(y, out, batched), (idx if batched else idx[0])
+    return _result(res, out, batched)
+
+
+def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation="relu",
+                      kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False, out=None):
+    """``max_pool2d(activation(conv2d(input, weight, bias, ...)), kernel_size, pool_stride, ...)`` in one pass.
+
+    The convolution runs band by band and each band is pooled while it is in
+    cache: the full-resolution convolution output is never written to memory.
+    The result equals the unfused sequence. ``activation`` is ``'relu'`` (the
+    default) or ``None``; the pooling arguments are those of ``max_pool2d``
+    (``pool_stride`` defaults to ``kernel_size``).
+    """
+    x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
+                                                                    dilation, groups)
+    K = weight.shape[0]
+    pk, ps, pp, pd, (PP, PQ) = _pool_args(kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode, K, P, Q)
+    check_out_size((x.shape[0], K, PP, PQ), x.dtype)
+    check_out(out, (input, weight, bias))
+    y = _core.conv2d_max_pool2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation), pk, ps,
+                                pp, pd, bool(ceil_mode), _batched_out(out, batched))
+    return _result(y, out, batched)
 
 
 def linear(input, weight, bias=None, *, activation=None, out=None):

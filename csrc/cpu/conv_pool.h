@@ -1,0 +1,36 @@
+// Fused convolution -> bias -> activation -> max-pool: one pass, tile by
+// tile. Each task computes a band of convolution rows into a buffer that
+// stays in cache and pools it at once; the full-resolution convolution
+// output is never written to memory.
+#pragma once
+#include <string>
+
+#include "core/descriptors.h"
+#include "core/tensor.h"
+#include "cpu/conv2d.h"
+
+namespace lk::cpu {
+
+template <class T>
+class Conv2dMaxPool2dPlan {
+ public:
+  // pool: kernel, stride, padding, dilation and ceil_mode; its N, C, H, W are
+  // taken from the convolution's output.
+  Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2dDesc& pool);
+
+  void pack(const TensorView& weight, const TensorView* bias) { conv_.pack(weight, bias); }
+
+  // x: N x C x H x W, any strides; y: N x K x P' x Q' (pooled), contiguous.
+  void run(const TensorView& x, const TensorView* weight, const TensorView* bias, T* y) const;
+
+  std::string describe() const;
+  const Pool2dDesc& pool() const { return pool_; }
+
+ private:
+  Conv2dPlan<T> conv_;
+  Pool2dDesc pool_;
+  int64_t rows_per_task_ = 1;  // pooled output rows
+  int threads_ = 1;
+};
+
+}  // namespace lk::cpu
