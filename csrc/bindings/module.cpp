@@ -6,6 +6,7 @@ namespace py = pybind11;
 namespace lk::bindings {
 void register_ops(py::module_& m);
 void register_config(py::module_& m);
+void register_layers(py::module_& m);
 }  // namespace lk::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -13,4 +14,5 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = LK_VERSION;
   lk::bindings::register_ops(m);
   lk::bindings::register_config(m);
+  lk::bindings::register_layers(m);
 }

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "core/cpu_features.h"
+#include "core/plan_cache.h"
 #include "core/thread_pool.h"
 #include "cpu/ukernels/ukernels.h"
 #ifdef LK_WITH_CUDA
@@ -56,6 +57,12 @@ void register_config(py::module_& m) {
 #endif
     return d;
   });
+  m.def("plan_cache_info", [] {
+    const PlanCacheStats s = plan_cache_stats();
+    return py::make_tuple(s.hits, s.misses, s.evictions, s.size, s.capacity, s.create_ns * 1e-9);
+  });
+  m.def("plan_cache_clear", &plan_cache_clear);
+  m.def("plan_cache_set_capacity", &plan_cache_set_capacity);
   m.def("cuda_devices", [] {
     py::list out;
 #ifdef LK_WITH_CUDA

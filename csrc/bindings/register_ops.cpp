@@ -8,9 +8,7 @@
 
 #include "bindings/arrays.h"
 #include "cpu/activation.h"
-#include "cpu/conv2d.h"
-#include "cpu/conv_pool.h"
-#include "cpu/linear.h"
+#include "cpu/planner.h"
 #include "cpu/pool2d.h"
 
 namespace lk::bindings {
@@ -18,7 +16,7 @@ namespace lk::bindings {
 using I2 = std::array<int64_t, 2>;
 using I4 = std::array<int64_t, 4>;
 
-static Activation activation_from(const std::string& name) {
+Activation activation_from(const std::string& name) {
   if (name == "none") return Activation::none;
   if (name == "relu") return Activation::relu;
   throw std::invalid_argument(cat("activation: expected None or 'relu', got '", name, "'"));
@@ -37,8 +35,9 @@ static py::array conv2d_typed(const Conv2dDesc& d, const Input& x, const Input& 
   T* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    cpu::Conv2dPlan<T> plan(d);
-    plan.run(x.view, &w.view, b ? &b->view : nullptr, yp);
+    auto plan = cpu::plan_conv2d<T>(d);
+    typename cpu::Conv2dPlan<T>::BoundStorage storage;
+    plan->run(x.view, plan->bind(&w.view, b ? &b->view : nullptr, storage), yp);
   }
   return y;
 }
@@ -93,13 +92,18 @@ static py::array conv2d(py::array input, py::array weight, std::optional<py::arr
 
 template <class T>
 static py::array conv2d_max_pool2d_typed(const ConvArgs& a, const Pool2dDesc& pool, const py::object& out) {
-  cpu::Conv2dMaxPool2dPlan<T> plan(a.d, pool);
-  const Pool2dDesc& p = plan.pool();
+  std::shared_ptr<const cpu::Conv2dMaxPool2dPlan<T>> plan;
+  {
+    py::gil_scoped_release release;
+    plan = cpu::plan_conv2d_max_pool2d<T>(a.d, pool);
+  }
+  const Pool2dDesc& p = plan->pool();
   auto y = output_array<T>(out, {p.N, p.C, p.P(), p.Q()});
   T* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    plan.run(a.x.view, &a.w.view, a.b ? &a.b->view : nullptr, yp);
+    typename cpu::Conv2dPlan<T>::BoundStorage storage;
+    plan->run(a.x.view, plan->conv().bind(&a.w.view, a.b ? &a.b->view : nullptr, storage), yp);
   }
   return y;
 }
@@ -147,8 +151,9 @@ static py::array linear_typed(const LinearDesc& d, const Input& x, const Input& 
   T* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    cpu::LinearPlan<T> plan(d);
-    plan.run(x.view, &w.view, b ? &b->view : nullptr, yp);
+    auto plan = cpu::plan_linear<T>(d);
+    typename cpu::LinearPlan<T>::BoundStorage storage;
+    plan->run(x.view, plan->bind(&w.view, b ? &b->view : nullptr, storage), yp);
   }
   return y;
 }

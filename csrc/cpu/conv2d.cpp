@@ -132,33 +132,42 @@ Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc) : d_(desc), uk_(ukernels().gem
 }
 
 template <class T>
-void Conv2dPlan<T>::pack(const TensorView& w, const TensorView* bias) {
+PackedConvWeights<T> Conv2dPlan<T>::pack(const TensorView& w, const TensorView* bias) const {
   const int64_t K = d_.K, Kg = d_.Kg(), CRS = d_.Cg() * d_.R * d_.S;
   LK_CHECK(w.ndim == 4 && w.shape[0] == K && w.shape[1] == d_.Cg() && w.shape[2] == d_.R && w.shape[3] == d_.S,
            "weight: shape does not match the plan");
   LK_CHECK(d_.has_bias == (bias != nullptr), "bias: does not match the plan");
+  PackedConvWeights<T> p;
   auto flat = aligned_alloc_array<T>(K * CRS);
   flatten_weight(w, flat.get());
   if (algo_ == ConvAlgo::direct) {
-    weights_ = std::move(flat);
+    p.w = std::move(flat);
   } else {
     const int64_t group_stride = round_up(Kg, uk_.mr) * CRS;
-    weights_ = aligned_alloc_array<T>(d_.groups * group_stride);
+    p.w = aligned_alloc_array<T>(d_.groups * group_stride);
     for (int64_t g = 0; g < d_.groups; ++g)
-      pack_a_panels(flat.get() + g * Kg * CRS, CRS, int64_t{1}, Kg, CRS, uk_.mr, weights_.get() + g * group_stride);
+      pack_a_panels(flat.get() + g * Kg * CRS, CRS, int64_t{1}, Kg, CRS, uk_.mr, p.w.get() + g * group_stride);
+    p.mr = uk_.mr;
   }
   if (bias) {
-    bias_ = aligned_alloc_array<T>(K);
-    for (int64_t k = 0; k < K; ++k) bias_[k] = bias->ptr<T>()[k * bias->strides[0]];
+    p.bias = aligned_alloc_array<T>(K);
+    for (int64_t k = 0; k < K; ++k) p.bias[k] = bias->ptr<T>()[k * bias->strides[0]];
   }
-  packed_ = true;
+  return p;
+}
+
+template <class T>
+typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const PackedConvWeights<T>& p) const {
+  const bool panels = algo_ == ConvAlgo::implicit_gemm;
+  LK_CHECK(p.mr == (panels ? uk_.mr : 0), "weight: packed for another plan");
+  LK_CHECK(d_.has_bias == (p.bias != nullptr), "bias: does not match the plan");
+  return {p.w.get(), panels ? 0 : d_.Cg() * d_.R * d_.S, p.bias.get()};
 }
 
 template <class T>
 typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const TensorView* w, const TensorView* b,
                                                     BoundStorage& storage) const {
   const int64_t K = d_.K, CRS = d_.Cg() * d_.R * d_.S;
-  if (packed_) return {weights_.get(), algo_ == ConvAlgo::implicit_gemm ? 0 : CRS, bias_.get()};
   LK_CHECK(w != nullptr && w->ndim == 4 && w->shape[0] == K && w->shape[1] == d_.Cg() && w->shape[2] == d_.R &&
                w->shape[3] == d_.S,
            "weight: shape does not match the plan");
@@ -191,11 +200,9 @@ void Conv2dPlan<T>::check_input(const TensorView& x) const {
 }
 
 template <class T>
-void Conv2dPlan<T>::run(const TensorView& x, const TensorView* w, const TensorView* b, T* y) const {
+void Conv2dPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
   check_input(x);
   if (d_.N == 0 || d_.K == 0) return;
-  BoundStorage storage;
-  const Weights wt = bind(w, b, storage);
   const int64_t K = d_.K, G = d_.groups, Kg = d_.Kg(), P = d_.P(), PQ = P * d_.Q();
 
   if (algo_ == ConvAlgo::direct) {
@@ -285,8 +292,7 @@ void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t 
 
 template <class T>
 std::string Conv2dPlan<T>::describe() const {
-  std::string s = cat("conv2d ", dtype_name(dtype_of<T>()), " algo=", conv_algo_name(algo_), " threads=", threads_,
-                      packed_ ? " weights=packed" : " weights=in-place");
+  std::string s = cat("conv2d ", dtype_name(dtype_of<T>()), " algo=", conv_algo_name(algo_), " threads=", threads_);
   if (algo_ == ConvAlgo::implicit_gemm) s += cat(" ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
   return s;
 }

@@ -1,5 +1,6 @@
 // 2-D convolution: a plan is made once per descriptor (algorithm, blocking,
-// packed weights) and run on any number of inputs of that shape.
+// threads) and runs any number of inputs of that shape, with the caller's
+// weights in place or with weights it packed once.
 #pragma once
 #include <memory>
 #include <string>
@@ -18,22 +19,21 @@ enum class ConvAlgo {
 
 const char* conv_algo_name(ConvAlgo a);
 
+// Weights in the layout a plan's kernels read, packed once by Conv2dPlan::pack
+// for callers that run many times (modules). The layout depends on the
+// algorithm and the microkernel's MR, both fixed by the plan.
+template <class T>
+struct PackedConvWeights {
+  AlignedPtr<T> w;     // implicit_gemm: MR panels per group; direct: K x CRS rows
+  AlignedPtr<T> bias;  // K entries, or null
+  int mr = 0;          // panel height the weights were packed for (0: rows)
+};
+
 template <class T>
 class Conv2dPlan {
  public:
+  // Picks the algorithm and blocking for the descriptor on the active ISA.
   explicit Conv2dPlan(const Conv2dDesc& desc);
-
-  // Packs weight (K x C/groups x R x S, any strides) and bias (K entries or
-  // null) into the plan, for callers that run many times with the same
-  // weights; run() then ignores the weights it is given.
-  void pack(const TensorView& weight, const TensorView* bias);
-
-  // x: N x C x H x W, any strides; y: N x K x P x Q, contiguous. weight and
-  // bias as for pack(); unused once the plan holds packed weights.
-  void run(const TensorView& x, const TensorView* weight, const TensorView* bias, T* y) const;
-
-  std::string describe() const;
-  const Conv2dDesc& desc() const { return d_; }
 
   // Weights as the kernels read them, bound for one run.
   struct Weights {
@@ -44,8 +44,15 @@ class Conv2dPlan {
   struct BoundStorage {  // copies made when the caller's weights are not contiguous
     AlignedPtr<T> weights, bias;
   };
+
+  // weight: K x C/groups x R x S, any strides; bias: K entries or null.
+  PackedConvWeights<T> pack(const TensorView& weight, const TensorView* bias) const;
+  Weights bind(const PackedConvWeights<T>& packed) const;
+  // The caller's weights, read in place when contiguous, else copied into storage.
   Weights bind(const TensorView* weight, const TensorView* bias, BoundStorage& storage) const;
-  void check_input(const TensorView& x) const;
+
+  // x: N x C x H x W, any strides; y: N x K x P x Q, contiguous.
+  void run(const TensorView& x, const Weights& wt, T* y) const;
 
   // Output rows [r0, r1) of image n, all K channels, into dst (channel k at
   // dst + k * ldc), on the calling thread: for callers that tile and
@@ -53,6 +60,12 @@ class Conv2dPlan {
   void run_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t r0, int64_t r1, T* dst,
                 int64_t ldc) const;
 
+  // Which packed layout this plan reads: MR of the panels, or 0 for rows.
+  int weight_layout() const { return algo_ == ConvAlgo::implicit_gemm ? uk_.mr : 0; }
+
+  void check_input(const TensorView& x) const;
+  std::string describe() const;
+  const Conv2dDesc& desc() const { return d_; }
   int threads() const { return threads_; }
 
  private:
@@ -70,9 +83,6 @@ class Conv2dPlan {
   int64_t mc_ = 0;  // output channels per task
   int64_t nc_ = 0;  // output pixels per task
   int threads_ = 1;
-  bool packed_ = false;
-  AlignedPtr<T> weights_;  // implicit_gemm: MR panels per group; direct: K x CRS
-  AlignedPtr<T> bias_;
 };
 
 void validate(const Conv2dDesc& d);

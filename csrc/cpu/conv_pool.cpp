@@ -35,12 +35,10 @@ Conv2dMaxPool2dPlan<T>::Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2d
 }
 
 template <class T>
-void Conv2dMaxPool2dPlan<T>::run(const TensorView& x, const TensorView* w, const TensorView* b, T* y) const {
+void Conv2dMaxPool2dPlan<T>::run(const TensorView& x, const typename Conv2dPlan<T>::Weights& wt, T* y) const {
   const Conv2dDesc& d = conv_.desc();
   conv_.check_input(x);
   if (d.N == 0 || d.K == 0) return;
-  typename Conv2dPlan<T>::BoundStorage storage;
-  const auto wt = conv_.bind(w, b, storage);
   const int64_t K = d.K, CP = pool_.H, CQ = pool_.W, P = pool_.P(), Q = pool_.Q();
   const int64_t blocks = ceil_div(P, rows_per_task_);
 

@@ -18,10 +18,10 @@ class Conv2dMaxPool2dPlan {
   // taken from the convolution's output.
   Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2dDesc& pool);
 
-  void pack(const TensorView& weight, const TensorView* bias) { conv_.pack(weight, bias); }
+  const Conv2dPlan<T>& conv() const { return conv_; }
 
   // x: N x C x H x W, any strides; y: N x K x P' x Q' (pooled), contiguous.
-  void run(const TensorView& x, const TensorView* weight, const TensorView* bias, T* y) const;
+  void run(const TensorView& x, const typename Conv2dPlan<T>::Weights& wt, T* y) const;
 
   std::string describe() const;
   const Pool2dDesc& pool() const { return pool_; }

@@ -38,74 +38,69 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc)
 }
 
 template <class T>
-void LinearPlan<T>::pack_into(const TensorView& w, const TensorView* b, AlignedPtr<T>& wdst,
-                              AlignedPtr<T>& bdst) const {
+PackedLinearWeights<T> LinearPlan<T>::pack(const TensorView& w, const TensorView* b) const {
   const int64_t K = d_.K, N = d_.N;
-  const int64_t Np = algo_ == LinearAlgo::gemm ? round_up(N, uk_.nr) : N;
-  wdst = aligned_alloc_array<T>(Np * K);
-  if (algo_ == LinearAlgo::gemm) {
-    pack_b_panels(w.ptr<T>(), w.strides[1], w.strides[0], K, N, uk_.nr, wdst.get());  // B(p, j) = W[j][p]
+  LK_CHECK(w.ndim == 2 && w.shape[0] == N && w.shape[1] == K, "weight: shape does not match the plan");
+  LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
+  PackedLinearWeights<T> p;
+  const bool panels = algo_ == LinearAlgo::gemm;
+  const int64_t Np = panels ? round_up(N, uk_.nr) : N;
+  p.w = aligned_alloc_array<T>(Np * K);
+  if (panels) {
+    pack_b_panels(w.ptr<T>(), w.strides[1], w.strides[0], K, N, uk_.nr, p.w.get());  // B(k, j) = W[j][k]
+    p.nr = uk_.nr;
   } else {
     for (int64_t j = 0; j < N; ++j)
-      for (int64_t p = 0; p < K; ++p) wdst[j * K + p] = w.ptr<T>()[j * w.strides[0] + p * w.strides[1]];
+      for (int64_t k = 0; k < K; ++k) p.w[j * K + k] = w.ptr<T>()[j * w.strides[0] + k * w.strides[1]];
   }
   if (b != nullptr) {
-    bdst = aligned_alloc_array<T>(Np);
-    for (int64_t j = 0; j < Np; ++j) bdst[j] = j < N ? b->ptr<T>()[j * b->strides[0]] : T(0);
+    p.bias = aligned_alloc_array<T>(Np);
+    for (int64_t j = 0; j < Np; ++j) p.bias[j] = j < N ? b->ptr<T>()[j * b->strides[0]] : T(0);
   }
+  return p;
 }
 
 template <class T>
-void LinearPlan<T>::pack(const TensorView& w, const TensorView* b) {
-  LK_CHECK(w.ndim == 2 && w.shape[0] == d_.N && w.shape[1] == d_.K, "weight: shape does not match the plan");
+typename LinearPlan<T>::Weights LinearPlan<T>::bind(const PackedLinearWeights<T>& p) const {
+  LK_CHECK(p.nr == (algo_ == LinearAlgo::gemm ? uk_.nr : 0), "weight: packed for another plan");
+  LK_CHECK(d_.has_bias == (p.bias != nullptr), "bias: does not match the plan");
+  return {p.w.get(), d_.K, p.bias.get()};
+}
+
+template <class T>
+typename LinearPlan<T>::Weights LinearPlan<T>::bind(const TensorView* w, const TensorView* b,
+                                                    BoundStorage& storage) const {
+  LK_CHECK(w != nullptr && w->ndim == 2 && w->shape[0] == d_.N && w->shape[1] == d_.K,
+           "weight: shape does not match the plan");
   LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
-  pack_into(w, b, weights_, bias_);
-  packed_ = true;
+  if (algo_ == LinearAlgo::dot && w->strides[1] == 1 && (b == nullptr || b->strides[0] == 1))
+    return {w->ptr<T>(), w->strides[0], b ? b->ptr<T>() : nullptr};
+  storage.packed = pack(*w, b);
+  return bind(storage.packed);
 }
 
 template <class T>
-void LinearPlan<T>::run(const TensorView& x, const TensorView* w, const TensorView* b, T* y) const {
+void LinearPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
   LK_CHECK(x.ndim == 2 && x.shape[0] == M && x.shape[1] == K, "input: shape does not match the plan");
-  if (!packed_) {
-    LK_CHECK(w != nullptr && w->ndim == 2 && w->shape[0] == N && w->shape[1] == K,
-             "weight: shape does not match the plan");
-    LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
-  }
   if (M == 0 || N == 0) return;
-  const bool relu = d_.act == Activation::relu;
-  AlignedPtr<T> wtmp, btmp;
-  const T* wp = weights_.get();
-  const T* bp = bias_.get();
-  int64_t ldw = K;
-  if (!packed_) {
-    const bool in_place = algo_ == LinearAlgo::dot && w->strides[1] == 1 && (b == nullptr || b->strides[0] == 1);
-    if (in_place) {
-      wp = w->ptr<T>();
-      ldw = w->strides[0];
-      bp = b ? b->ptr<T>() : nullptr;
-    } else {
-      pack_into(*w, b, wtmp, btmp);
-      wp = wtmp.get();
-      bp = btmp.get();
-    }
-  }
   if (K == 0) {  // an empty sum: the bias alone
+    const bool relu = d_.act == Activation::relu;
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) {
-        const T v = bp ? bp[j] : T(0);
+        const T v = wt.bias ? wt.bias[j] : T(0);
         y[i * N + j] = relu && v < T(0) ? T(0) : v;
       }
     return;
   }
   if (algo_ == LinearAlgo::dot)
-    run_dot(x, wp, ldw, bp, y);
+    run_dot(x, wt, y);
   else
-    run_gemm(x, wp, bp, y);
+    run_gemm(x, wt, y);
 }
 
 template <class T>
-void LinearPlan<T>::run_dot(const TensorView& x, const T* w, int64_t ldw, const T* b, T* y) const {
+void LinearPlan<T>::run_dot(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
   const int64_t nblocks = ceil_div(N, nc_);
   const bool relu = d_.act == Activation::relu;
@@ -118,12 +113,12 @@ void LinearPlan<T>::run_dot(const TensorView& x, const T* w, int64_t ldw, const 
       for (int64_t p = 0; p < K; ++p) row[p] = xi[p * x.strides[1]];
       xi = row;
     }
-    dot_.fn(K, xi, w + j0 * ldw, ldw, n, y + i * N + j0, b ? b + j0 : nullptr, relu);
+    dot_.fn(K, xi, wt.w + j0 * wt.ldw, wt.ldw, n, y + i * N + j0, wt.bias ? wt.bias + j0 : nullptr, relu);
   });
 }
 
 template <class T>
-void LinearPlan<T>::run_gemm(const TensorView& x, const T* w, const T* b, T* y) const {
+void LinearPlan<T>::run_gemm(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
   const int mr = uk_.mr, nr = uk_.nr;
   const int64_t mblocks = ceil_div(M, mc_), nblocks = ceil_div(N, nc_);
@@ -138,11 +133,12 @@ void LinearPlan<T>::run_gemm(const TensorView& x, const T* w, const T* b, T* y) 
       const int64_t kc = std::min(kc_, K - pc);
       pack_a_panels(xp + i0 * x.strides[0] + pc * x.strides[1], x.strides[0], x.strides[1], m, kc, mr, A);
       GemmEpilogue<T> ep;
-      ep.bias = (pc == 0 && b) ? b + j0 : nullptr;
+      ep.bias = (pc == 0 && wt.bias) ? wt.bias + j0 : nullptr;
       ep.bias_per_row = false;
       ep.accumulate = pc > 0;
       ep.relu = relu && pc + kc == K;
-      macro_kernel(uk_, m, n, kc, A, kc * mr, 0, w + (j0 / nr) * K * nr + pc * nr, K * nr, y + i0 * N + j0, N, ep);
+      macro_kernel(uk_, m, n, kc, A, kc * mr, 0, wt.w + (j0 / nr) * K * nr + pc * nr, K * nr, y + i0 * N + j0, N,
+                   ep);
     }
   });
 }

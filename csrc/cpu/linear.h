@@ -14,24 +14,46 @@ enum class LinearAlgo {
   dot,   // few input rows or few outputs: dot products against weight rows in place
 };
 
+// Weights packed once by LinearPlan::pack, for callers that run many times.
+template <class T>
+struct PackedLinearWeights {
+  AlignedPtr<T> w;     // gemm: ceil(N/NR) panels of K x NR; dot: N x K rows
+  AlignedPtr<T> bias;  // N entries, zero-padded to a whole panel; or null
+  int nr = 0;          // panel width the weights were packed for (0: rows)
+};
+
 template <class T>
 class LinearPlan {
  public:
   explicit LinearPlan(const LinearDesc& desc);
 
-  // Packs weight (N x K, any strides) and bias (N or null) into the plan, for
-  // callers that run many times; run() then ignores the weights it is given.
-  void pack(const TensorView& weight, const TensorView* bias);
+  struct Weights {
+    const T* w;     // as in PackedLinearWeights
+    int64_t ldw;    // row stride for dot
+    const T* bias;  // gemm: readable for whole panels
+  };
+  struct BoundStorage {
+    PackedLinearWeights<T> packed;
+  };
+
+  // weight: N x K (out_features x in_features), any strides; bias: N or null.
+  PackedLinearWeights<T> pack(const TensorView& weight, const TensorView* bias) const;
+  Weights bind(const PackedLinearWeights<T>& packed) const;
+  // The caller's weights: read in place by the dot kernel when rows are
+  // contiguous, else packed into storage for this run.
+  Weights bind(const TensorView* weight, const TensorView* bias, BoundStorage& storage) const;
 
   // x: M x K, any strides; y: M x N, contiguous.
-  void run(const TensorView& x, const TensorView* weight, const TensorView* bias, T* y) const;
+  void run(const TensorView& x, const Weights& wt, T* y) const;
+
+  // Which packed layout this plan reads: NR of the panels, or 0 for rows.
+  int weight_layout() const { return algo_ == LinearAlgo::gemm ? uk_.nr : 0; }
 
   std::string describe() const;
 
  private:
-  void pack_into(const TensorView& w, const TensorView* b, AlignedPtr<T>& wdst, AlignedPtr<T>& bdst) const;
-  void run_gemm(const TensorView& x, const T* w, const T* b, T* y) const;
-  void run_dot(const TensorView& x, const T* w, int64_t ldw, const T* b, T* y) const;
+  void run_gemm(const TensorView& x, const Weights& wt, T* y) const;
+  void run_dot(const TensorView& x, const Weights& wt, T* y) const;
 
   LinearDesc d_;
   LinearAlgo algo_;
@@ -39,9 +61,6 @@ class LinearPlan {
   DotUkernel<T> dot_;
   int64_t kc_ = 0, mc_ = 0, nc_ = 0;
   int threads_ = 1;
-  bool packed_ = false;
-  AlignedPtr<T> weights_;  // gemm: ceil(N/NR) panels of K x NR; dot: N x K rows
-  AlignedPtr<T> bias_;     // N entries, zero-padded to a whole panel
 };
 
 }  // namespace lk::cpu

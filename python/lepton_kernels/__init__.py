@@ -6,8 +6,10 @@
 """
 
 from ._core import __version__
+from .cache import CacheInfo, cache_clear, cache_info, set_cache_capacity
 from .config import get_config, get_isa, get_num_threads, set_isa, set_num_threads, show_config
 from .functional import conv2d, conv2d_max_pool2d, linear, log_softmax, max_pool2d, relu, softmax
+from .layers import Conv2d, Conv2dMaxPool2d, Linear, MaxPool2d
 
 __all__ = [
     "__version__",
@@ -18,6 +20,14 @@ __all__ = [
     "relu",
     "softmax",
     "log_softmax",
+    "Conv2d",
+    "Conv2dMaxPool2d",
+    "Linear",
+    "MaxPool2d",
+    "cache_info",
+    "cache_clear",
+    "set_cache_capacity",
+    "CacheInfo",
     "get_num_threads",
     "set_num_threads",
     "get_isa",

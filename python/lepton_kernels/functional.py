@@ -59,33 +59,42 @@ def _conv_padding(padding, kernel, dilation, stride):
     return (ph, ph, pw, pw)
 
 
-def _conv_args(input, weight, bias, stride, padding, dilation, groups):
-    """Checked conv arguments: (batched NCHW input, was it batched, stride, pads, dilation, groups, (P, Q))."""
-    check_array(input, "input")
+def _conv_params(weight, bias, stride, padding, dilation, groups, dtype=None):
+    """Checked weight-side conv arguments: (stride, (top, bottom, left, right), dilation, groups)."""
     check_array(weight, "weight")
-    check_same_dtype(input, weight, "weight")
-    x, batched = spatial_input(input)
+    if dtype is not None and weight.dtype != dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} does not match input dtype {dtype}")
     if weight.ndim != 4:
         raise ValueError(f"weight: expected a 4-D array (out_channels, in_channels/groups, kH, kW), "
                          f"got shape {weight.shape}")
     if bias is not None:
         check_array(bias, "bias")
-        check_same_dtype(input, bias, "bias")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} does not match {'input' if dtype else 'weight'} dtype "
+                            f"{weight.dtype}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {bias.shape}")
     stride = pair(stride, "stride", minimum=1)
     dilation = pair(dilation, "dilation", minimum=1)
     groups = int_param(groups, "groups", minimum=1)
-    _, C, H, W = x.shape
     K, Cg, R, S = weight.shape
     if 0 in (Cg, R, S):
         raise ValueError(f"weight: expected non-zero size for non-output dimensions, got shape {weight.shape}")
-    if C % groups or Cg * groups != C:
-        raise ValueError(f"groups: input has {C} channels, which does not match weight's {Cg} channels "
-                         f"per group times groups={groups}")
     if K % groups:
         raise ValueError(f"groups: out_channels {K} is not divisible by groups={groups}")
-    pads = _conv_padding(padding, (R, S), dilation, stride)
+    return stride, _conv_padding(padding, (R, S), dilation, stride), dilation, groups
+
+
+def _conv_args(input, weight, bias, stride, padding, dilation, groups):
+    """Checked conv arguments: (batched NCHW input, was it batched, stride, pads, dilation, groups, (P, Q))."""
+    check_array(input, "input")
+    x, batched = spatial_input(input)
+    stride, pads, dilation, groups = _conv_params(weight, bias, stride, padding, dilation, groups, input.dtype)
+    _, C, H, W = x.shape
+    _, Cg, R, S = weight.shape
+    if Cg * groups != C:
+        raise ValueError(f"groups: input has {C} channels, which does not match weight's {Cg} channels "
+                         f"per group times groups={groups}")
     eff_h, eff_w = dilation[0] * (R - 1) + 1, dilation[1] * (S - 1) + 1
     if H + pads[0] + pads[1] < eff_h or W + pads[2] + pads[3] < eff_w:
         raise ValueError(f"weight: kernel size ({eff_h}, {eff_w}) with dilation can't be greater than the "
@@ -95,8 +104,8 @@ def _conv_args(input, weight, bias, stride, padding, dilation, groups):
     return x, batched, stride, pads, dilation, groups, (P, Q)
 
 
-def _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W):
-    """Checked pooling arguments: (kernel, stride, padding, dilation, (P, Q))."""
+def _pool_params(kernel_size, stride, padding, dilation):
+    """Checked pooling arguments: (kernel, stride, padding, dilation)."""
     kernel = pair(kernel_size, "kernel_size", minimum=1)
     if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
         stride = kernel
@@ -107,6 +116,12 @@ def _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W):
     if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
         raise ValueError(f"padding: should be at most half of kernel_size, got padding={pad} and "
                          f"kernel_size={kernel}")
+    return kernel, stride, pad, dilation
+
+
+def _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W):
+    """Checked pooling arguments for a C x H x W input: (kernel, stride, padding, dilation, (P, Q))."""
+    kernel, stride, pad, dilation = _pool_params(kernel_size, stride, padding, dilation)
     sizes = []
     for n, k, s, p, d in zip((H, W), kernel, stride, pad, dilation):
         num = n + 2 * p - d * (k - 1) - 1

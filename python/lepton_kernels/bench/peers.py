@@ -53,6 +53,10 @@ class Peer:
     def prepare(self, inst: Instance) -> Prepared:
         raise NotImplementedError
 
+    def matmul(self, a, b, c):
+        """A zero-argument callable computing ``c = a @ b`` in place (for the ceiling), and what runs it."""
+        raise NotImplementedError
+
 
 class TorchPeer(Peer):
     """torch.nn.functional on tensors sharing the NumPy arrays' memory, in inference mode."""
@@ -89,6 +93,17 @@ class TorchPeer(Peer):
         steps = [self._step(layer, shape, p) for layer, shape, p in inst.steps()]
         first = partial(steps[0], torch.from_numpy(inst.x))
         return Prepared(chain(first, steps[1:]), to_numpy=lambda y: y.numpy(), context=torch.inference_mode)
+
+    def matmul(self, a, b, c):
+        ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
+        config = torch.__config__.show()
+        blas = config.split("BLAS_INFO=", 1)[1].split(",", 1)[0] if "BLAS_INFO=" in config else "unknown BLAS"
+
+        def run():
+            with torch.inference_mode():
+                torch.matmul(ta, tb, out=tc)
+
+        return run, f"torch {torch.__version__}, {blas}"
 
 
 class OrtPeer(Peer):
@@ -155,23 +170,42 @@ class OrtPeer(Peer):
         graph = helper.make_graph(
             nodes, inst.workload.name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, inst.x.shape)],
             [helper.make_tensor_value_info(cur, TensorProto.FLOAT, inst.workload.output_shape)], inits)
+        return self._finish(graph)
+
+    def _session(self, model):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3  # errors only: no notes about the graph on stderr
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def _finish(self, graph):
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.OPSET)])
         model.ir_version = self.IR_VERSION
         onnx.checker.check_model(model)
         return model
 
     def prepare(self, inst: Instance) -> Prepared:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3  # errors only: no notes about the graph on stderr
-        sess = ort.InferenceSession(self.model(inst).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = self._session(self.model(inst))
         binding = sess.io_binding()
         binding.bind_cpu_input("x", inst.x)
         binding.bind_output(sess.get_outputs()[0].name, "cpu")
         return Prepared(partial(sess.run_with_iobinding, binding),
                         to_numpy=lambda _: binding.copy_outputs_to_cpu()[0])
+
+    def matmul(self, a, b, c):
+        def value(name, x):
+            return helper.make_tensor_value_info(name, TensorProto.FLOAT, x.shape)
+
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+                                  [value("a", a), value("b", b)], [value("c", c)])
+        sess = self._session(self._finish(graph))
+        binding = sess.io_binding()
+        binding.bind_cpu_input("a", a)
+        binding.bind_cpu_input("b", b)
+        binding.bind_output("c", "cpu", 0, c.dtype, list(c.shape), c.ctypes.data)  # written in place
+        return partial(sess.run_with_iobinding, binding), f"onnxruntime {ort.__version__}, MLAS"
 
 
 PEERS: Tuple[Peer, ...] = (TorchPeer(), OrtPeer())

@@ -43,10 +43,28 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _settle(max_wait: float = 0.05) -> None:
+    """Wait until no thread of this process is still running, or ``max_wait`` seconds.
+
+    Thread pools (OpenMP's, ONNX Runtime's) keep spinning for a while after a
+    call; on a machine with few cores that steals a core from whichever
+    implementation runs next. Waiting until the process's CPU time stops
+    growing lets each loop start on an idle machine, whatever pools are loaded.
+    """
+    deadline = time.perf_counter() + max_wait
+    while time.perf_counter() < deadline:
+        cpu = time.process_time()
+        time.sleep(0.001)
+        if time.process_time() - cpu < 0.0002:
+            return
+
+
 def _loop(prepared: wl.Prepared, calls: int):
-    """Nanoseconds and minor page faults for ``calls`` back-to-back calls."""
+    """Nanoseconds and minor page faults for ``calls`` back-to-back calls, after one untimed call."""
     run = prepared.run
+    _settle()
     with prepared.context():
+        run()  # wakes the implementation's threads and caches up after the previous one
         faults = _minor_faults()
         start = time.perf_counter_ns()
         for _ in range(calls):
@@ -65,6 +83,36 @@ def _calibrate(prepared: wl.Prepared, min_ns: int) -> int:
             return calls
         # Aim 20% past the target so the next try usually succeeds.
         calls = max(calls + 1, math.ceil(1.2 * calls * min_ns / max(elapsed, 1)))
+
+
+class CpuLoad:
+    """CPUs kept busy by other processes between ``start()`` and ``stop()``, on average (Linux only).
+
+    Another process's work on a 2-core machine makes every multi-threaded
+    timing meaningless, so the load it caused is measured and reported.
+    """
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def start(self) -> "CpuLoad":
+        self._start = self._sample()
+        return self
+
+    def stop(self) -> Optional[float]:
+        end = self._sample()
+        if self._start is None or end is None or end[2] <= self._start[2]:
+            return None
+        others = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        return max(others, 0.0) / (end[2] - self._start[2])
 
 
 @dataclass
@@ -138,11 +186,11 @@ def _best_time(fn, repeat: int) -> float:
     return best
 
 
-def measure_ceiling(size: int, threads: int, repeat: int) -> dict:
-    """The fastest fp32 matmul this process can run: numpy's, and torch's when installed.
+def measure_ceiling(size: int, threads: int, repeat: int, peers: Sequence[peers_mod.Peer] = ()) -> dict:
+    """The fastest fp32 matmul this process runs: numpy's, and each peer's.
 
-    Each library's best repeat counts; the better library is the ceiling.
-    The environment is left as it is (OPENBLAS_CORETYPE, for one, may select
+    Each library's best repeat counts; the best library is the ceiling. The
+    environment is left as it is (OPENBLAS_CORETYPE, for one, may select
     slower kernels for numpy), so the libraries are named in the result.
     """
     rng = np.random.default_rng(0)
@@ -154,15 +202,11 @@ def measure_ceiling(size: int, threads: int, repeat: int) -> dict:
     with _blas_threads(threads):
         t = _best_time(lambda: np.matmul(a, b, out=c), repeat)
     libraries["numpy"] = {"gflops": flops / t / 1e9, "library": _numpy_blas()}
-    torch = peers_mod.torch
-    if torch is not None:
-        torch.set_num_threads(threads)
-        ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
-        blas = torch.__config__.show()
-        blas = blas.split("BLAS_INFO=", 1)[1].split(",", 1)[0] if "BLAS_INFO=" in blas else "?"
-        with torch.inference_mode():
-            t = _best_time(lambda: torch.matmul(ta, tb, out=tc), repeat)
-        libraries["torch"] = {"gflops": flops / t / 1e9, "library": f"torch {torch.__version__} ({blas})"}
+    for peer in peers:
+        peer.set_threads(threads)
+        fn, library = peer.matmul(a, b, c)
+        _settle()
+        libraries[peer.name] = {"gflops": flops / _best_time(fn, repeat) / 1e9, "library": library}
     best = max(libraries, key=lambda k: libraries[k]["gflops"])
     return {"size": size, "threads": threads, "gflops": libraries[best]["gflops"], "source": best,
             "libraries": libraries}
@@ -199,6 +243,7 @@ class WorkloadResult:
     unit: str
     tolerance: float
     results: Dict[str, ImplResult] = field(default_factory=dict)
+    other_load_cpus: Optional[float] = None  # CPUs other processes kept busy while this row was timed
 
 
 def _first_call(prepared: wl.Prepared):
@@ -246,7 +291,9 @@ def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], repeat:
                 continue  # lepton is timed even when wrong, so that a regression shows both ways
         prepared[impl.name] = p
 
+    load = CpuLoad().start()
     timings = time_interleaved(prepared, repeat, min_time)
+    res.other_load_cpus = load.stop()
     base = timings[wl.LEPTON.name].median_s
     for name, t in timings.items():
         r = res.results[name]
@@ -346,7 +393,7 @@ class Table:
 def _result_table(workloads, peers, file):
     name_width = max([len("workload")] + [len(w.name) for w in workloads])
     columns = [("workload", name_width, "<"), ("MFLOP", 8, ">"), ("median", 10, ">"), ("fastest", 10, ">"),
-               ("GFLOP/s", 8, ">"), ("%ceil", 6, ">"), ("flt/call", 8, ">"), ("check", 8, "<")]
+               ("GFLOP/s", 8, ">"), ("%ceil", 6, ">"), ("flt/call", 8, ">"), ("busy", 4, ">"), ("check", 8, "<")]
     columns += [(f"{p.name} x", 9, ">") for p in peers]
     return Table(columns, file)
 
@@ -356,7 +403,8 @@ def _cells(r: WorkloadResult, peers) -> List[str]:
     rate = "-" if ours.gflops is None else f"{ours.gflops:.1f}" + ("*" if r.unit != "GFLOP/s" else "")
     pct = "-" if ours.pct_ceiling is None else f"{ours.pct_ceiling:.1f}"
     faults = "-" if ours.page_faults_per_call is None else f"{ours.page_faults_per_call:.1f}"
-    cells = [r.name, _fmt_work(r.flops), _fmt_time(ours.median_s), _fmt_time(ours.min_s), rate, pct, faults,
+    busy = "-" if r.other_load_cpus is None else f"{r.other_load_cpus:.1f}"
+    cells = [r.name, _fmt_work(r.flops), _fmt_time(ours.median_s), _fmt_time(ours.min_s), rate, pct, faults, busy,
              "ok" if ours.check == "ok" else ours.check.upper()]
     for p in peers:
         pr = r.results.get(p.name)
@@ -435,7 +483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"({machine['usable_cpus']} usable CPUs)", file=out)
     for p in peers_mod.PEERS:
         print(f"peer {p.name}: " + (f"{p.version}" if p.available else f"skipped, {p.reason}"), file=out)
-    ceiling = measure_ceiling(settings["ceiling_size"], threads, settings["ceiling_repeat"])
+    ceiling = measure_ceiling(settings["ceiling_size"], threads, settings["ceiling_repeat"], peers)
     libs = "; ".join(f"{k} {v['gflops']:.1f} ({v['library']})" for k, v in ceiling["libraries"].items())
     n = ceiling["size"]
     print(f"fp32 matmul ceiling, {n}x{n}x{n}: {ceiling['gflops']:.1f} GFLOP/s from {ceiling['source']} "
@@ -447,16 +495,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = _result_table(workloads, peers, out)
     table.header()
     start = time.perf_counter()
+    load = CpuLoad().start()
     results = run(workloads, peers, threads, settings["repeat"], settings["min_time"], ceiling["gflops"],
                   on_result=lambda r: table.row(_cells(r, peers)))
     elapsed = time.perf_counter() - start
+    other_load = load.stop()
 
     print(file=out)
     print("median/fastest: lepton's time per call over repeats; %ceil: lepton's GFLOP/s against the ceiling above;",
           file=out)
     print("flt/call: minor page faults per lepton call (outputs are fresh arrays); "
           "'<peer> x': peer median / lepton median, > 1 means lepton is faster;", file=out)
-    print("* pool rows count comparisons: Gop/s, not GFLOP/s, and no %ceil.", file=out)
+    print("busy: CPUs other processes kept busy meanwhile (anything above 0 disturbs the timing); "
+          "* pool rows count comparisons: Gop/s, no %ceil.", file=out)
+    if other_load is not None and other_load >= 0.1:
+        print(f"warning: other processes kept {other_load:.2f} of {machine['usable_cpus']} CPUs busy on average "
+              f"during the run: these timings are not reliable", file=out)
     for note in _notes(results):
         print(f"note: {note}", file=out)
     print(f"{len(results)} workloads in {elapsed:.1f} s", file=out)
@@ -466,6 +520,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "settings": {**settings, "threads": threads, "filter": args.filter, "quick": args.quick},
             "machine": machine,
             "ceiling": ceiling,
+            "elapsed_s": elapsed,
+            "other_load_cpus": other_load,
             "workloads": [asdict(r) for r in results],
         }
         with open(args.json, "w") as f:

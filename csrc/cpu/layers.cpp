@@ -1,0 +1,157 @@
+#include "cpu/layers.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "cpu/pool2d.h"
+
+namespace lk::cpu {
+
+namespace {
+
+template <class T>
+AlignedPtr<T> contiguous_copy(const TensorView& v) {
+  const int64_t n = v.numel();
+  auto out = aligned_alloc_array<T>(static_cast<size_t>(n));
+  int64_t idx[kMaxDims] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < v.ndim; ++d) off += idx[d] * v.strides[d];
+    out[i] = v.ptr<T>()[off];
+    for (int d = v.ndim - 1; d >= 0 && ++idx[d] == v.shape[d]; --d) idx[d] = 0;
+  }
+  return out;
+}
+
+template <class T>
+TensorView contiguous_view(T* data, int ndim, const int64_t* shape) {
+  TensorView v;
+  v.data = data;
+  v.dtype = dtype_of<T>();
+  v.ndim = ndim;
+  int64_t stride = 1;
+  for (int d = ndim - 1; d >= 0; --d) {
+    v.shape[d] = shape[d];
+    v.strides[d] = stride;
+    stride *= shape[d];
+  }
+  return v;
+}
+
+}  // namespace
+
+template <class T>
+Conv2dLayer<T>::Conv2dLayer(const TensorView& weight, const TensorView* bias, const Conv2dDesc& params,
+                            std::optional<Pool2dDesc> pool)
+    : params_(params), pool_(pool) {
+  LK_CHECK(weight.ndim == 4 && weight.shape[0] == params.K && weight.shape[1] * params.groups == params.C &&
+               weight.shape[2] == params.R && weight.shape[3] == params.S,
+           "weight: shape does not match the layer's parameters");
+  LK_CHECK(params.has_bias == (bias != nullptr), "bias: does not match the layer's parameters");
+  weight_ = contiguous_copy<T>(weight);
+  if (bias) bias_ = contiguous_copy<T>(*bias);
+}
+
+template <class T>
+Conv2dDesc Conv2dLayer<T>::desc_for(const TensorView& x) const {
+  LK_CHECK(x.ndim == 4, "input: expected a 4-D array");
+  LK_CHECK(x.shape[1] == params_.C, "input: expected ", params_.C, " channels, got ", x.shape[1]);
+  Conv2dDesc d = params_;
+  d.N = x.shape[0], d.H = x.shape[2], d.W = x.shape[3];
+  validate(d);
+  return d;
+}
+
+template <class T>
+void Conv2dLayer<T>::output_shape(const TensorView& x, int64_t shape[4]) const {
+  const Conv2dDesc d = desc_for(x);
+  shape[0] = d.N, shape[1] = d.K, shape[2] = d.P(), shape[3] = d.Q();
+  if (pool_) {
+    Pool2dDesc p = *pool_;
+    p.N = d.N, p.C = d.K, p.H = d.P(), p.W = d.Q();
+    validate(p);
+    shape[2] = p.P(), shape[3] = p.Q();
+  }
+}
+
+template <class T>
+template <class Plan>
+typename Conv2dPlan<T>::Weights Conv2dLayer<T>::weights_for(const Plan& plan) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = packed_.find(plan.weight_layout());
+  if (it == packed_.end()) {
+    const int64_t wshape[4] = {params_.K, params_.Cg(), params_.R, params_.S};
+    const TensorView w = contiguous_view(weight_.get(), 4, wshape);
+    const TensorView b = contiguous_view(bias_.get(), 1, &params_.K);
+    it = packed_.emplace(plan.weight_layout(), plan.pack(w, bias_ ? &b : nullptr)).first;
+  }
+  return plan.bind(it->second);  // packed_ entries are never erased: the pointers stay valid
+}
+
+template <class T>
+void Conv2dLayer<T>::run(const TensorView& x, T* y) const {
+  const Conv2dDesc d = desc_for(x);
+  if (pool_) {
+    auto plan = plan_conv2d_max_pool2d<T>(d, *pool_);
+    plan->run(x, weights_for(plan->conv()), y);
+  } else {
+    auto plan = plan_conv2d<T>(d);
+    plan->run(x, weights_for(*plan), y);
+  }
+}
+
+template <class T>
+std::string Conv2dLayer<T>::describe(const TensorView& x) const {
+  const Conv2dDesc d = desc_for(x);
+  return pool_ ? plan_conv2d_max_pool2d<T>(d, *pool_)->describe() : plan_conv2d<T>(d)->describe();
+}
+
+template <class T>
+LinearLayer<T>::LinearLayer(const TensorView& weight, const TensorView* bias, Activation act)
+    : K_(weight.shape[1]), N_(weight.shape[0]), act_(act) {
+  LK_CHECK(weight.ndim == 2, "weight: expected a 2-D array");
+  LK_CHECK(bias == nullptr || (bias->ndim == 1 && bias->shape[0] == N_), "bias: expected ", N_, " entries");
+  weight_ = contiguous_copy<T>(weight);
+  if (bias) bias_ = contiguous_copy<T>(*bias);
+}
+
+template <class T>
+LinearDesc LinearLayer<T>::desc_for(int64_t rows) const {
+  LinearDesc d;
+  d.dtype = dtype_of<T>();
+  d.M = rows, d.K = K_, d.N = N_;
+  d.has_bias = bias_ != nullptr;
+  d.act = act_;
+  return d;
+}
+
+template <class T>
+void LinearLayer<T>::run(const TensorView& x, T* y) const {
+  LK_CHECK(x.ndim == 2 && x.shape[1] == K_, "input: expected ", K_, " features in the last dimension");
+  auto plan = plan_linear<T>(desc_for(x.shape[0]));
+  const PackedLinearWeights<T>* packed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = packed_.find(plan->weight_layout());
+    if (it == packed_.end()) {
+      const int64_t wshape[2] = {N_, K_};
+      const TensorView w = contiguous_view(weight_.get(), 2, wshape);
+      const TensorView b = contiguous_view(bias_.get(), 1, &N_);
+      it = packed_.emplace(plan->weight_layout(), plan->pack(w, bias_ ? &b : nullptr)).first;
+    }
+    packed = &it->second;
+  }
+  plan->run(x, plan->bind(*packed), y);
+}
+
+template <class T>
+std::string LinearLayer<T>::describe(int64_t rows) const {
+  return plan_linear<T>(desc_for(rows))->describe();
+}
+
+template class Conv2dLayer<float>;
+template class Conv2dLayer<double>;
+template class LinearLayer<float>;
+template class LinearLayer<double>;
+
+}  // namespace lk::cpu
