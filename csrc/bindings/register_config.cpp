@@ -4,6 +4,9 @@
 
 #include "core/cpu_features.h"
 #include "core/plan_cache.h"
+#include "core/plan_store.h"
+#include "core/settings.h"
+#include "cpu/machine.h"
 #include "core/thread_pool.h"
 #include "cpu/ukernels/ukernels.h"
 #ifdef LK_WITH_CUDA
@@ -62,6 +65,18 @@ void register_config(py::module_& m) {
     return py::make_tuple(s.hits, s.misses, s.evictions, s.size, s.capacity, s.create_ns * 1e-9);
   });
   m.def("plan_cache_clear", &plan_cache_clear);
+  m.def("plan_store_path", &plan_store_path);
+  m.def("get_scheduler", [] {
+    const SchedulerSettings s = scheduler_settings();
+    return py::make_tuple(s.memory_budget, s.memory_weight, s.autotune);
+  });
+  m.def("set_scheduler", [](int64_t memory_budget, double memory_weight, bool autotune) {
+    set_scheduler_settings({memory_budget, memory_weight, autotune});
+  });
+  m.def("machine_model", [] {
+    py::gil_scoped_release release;
+    return cpu::machine_model().describe();
+  });
   m.def("plan_cache_set_capacity", &plan_cache_set_capacity);
   m.def("cuda_devices", [] {
     py::list out;

@@ -35,9 +35,10 @@ static py::array conv2d_typed(const Conv2dDesc& d, const Input& x, const Input& 
   T* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    auto plan = cpu::plan_conv2d<T>(d);
     typename cpu::Conv2dPlan<T>::BoundStorage storage;
-    plan->run(x.view, plan->bind(&w.view, b ? &b->view : nullptr, storage), yp);
+    const auto rows = cpu::Conv2dPlan<T>::bind_rows(d, &w.view, b ? &b->view : nullptr, storage);
+    const cpu::ConvCall<T> call{x.view, rows, yp};
+    cpu::plan_conv2d<T>(d, &call)->run(x.view, rows, yp);
   }
   return y;
 }

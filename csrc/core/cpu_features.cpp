@@ -1,6 +1,7 @@
 #include "core/cpu_features.h"
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -80,6 +81,28 @@ Isa active_isa() {
   }
   const Isa det = detected_isa();
   return static_cast<int>(det) < cap ? det : static_cast<Isa>(cap);
+}
+
+std::string cpu_signature() {
+  std::string sig;
+#ifdef LK_X86
+  unsigned regs[12] = {};
+  __get_cpuid(0, &regs[0], &regs[1], &regs[3], &regs[2]);  // vendor in ebx, edx, ecx order
+  sig.append(reinterpret_cast<const char*>(&regs[1]), 12);
+  unsigned a, b, c, d;
+  __get_cpuid(1, &a, &b, &c, &d);
+  sig += cat("-", std::hex, a, "-");
+  for (unsigned leaf = 0x80000002; leaf <= 0x80000004; ++leaf) {
+    if (!__get_cpuid(leaf, &regs[0], &regs[1], &regs[2], &regs[3])) break;
+    sig.append(reinterpret_cast<const char*>(regs), 16);
+  }
+#else
+  sig = "generic-cpu";
+#endif
+  std::string clean;
+  for (char ch : sig)
+    if (std::isalnum(static_cast<unsigned char>(ch))) clean += ch;
+  return clean;
 }
 
 void set_isa_cap(Isa cap) { g_cap.store(static_cast<int>(cap), std::memory_order_relaxed); }

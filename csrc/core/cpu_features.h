@@ -15,4 +15,8 @@ Isa detected_isa();  // best level the CPU and OS support
 Isa active_isa();    // detected, capped
 void set_isa_cap(Isa cap);
 
+// Identifies the processor model (vendor, family, model, stepping, brand),
+// for caches of measurements that must not move to another machine.
+std::string cpu_signature();
+
 }  // namespace lk

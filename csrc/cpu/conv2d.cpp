@@ -4,13 +4,19 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/settings.h"
 #include "core/thread_pool.h"
 #include "cpu/gemm.h"
+#include "cpu/machine.h"
 
 namespace lk::cpu {
 
 const char* conv_algo_name(ConvAlgo a) {
-  return a == ConvAlgo::direct ? "direct" : "implicit_gemm";
+  switch (a) {
+    case ConvAlgo::direct: return "direct";
+    case ConvAlgo::im2col_gemm: return "im2col_gemm";
+    default: return "implicit_gemm";
+  }
 }
 
 void validate(const Conv2dDesc& d) {
@@ -80,14 +86,6 @@ void pack_im2col(const Conv2dDesc& d, const T* x, int64_t sc, int64_t sh, int64_
   }
 }
 
-// Threads worth using for a given amount of work: waking a worker costs a
-// few microseconds, so small problems stay on the calling thread.
-int threads_for(double flops) {
-  const int pool = get_num_threads();
-  const double per_thread = 4e6;
-  return static_cast<int>(std::clamp(flops / per_thread, 1.0, static_cast<double>(pool)));
-}
-
 }  // namespace
 
 // Copies weight (K x Cg x R x S, any strides) into K x CRS rows.
@@ -101,34 +99,156 @@ void flatten_weight(const TensorView& w, T* dst) {
           *dst++ = wp[k * w.strides[0] + c * w.strides[1] + r * w.strides[2] + s * w.strides[3]];
 }
 
-template <class T>
-Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc) : d_(desc), uk_(ukernels().gemm<T>()) {
-  validate(d_);
-  const int64_t Kg = d_.Kg(), CRS = d_.Cg() * d_.R * d_.S, P = d_.P(), Q = d_.Q(), PQ = P * Q;
-  // Below 4 output channels per group the microkernel's rows would be
-  // mostly padding; the direct loop wins there (depthwise above all).
-  algo_ = Kg < 4 ? ConvAlgo::direct : ConvAlgo::implicit_gemm;
-  threads_ = threads_for(2.0 * d_.N * d_.K * CRS * PQ);
-  if (algo_ == ConvAlgo::direct) return;
+// The cost model. Predicted time of a candidate: compute on the padded
+// tiles at the microkernel's measured rate (less a per-call overhead that
+// matters for short reductions), spread over the threads with the imbalance
+// of whole tasks; memory traffic at the measured bandwidth when it exceeds
+// that; packing; and waking the pool. Constants below are the model's, not
+// measurements, and say which way each effect goes.
+namespace {
 
-  const int mr = uk_.mr, nr = uk_.nr;
+constexpr double kUkernelCallOverheadK = 8;    // a microkernel call costs ~8 extra steps of its k loop
+constexpr double kPackSecondsPerElem = 0.4e-9;  // im2col gather, per element, one thread
+constexpr double kDirectEfficiency = 0.15;     // the direct loop against the GEMM microkernel's rate
+constexpr double kTaskSeconds = 0.1e-6;        // bookkeeping per task
+constexpr double kL2Bytes = 1 << 20;           // per core
+
+struct ConvShape {
+  int64_t N, G, Kg, CRS, PQ, in_bytes, out_bytes, weight_bytes;
+};
+
+template <class T>
+ConvShape shape_of(const Conv2dDesc& d) {
+  const int64_t e = sizeof(T);
+  return {d.N, d.groups, d.Kg(), d.Cg() * d.R * d.S, d.P() * d.Q(), d.N * d.C * d.H * d.W * e,
+          d.N * d.K * d.P() * d.Q() * e, d.K * d.Cg() * d.R * d.S * e};
+}
+
+double imbalance(int64_t tasks, int threads) {
+  return static_cast<double>(ceil_div(tasks, threads)) * threads / static_cast<double>(tasks);
+}
+
+template <class T>
+void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, const MachineModel& m,
+                  double lambda) {
+  const int64_t jblocks = ceil_div(s.PQ, c.nc), mblocks = ceil_div(s.Kg, c.mc);
+  const int64_t tasks = s.N * s.G * jblocks * mblocks;
+  // Padded work: rows to MR within each channel block, columns to NR within each pixel block.
+  const int64_t rows = (s.Kg / c.mc) * round_up(c.mc, uk.mr) + round_up(s.Kg % c.mc, uk.mr);
+  const int64_t cols = (s.PQ / c.nc) * round_up(c.nc, uk.nr) + round_up(s.PQ % c.nc, uk.nr);
+  const double kblocks = static_cast<double>(ceil_div(s.CRS, c.kc));
+  const double eff_k = static_cast<double>(s.CRS) / (s.CRS + kblocks * kUkernelCallOverheadK);
+  const double flops = 2.0 * s.N * s.G * rows * cols * s.CRS;
+  const double rate = m.gemm_flops[sizeof(T) == 8] * eff_k;
+  const double compute = flops / rate / c.threads * imbalance(tasks, c.threads);
+  // im2col gathers: once per image (im2col_gemm) or once per channel block.
+  const double packs = static_cast<double>(s.N) * s.G * s.CRS * s.PQ * (c.algo == ConvAlgo::im2col_gemm ? 1 : mblocks);
+  const double pack = packs * kPackSecondsPerElem / c.threads;
+  // Weights stream again for every pixel block once they outgrow the cache.
+  const double weight_reads = s.weight_bytes > (1 << 20) ? static_cast<double>(s.N) * jblocks : 1.0;
+  const double bytes = s.in_bytes + s.out_bytes + s.weight_bytes * weight_reads +
+                       (c.algo == ConvAlgo::im2col_gemm ? 2.0 * packs * sizeof(T) : 0.0);
+  const double memory = bytes / (m.bandwidth * std::min(c.threads, 2));
+  // A B block past half of L2 streams its panels from L3.
+  const double spill = c.kc * round_up(c.nc, uk.nr) * static_cast<double>(sizeof(T)) > kL2Bytes / 2 ? 1.15 : 1.0;
+  // im2col_gemm runs two parallel loops per image, implicit_gemm one in all.
+  const double wakes = c.algo == ConvAlgo::im2col_gemm ? 2.0 * s.N : 1.0;
+  c.time_s = std::max(compute * spill, memory) + pack + tasks * kTaskSeconds / c.threads +
+             (c.threads > 1 ? wakes * m.wake_s : 0);
+  c.workspace = c.algo == ConvAlgo::im2col_gemm
+                    ? s.G * s.CRS * round_up(s.PQ, uk.nr) * static_cast<int64_t>(sizeof(T))
+                    : c.threads * c.kc * round_up(c.nc, uk.nr) * static_cast<int64_t>(sizeof(T));
+  c.cost = c.time_s + lambda * static_cast<double>(c.workspace);
+}
+
+template <class T>
+std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T>& uk) {
+  const MachineModel& m = machine_model();
+  const SchedulerSettings settings = scheduler_settings();
+  const ConvShape s = shape_of<T>(d);
+  const int pool = get_num_threads();
+  std::vector<int> thread_counts{1};
+  if (pool > 1) thread_counts.push_back(pool);
+  std::vector<ConvChoice> out;
+
+  for (int threads : thread_counts) {
+    ConvChoice c;
+    c.algo = ConvAlgo::direct;
+    c.threads = threads;
+    const double flops = 2.0 * s.N * s.G * s.Kg * s.CRS * s.PQ;
+    c.time_s = flops / (m.gemm_flops[sizeof(T) == 8] * kDirectEfficiency) / threads *
+                   imbalance(std::max<int64_t>(1, s.N * s.G * s.Kg), threads) +
+               (threads > 1 ? m.wake_s : 0);
+    c.cost = c.time_s;
+    out.push_back(c);
+  }
+
   // K blocks: the whole reduction in one pass while it is short; otherwise
-  // near-equal blocks of at most 512 rows so a B block stays in L2.
-  const int64_t nkb = CRS <= 768 ? 1 : ceil_div(CRS, 512);
-  kc_ = ceil_div(CRS, nkb);
-  const int64_t l2_budget = 256 * 1024;
-  nc_ = std::max<int64_t>(nr, l2_budget / (kc_ * static_cast<int64_t>(sizeof(T))) / nr * nr);
-  nc_ = std::min(nc_, round_up(PQ, nr));
-  // Enough tasks to keep every thread busy, without going below one panel.
-  const int64_t outer = std::max<int64_t>(1, d_.N * d_.groups);
-  const int64_t want_tasks = 4 * static_cast<int64_t>(threads_);
-  if (outer * ceil_div(PQ, nc_) < want_tasks)
-    nc_ = std::max<int64_t>(nr, round_up(ceil_div(PQ, ceil_div(want_tasks, outer)), nr));
-  // Still too few (small images, many channels): split the output channels
-  // too, each task packing its own copy of the pixel block.
-  mc_ = round_up(Kg, mr);
-  const int64_t tasks = outer * ceil_div(PQ, nc_);
-  if (tasks < want_tasks) mc_ = std::max<int64_t>(mr, round_up(ceil_div(Kg, ceil_div(want_tasks, tasks)), mr));
+  // near-equal blocks of at most 512 (or 256) rows, so B blocks stay in L2.
+  std::vector<int64_t> kcs;
+  for (int64_t cap : {int64_t{768}, int64_t{256}}) {
+    const int64_t kc = s.CRS <= cap ? s.CRS : ceil_div(s.CRS, ceil_div(s.CRS, cap == 768 ? 512 : cap));
+    if (std::find(kcs.begin(), kcs.end(), kc) == kcs.end()) kcs.push_back(kc);
+  }
+  const int64_t max_nc = round_up(s.PQ, uk.nr);
+  for (ConvAlgo algo : {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm}) {
+    for (int threads : thread_counts) {
+      for (int64_t kc : kcs) {
+        for (int64_t panels = 1;; panels *= 2) {
+          const int64_t nc = std::min(max_nc, panels * uk.nr);
+          for (int64_t split = 1; split <= 8; split *= 2) {
+            const int64_t mc = round_up(ceil_div(s.Kg, split), uk.mr);
+            if (split > 1 && mc * (split - 1) >= s.Kg) break;  // no more distinct splits
+            ConvChoice c;
+            c.algo = algo;
+            c.kc = kc, c.nc = nc, c.mc = mc, c.threads = threads;
+            predict_gemm(c, s, uk, m, settings.memory_weight);
+            out.push_back(c);
+          }
+          if (nc == max_nc) break;
+        }
+      }
+    }
+  }
+  std::vector<ConvChoice> fit;
+  for (const auto& c : out)
+    if (c.workspace <= settings.memory_budget) fit.push_back(c);
+  if (fit.empty()) {  // nothing fits the budget: the smallest workspace wins
+    auto smallest = *std::min_element(out.begin(), out.end(), [](const ConvChoice& a, const ConvChoice& b) {
+      return a.workspace < b.workspace || (a.workspace == b.workspace && a.cost < b.cost);
+    });
+    fit.push_back(smallest);
+  }
+  std::stable_sort(fit.begin(), fit.end(), [](const ConvChoice& a, const ConvChoice& b) { return a.cost < b.cost; });
+  return fit;
+}
+
+}  // namespace
+
+template <class T>
+Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, const ConvChoice* forced)
+    : d_(desc), uk_(ukernels().gemm<T>()) {
+  validate(d_);
+  const std::vector<ConvChoice> all = candidates();
+  choice_ = all.front();
+  if (forced) {
+    choice_ = *forced;
+    for (const ConvChoice& c : all)  // keep the model's prediction for the record
+      if (c.algo == forced->algo && c.kc == forced->kc && c.mc == forced->mc && c.nc == forced->nc &&
+          c.threads == forced->threads)
+        choice_ = c;
+    measured_ = true;
+  }
+  algo_ = choice_.algo;
+  kc_ = choice_.kc, mc_ = choice_.mc, nc_ = choice_.nc;
+  threads_ = std::clamp(choice_.threads, 1, get_num_threads());
+  if (algo_ != ConvAlgo::direct)
+    LK_CHECK(kc_ > 0 && mc_ > 0 && nc_ > 0 && nc_ % uk_.nr == 0 && mc_ % uk_.mr == 0, "plan: invalid blocking");
+}
+
+template <class T>
+std::vector<ConvChoice> Conv2dPlan<T>::candidates() const {
+  return conv_candidates<T>(d_, uk_);
 }
 
 template <class T>
@@ -158,15 +278,15 @@ PackedConvWeights<T> Conv2dPlan<T>::pack(const TensorView& w, const TensorView* 
 
 template <class T>
 typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const PackedConvWeights<T>& p) const {
-  const bool panels = algo_ == ConvAlgo::implicit_gemm;
+  const bool panels = algo_ != ConvAlgo::direct;
   LK_CHECK(p.mr == (panels ? uk_.mr : 0), "weight: packed for another plan");
   LK_CHECK(d_.has_bias == (p.bias != nullptr), "bias: does not match the plan");
   return {p.w.get(), panels ? 0 : d_.Cg() * d_.R * d_.S, p.bias.get()};
 }
 
 template <class T>
-typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const TensorView* w, const TensorView* b,
-                                                    BoundStorage& storage) const {
+typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind_rows(const Conv2dDesc& d_, const TensorView* w,
+                                                         const TensorView* b, BoundStorage& storage) {
   const int64_t K = d_.K, CRS = d_.Cg() * d_.R * d_.S;
   LK_CHECK(w != nullptr && w->ndim == 4 && w->shape[0] == K && w->shape[1] == d_.Cg() && w->shape[2] == d_.R &&
                w->shape[3] == d_.S,
@@ -211,6 +331,10 @@ void Conv2dPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
     });
     return;
   }
+  if (algo_ == ConvAlgo::im2col_gemm) {
+    run_im2col_gemm(x, wt, y);
+    return;
+  }
   const int64_t nblocks = ceil_div(PQ, nc_), mblocks = ceil_div(Kg, mc_);
   parallel_for(d_.N * G * nblocks * mblocks, threads_, [&](int64_t task) {
     const int64_t mb = task % mblocks, jb = (task / mblocks) % nblocks;
@@ -235,24 +359,60 @@ void Conv2dPlan<T>::run_rows(const TensorView& x, const Weights& wt, int64_t n, 
 }
 
 template <class T>
+void Conv2dPlan<T>::run_im2col_gemm(const TensorView& x, const Weights& wt, T* y) const {
+  const int64_t K = d_.K, G = d_.groups, Kg = d_.Kg(), CRS = d_.Cg() * d_.R * d_.S, PQ = d_.P() * d_.Q();
+  const int nr = uk_.nr;
+  const int64_t PQp = round_up(PQ, nr), kblocks = ceil_div(CRS, kc_), panels = PQp / nr;
+  // The whole image's im2col matrix, per group: K block after K block, each
+  // as NR-column panels. Owned by the calling thread, reused across calls.
+  T* B = scratch_array<T>(2, static_cast<size_t>(G * CRS * PQp));
+  const int64_t nblocks = ceil_div(PQ, nc_), mblocks = ceil_div(Kg, mc_);
+  const int64_t chunk = std::max<int64_t>(1, nc_ / nr);  // panels packed per task
+  const int64_t pchunks = ceil_div(panels, chunk);
+  for (int64_t n = 0; n < d_.N; ++n) {
+    parallel_for(G * kblocks * pchunks, threads_, [&](int64_t task) {
+      const int64_t pcb = task % pchunks, kb = (task / pchunks) % kblocks, g = task / (pchunks * kblocks);
+      const int64_t pc = kb * kc_, kc = std::min(kc_, CRS - pc);
+      const int64_t j0 = pcb * chunk * nr, j1 = std::min(PQ, j0 + chunk * nr);
+      const T* xg = x.ptr<T>() + n * x.strides[0] + g * d_.Cg() * x.strides[1];
+      pack_im2col(d_, xg, x.strides[1], x.strides[2], x.strides[3], pc, kc, j0, j1, nr,
+                  B + g * CRS * PQp + pc * PQp + (j0 / nr) * kc * nr);
+    });
+    parallel_for(G * nblocks * mblocks, threads_, [&](int64_t task) {
+      const int64_t mb = task % mblocks, jb = (task / mblocks) % nblocks, g = task / (mblocks * nblocks);
+      const int64_t j0 = jb * nc_, m0 = mb * mc_;
+      gemm_tile(x, wt, n, g, m0, std::min(mc_, Kg - m0), j0, std::min(PQ, j0 + nc_),
+                y + (n * K + g * Kg + m0) * PQ + j0, PQ, B + g * CRS * PQp);
+    });
+  }
+}
+
+template <class T>
 void Conv2dPlan<T>::gemm_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t m0, int64_t m,
-                              int64_t j0, int64_t j1, T* C, int64_t ldc) const {
+                              int64_t j0, int64_t j1, T* C, int64_t ldc, const T* Bimage) const {
   const int64_t Kg = d_.Kg(), Cg = d_.Cg(), CRS = Cg * d_.R * d_.S;
   const int nr = uk_.nr, mr = uk_.mr;
   const int64_t group_stride = wt.lda == 0 ? round_up(Kg, mr) * CRS : Kg * CRS;
-  T* B = scratch_array<T>(0, static_cast<size_t>(kc_ * round_up(j1 - j0, nr)));
+  const int64_t PQp = round_up(d_.P() * d_.Q(), nr);
+  T* B = Bimage ? nullptr : scratch_array<T>(0, static_cast<size_t>(kc_ * round_up(j1 - j0, nr)));
   const T* xg = x.ptr<T>() + n * x.strides[0] + g * Cg * x.strides[1];
   // m0 is a multiple of MR, so it starts a panel of packed weights.
   const T* A = wt.w + g * group_stride + (wt.lda == 0 ? (m0 / mr) * CRS * mr : m0 * wt.lda);
   for (int64_t pc = 0; pc < CRS; pc += kc_) {
     const int64_t kc = std::min(kc_, CRS - pc);
-    pack_im2col(d_, xg, x.strides[1], x.strides[2], x.strides[3], pc, kc, j0, j1, nr, B);
+    const T* Bk;
+    if (Bimage) {
+      Bk = Bimage + pc * PQp + (j0 / nr) * kc * nr;  // j0 is a multiple of NR here
+    } else {
+      pack_im2col(d_, xg, x.strides[1], x.strides[2], x.strides[3], pc, kc, j0, j1, nr, B);
+      Bk = B;
+    }
     GemmEpilogue<T> ep;
     ep.bias = (pc == 0 && wt.bias) ? wt.bias + g * Kg + m0 : nullptr;
     ep.bias_per_row = true;
     ep.accumulate = pc > 0;
     ep.relu = d_.act == Activation::relu && pc + kc == CRS;
-    macro_kernel(uk_, m, j1 - j0, kc, A + (wt.lda == 0 ? pc * mr : pc), CRS * mr, wt.lda, B, kc * nr, C, ldc, ep);
+    macro_kernel(uk_, m, j1 - j0, kc, A + (wt.lda == 0 ? pc * mr : pc), CRS * mr, wt.lda, Bk, kc * nr, C, ldc, ep);
   }
 }
 
@@ -293,7 +453,9 @@ void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t 
 template <class T>
 std::string Conv2dPlan<T>::describe() const {
   std::string s = cat("conv2d ", dtype_name(dtype_of<T>()), " algo=", conv_algo_name(algo_), " threads=", threads_);
-  if (algo_ == ConvAlgo::implicit_gemm) s += cat(" ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
+  if (algo_ != ConvAlgo::direct) s += cat(" ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
+  s += cat(" predicted_us=", choice_.time_s * 1e6, " workspace_bytes=", choice_.workspace,
+           measured_ ? " chosen_by=measurement" : " chosen_by=cost_model");
   return s;
 }
 

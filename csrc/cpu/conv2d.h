@@ -4,6 +4,7 @@
 #pragma once
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/descriptors.h"
 #include "core/memory.h"
@@ -14,7 +15,18 @@ namespace lk::cpu {
 
 enum class ConvAlgo {
   implicit_gemm,  // im2col one block of output pixels at a time, then the GEMM microkernel
+  im2col_gemm,    // im2col a whole image into a workspace first: no repacking, more memory
   direct,         // per output plane; for groups with very few output channels (depthwise)
+};
+
+// One way to run a convolution, with what the cost model predicts for it.
+struct ConvChoice {
+  ConvAlgo algo = ConvAlgo::implicit_gemm;
+  int64_t kc = 0, mc = 0, nc = 0;  // GEMM blocking (0 for direct)
+  int threads = 1;
+  double time_s = 0;        // predicted
+  int64_t workspace = 0;    // bytes, all threads together
+  double cost = 0;          // time_s + lambda * workspace
 };
 
 const char* conv_algo_name(ConvAlgo a);
@@ -32,8 +44,13 @@ struct PackedConvWeights {
 template <class T>
 class Conv2dPlan {
  public:
-  // Picks the algorithm and blocking for the descriptor on the active ISA.
-  explicit Conv2dPlan(const Conv2dDesc& desc);
+  // Picks the algorithm and blocking for the descriptor on the active ISA,
+  // by the cost model (or `forced`: a choice measured earlier).
+  explicit Conv2dPlan(const Conv2dDesc& desc, const ConvChoice* forced = nullptr);
+
+  // Every candidate the cost model considered, cheapest first.
+  std::vector<ConvChoice> candidates() const;
+  const ConvChoice& choice() const { return choice_; }
 
   // Weights as the kernels read them, bound for one run.
   struct Weights {
@@ -48,8 +65,13 @@ class Conv2dPlan {
   // weight: K x C/groups x R x S, any strides; bias: K entries or null.
   PackedConvWeights<T> pack(const TensorView& weight, const TensorView* bias) const;
   Weights bind(const PackedConvWeights<T>& packed) const;
-  // The caller's weights, read in place when contiguous, else copied into storage.
-  Weights bind(const TensorView* weight, const TensorView* bias, BoundStorage& storage) const;
+  // The caller's weights as K x CRS rows, which every plan of the descriptor
+  // can read: in place when contiguous, else copied into storage.
+  static Weights bind_rows(const Conv2dDesc& d, const TensorView* weight, const TensorView* bias,
+                           BoundStorage& storage);
+  Weights bind(const TensorView* weight, const TensorView* bias, BoundStorage& storage) const {
+    return bind_rows(d_, weight, bias, storage);
+  }
 
   // x: N x C x H x W, any strides; y: N x K x P x Q, contiguous.
   void run(const TensorView& x, const Weights& wt, T* y) const;
@@ -61,7 +83,7 @@ class Conv2dPlan {
                 int64_t ldc) const;
 
   // Which packed layout this plan reads: MR of the panels, or 0 for rows.
-  int weight_layout() const { return algo_ == ConvAlgo::implicit_gemm ? uk_.mr : 0; }
+  int weight_layout() const { return algo_ == ConvAlgo::direct ? 0 : uk_.mr; }
 
   void check_input(const TensorView& x) const;
   std::string describe() const;
@@ -70,15 +92,19 @@ class Conv2dPlan {
 
  private:
   // Output pixels [j0, j1) (flattened P*Q) of channels [m0, m0+m) in group g.
+  // B: the image's im2col panels (im2col_gemm), or null to pack them here.
   void gemm_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t m0, int64_t m, int64_t j0,
-                 int64_t j1, T* C, int64_t ldc) const;
+                 int64_t j1, T* C, int64_t ldc, const T* B = nullptr) const;
+  void run_im2col_gemm(const TensorView& x, const Weights& wt, T* y) const;
   // Output rows [r0, r1) of channel k.
   void direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k, int64_t r0, int64_t r1,
                    T* out) const;
 
   Conv2dDesc d_;
-  ConvAlgo algo_;
   GemmUkernel<T> uk_;
+  ConvChoice choice_;
+  bool measured_ = false;  // chosen by autotuning rather than by the model
+  ConvAlgo algo_;
   int64_t kc_ = 0;  // K-block of the GEMM (rows of C*R*S per pass)
   int64_t mc_ = 0;  // output channels per task
   int64_t nc_ = 0;  // output pixels per task

@@ -95,7 +95,9 @@ void Conv2dLayer<T>::run(const TensorView& x, T* y) const {
     auto plan = plan_conv2d_max_pool2d<T>(d, *pool_);
     plan->run(x, weights_for(plan->conv()), y);
   } else {
-    auto plan = plan_conv2d<T>(d);
+    const int64_t CRS = params_.Cg() * params_.R * params_.S;
+    const ConvCall<T> call{x, {weight_.get(), CRS, bias_.get()}, y};
+    auto plan = plan_conv2d<T>(d, &call);
     plan->run(x, weights_for(*plan), y);
   }
 }
@@ -103,7 +105,17 @@ void Conv2dLayer<T>::run(const TensorView& x, T* y) const {
 template <class T>
 std::string Conv2dLayer<T>::describe(const TensorView& x) const {
   const Conv2dDesc d = desc_for(x);
-  return pool_ ? plan_conv2d_max_pool2d<T>(d, *pool_)->describe() : plan_conv2d<T>(d)->describe();
+  if (pool_) return plan_conv2d_max_pool2d<T>(d, *pool_)->describe();
+  auto plan = plan_conv2d<T>(d);
+  std::string s = plan->describe() + "\n  candidates of the cost model, cheapest first:";
+  const auto candidates = plan->candidates();
+  for (size_t i = 0; i < candidates.size() && i < 4; ++i) {
+    const ConvChoice& c = candidates[i];
+    s += cat("\n    ", conv_algo_name(c.algo), " threads=", c.threads);
+    if (c.algo != ConvAlgo::direct) s += cat(" kc=", c.kc, " mc=", c.mc, " nc=", c.nc);
+    s += cat(" predicted_us=", c.time_s * 1e6, " workspace_bytes=", c.workspace);
+  }
+  return s;
 }
 
 template <class T>

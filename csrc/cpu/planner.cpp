@@ -1,7 +1,14 @@
 #include "cpu/planner.h"
 
+#include <chrono>
+#include <cstring>
+#include <optional>
+#include <vector>
+
 #include "core/cpu_features.h"
 #include "core/plan_cache.h"
+#include "core/plan_store.h"
+#include "core/settings.h"
 #include "core/thread_pool.h"
 
 namespace lk::cpu {
@@ -12,8 +19,12 @@ enum OpId : int64_t { kConv2d = 1, kConv2dMaxPool2d = 2, kLinear = 3 };
 
 // What every plan depends on besides its descriptor.
 PlanKey key_for(OpId op, DType dtype) {
+  const SchedulerSettings s = scheduler_settings();
+  int64_t weight_bits;
+  std::memcpy(&weight_bits, &s.memory_weight, sizeof weight_bits);
   PlanKey k;
   k.add(op).add(static_cast<int64_t>(dtype)).add(static_cast<int64_t>(active_isa())).add(get_num_threads());
+  k.add(s.memory_budget).add(weight_bits);
   return k;
 }
 
@@ -23,13 +34,60 @@ void add_conv(PlanKey& k, const Conv2dDesc& d) {
   k.add(d.dil_h).add(d.dil_w).add(d.has_bias).add(static_cast<int64_t>(d.act));
 }
 
+std::vector<int64_t> encode(const ConvChoice& c) {
+  return {static_cast<int64_t>(c.algo), c.kc, c.mc, c.nc, c.threads};
+}
+
+std::optional<ConvChoice> decode(const std::vector<int64_t>& v) {
+  if (v.size() != 5 || v[0] < 0 || v[0] > static_cast<int64_t>(ConvAlgo::direct)) return std::nullopt;
+  ConvChoice c;
+  c.algo = static_cast<ConvAlgo>(v[0]);
+  c.kc = v[1], c.mc = v[2], c.nc = v[3], c.threads = static_cast<int>(v[4]);
+  return c;
+}
+
+constexpr int kAutotuneCandidates = 4;
+
+template <class T>
+std::shared_ptr<const Conv2dPlan<T>> autotune(const Conv2dDesc& d, const ConvCall<T>& call, const PlanKey& key) {
+  std::vector<ConvChoice> candidates = Conv2dPlan<T>(d).candidates();
+  if (candidates.size() > kAutotuneCandidates) candidates.resize(kAutotuneCandidates);
+  std::shared_ptr<const Conv2dPlan<T>> best;
+  double best_s = 1e300;
+  for (const ConvChoice& c : candidates) {
+    auto plan = std::make_shared<const Conv2dPlan<T>>(d, &c);
+    double t = 1e300;
+    for (int rep = 0; rep < 3; ++rep) {  // the first run also warms caches and scratch buffers
+      const auto t0 = std::chrono::steady_clock::now();
+      plan->run(call.x, call.rows, call.y);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (rep > 0) t = std::min(t, s);
+    }
+    if (t < best_s) best_s = t, best = plan;
+  }
+  store_choice(key, encode(best->choice()));
+  return best;
+}
+
 }  // namespace
 
 template <class T>
-std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d) {
+std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, const ConvCall<T>* call) {
   PlanKey k = key_for(kConv2d, dtype_of<T>());
   add_conv(k, d);
-  return cached<Conv2dPlan<T>>(k, [&] { return std::make_shared<const Conv2dPlan<T>>(d); });
+  return cached<Conv2dPlan<T>>(k, [&]() -> std::shared_ptr<const Conv2dPlan<T>> {
+    if (auto stored = stored_choice(k)) {
+      if (auto choice = decode(*stored)) {
+        try {
+          return std::make_shared<const Conv2dPlan<T>>(d, &*choice);
+        } catch (const std::invalid_argument&) {
+          // a stale or damaged entry: plan afresh below
+        }
+      }
+    }
+    if (call != nullptr && scheduler_settings().autotune) return autotune(d, *call, k);
+    return std::make_shared<const Conv2dPlan<T>>(d);
+  });
 }
 
 template <class T>
@@ -48,8 +106,8 @@ std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d) {
   return cached<LinearPlan<T>>(k, [&] { return std::make_shared<const LinearPlan<T>>(d); });
 }
 
-template std::shared_ptr<const Conv2dPlan<float>> plan_conv2d<float>(const Conv2dDesc&);
-template std::shared_ptr<const Conv2dPlan<double>> plan_conv2d<double>(const Conv2dDesc&);
+template std::shared_ptr<const Conv2dPlan<float>> plan_conv2d<float>(const Conv2dDesc&, const ConvCall<float>*);
+template std::shared_ptr<const Conv2dPlan<double>> plan_conv2d<double>(const Conv2dDesc&, const ConvCall<double>*);
 template std::shared_ptr<const Conv2dMaxPool2dPlan<float>> plan_conv2d_max_pool2d<float>(const Conv2dDesc&,
                                                                                          const Pool2dDesc&);
 template std::shared_ptr<const Conv2dMaxPool2dPlan<double>> plan_conv2d_max_pool2d<double>(const Conv2dDesc&,

@@ -9,8 +9,20 @@
 
 namespace lk::cpu {
 
+// A call to autotune on: its input, its weights as rows (bind_rows), and an
+// output the candidates may overwrite.
 template <class T>
-std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d);
+struct ConvCall {
+  const TensorView& x;
+  typename Conv2dPlan<T>::Weights rows;
+  T* y;
+};
+
+// With autotuning on (SchedulerSettings) and a call given, a plan missing
+// from the cache is chosen by timing the model's best candidates on that
+// call; the winner is kept in the plan store (LEPTON_CACHE_DIR) too.
+template <class T>
+std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, const ConvCall<T>* call = nullptr);
 
 template <class T>
 std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& pool);

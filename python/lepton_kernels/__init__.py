@@ -7,7 +7,17 @@
 
 from ._core import __version__
 from .cache import CacheInfo, cache_clear, cache_info, set_cache_capacity
-from .config import get_config, get_isa, get_num_threads, set_isa, set_num_threads, show_config
+from .config import (
+    get_config,
+    get_isa,
+    get_num_threads,
+    get_scheduler,
+    set_isa,
+    set_num_threads,
+    set_scheduler,
+    show_config,
+)
+from .explain import explain
 from .functional import conv2d, conv2d_max_pool2d, linear, log_softmax, max_pool2d, relu, softmax
 from .layers import Conv2d, Conv2dMaxPool2d, Linear, MaxPool2d
 
@@ -32,6 +42,9 @@ __all__ = [
     "set_num_threads",
     "get_isa",
     "set_isa",
+    "get_scheduler",
+    "set_scheduler",
+    "explain",
     "get_config",
     "show_config",
 ]

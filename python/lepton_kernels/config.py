@@ -6,7 +6,16 @@ import sys
 
 from . import _core
 
-__all__ = ["get_num_threads", "set_num_threads", "get_isa", "set_isa", "get_config", "show_config"]
+__all__ = [
+    "get_num_threads",
+    "set_num_threads",
+    "get_isa",
+    "set_isa",
+    "get_scheduler",
+    "set_scheduler",
+    "get_config",
+    "show_config",
+]
 
 
 def get_num_threads() -> int:
@@ -41,6 +50,51 @@ def set_isa(name: str) -> None:
     _core.set_isa_cap(name)
 
 
+_UNSET = object()
+
+
+def get_scheduler() -> dict:
+    """The scheduler's settings: memory_budget (bytes or None), memory_weight, autotune."""
+    budget, weight, autotune = _core.get_scheduler()
+    return {"memory_budget": None if budget >= 2**63 - 1 else budget, "memory_weight": weight, "autotune": autotune}
+
+
+def set_scheduler(*, memory_budget=_UNSET, memory_weight=_UNSET, autotune=_UNSET) -> None:
+    """Set how plans are chosen; arguments not given keep their value.
+
+    Each op picks its algorithm, blocking and threads by minimising
+    ``predicted time + memory_weight * workspace bytes`` among the candidates
+    whose workspace fits ``memory_budget`` (bytes; None: no limit).
+    ``memory_weight`` is in seconds per byte (default 1e-12: a megabyte of
+    workspace must save a microsecond). With ``autotune=True`` the first call
+    of each shape times the best candidates and keeps the fastest (also on
+    disk when LEPTON_CACHE_DIR is set). Plans made under other settings stay
+    cached under those settings.
+    """
+    import operator
+
+    budget, weight, tune = _core.get_scheduler()
+    if memory_budget is not _UNSET:
+        if memory_budget is None:
+            budget = 2**63 - 1
+        else:
+            try:
+                budget = operator.index(memory_budget)
+            except TypeError:
+                raise TypeError(f"memory_budget: expected an int or None, got {type(memory_budget).__name__}") from None
+            if budget < 0:
+                raise ValueError(f"memory_budget: must be non-negative, got {budget}")
+    if memory_weight is not _UNSET:
+        if isinstance(memory_weight, bool) or not isinstance(memory_weight, (int, float)):
+            raise TypeError(f"memory_weight: expected a number, got {type(memory_weight).__name__}")
+        if not memory_weight >= 0:
+            raise ValueError(f"memory_weight: must be non-negative, got {memory_weight}")
+        weight = float(memory_weight)
+    if autotune is not _UNSET:
+        tune = bool(autotune)
+    _core.set_scheduler(budget, weight, tune)
+
+
 def get_config() -> dict:
     """Build options and run-time choices, as a dict."""
     build = _core.build_info()
@@ -55,6 +109,8 @@ def get_config() -> dict:
         "ukernels": dict(_core.ukernel_names()),
         "num_threads": _core.get_num_threads(),
         "available_cores": _core.available_cores(),
+        "scheduler": get_scheduler(),
+        "plan_store": _core.plan_store_path() or "off (set LEPTON_CACHE_DIR)",
         "cuda_built": build["cuda"],
         "cuda_architectures": build.get("cuda_architectures", ""),
         "cuda_devices": list(devices),

@@ -1,0 +1,21 @@
+// The machine as the cost model sees it: ceilings measured once per process
+// (per ISA level) on first use, in a few milliseconds.
+#pragma once
+#include <string>
+
+#include "core/cpu_features.h"
+#include "core/tensor.h"
+
+namespace lk::cpu {
+
+struct MachineModel {
+  Isa isa;
+  double gemm_flops[2];  // one thread, the level's GEMM microkernel on cached data: f32, f64 (flop/s)
+  double bandwidth;      // main memory, bytes moved per second (read + write) by one thread
+  double wake_s;         // handing a job to the pool's workers and waiting for it
+  std::string describe() const;
+};
+
+const MachineModel& machine_model();  // for the active ISA level
+
+}  // namespace lk::cpu
