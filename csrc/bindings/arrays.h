@@ -4,9 +4,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <memory>
 #include <string>
 
 #include "core/error.h"
+#include "core/memory.h"
 #include "core/tensor.h"
 
 namespace lk::bindings {
@@ -44,9 +46,29 @@ inline Input input_view(py::array a, const char* name, int ndim) {
 }
 
 // The output: `out` when the caller gave one (checked), else a new array.
+// Outputs from this size up come from the output pool (core/memory.h).
+constexpr size_t kPooledOutputBytes = 256 * 1024;
+
+template <class T>
+py::array_t<T> new_array(const std::vector<py::ssize_t>& shape) {
+  size_t bytes = sizeof(T);
+  for (auto s : shape) bytes *= static_cast<size_t>(s);
+  if (bytes < kPooledOutputBytes) return py::array_t<T>(shape);
+  struct Block {
+    void* p;
+    size_t bytes;
+    ~Block() { output_free(p, bytes); }
+  };
+  std::unique_ptr<Block> block(new Block{output_alloc(bytes), bytes});
+  void* p = block->p;
+  py::capsule owner(block.get(), [](void* b) { delete static_cast<Block*>(b); });
+  block.release();  // the capsule owns it now
+  return py::array_t<T>(shape, static_cast<T*>(p), owner);
+}
+
 template <class T>
 py::array_t<T> output_array(const py::object& out, const std::vector<py::ssize_t>& shape) {
-  if (out.is_none()) return py::array_t<T>(shape);
+  if (out.is_none()) return new_array<T>(shape);
   auto a = py::reinterpret_borrow<py::array>(out);
   LK_CHECK(a.dtype().equal(py::dtype::of<T>()), "out: expected dtype ", py::str(py::dtype::of<T>()).cast<std::string>());
   LK_CHECK(a.writeable(), "out: array is read-only");

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "core/cpu_features.h"
+#include "core/memory.h"
 #include "core/plan_cache.h"
 #include "core/plan_store.h"
 #include "core/settings.h"
@@ -64,7 +65,11 @@ void register_config(py::module_& m) {
     const PlanCacheStats s = plan_cache_stats();
     return py::make_tuple(s.hits, s.misses, s.evictions, s.size, s.capacity, s.create_ns * 1e-9);
   });
-  m.def("plan_cache_clear", &plan_cache_clear);
+  m.def("plan_cache_clear", [] {
+    plan_cache_clear();
+    output_pool_trim();
+  });
+  m.def("output_pool_bytes", &output_pool_bytes);
   m.def("plan_store_path", &plan_store_path);
   m.def("get_scheduler", [] {
     const SchedulerSettings s = scheduler_settings();

@@ -39,3 +39,16 @@ T* scratch_array(int slot, size_t n) {
 }
 
 }  // namespace lk
+
+namespace lk {
+
+// Memory for large outputs handed to callers. A block given back returns to
+// a bounded pool and is reused for the next output of its size, so a steady
+// stream of same-sized outputs does not map (and page-fault) fresh memory on
+// every call, as the system allocator's mmap threshold would make it.
+void* output_alloc(size_t bytes);
+void output_free(void* p, size_t bytes);
+void output_pool_trim();  // give every pooled block back to the system
+size_t output_pool_bytes();
+
+}  // namespace lk

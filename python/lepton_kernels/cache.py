@@ -29,7 +29,7 @@ def cache_info() -> CacheInfo:
 
 
 def cache_clear() -> None:
-    """Drop every cached plan and reset the counters."""
+    """Drop every cached plan, reset the counters and return pooled output memory to the system."""
     _core.plan_cache_clear()
 
 
