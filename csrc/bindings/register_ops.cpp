@@ -35,10 +35,11 @@ static py::array conv2d_typed(const Conv2dDesc& d, const Input& x, const Input& 
   T* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
+    const TensorView* bias_view = b ? &b->view : nullptr;
+    const cpu::ConvCall<T> call{x.view, &w.view, bias_view, yp};
+    auto plan = cpu::plan_conv2d<T>(d, false, &call);
     typename cpu::Conv2dPlan<T>::BoundStorage storage;
-    const auto rows = cpu::Conv2dPlan<T>::bind_rows(d, &w.view, b ? &b->view : nullptr, storage);
-    const cpu::ConvCall<T> call{x.view, rows, yp};
-    cpu::plan_conv2d<T>(d, &call)->run(x.view, rows, yp);
+    plan->run(x.view, plan->bind(&w.view, bias_view, storage), yp);
   }
   return y;
 }
@@ -96,7 +97,7 @@ static py::array conv2d_max_pool2d_typed(const ConvArgs& a, const Pool2dDesc& po
   std::shared_ptr<const cpu::Conv2dMaxPool2dPlan<T>> plan;
   {
     py::gil_scoped_release release;
-    plan = cpu::plan_conv2d_max_pool2d<T>(a.d, pool);
+    plan = cpu::plan_conv2d_max_pool2d<T>(a.d, pool, false);
   }
   const Pool2dDesc& p = plan->pool();
   auto y = output_array<T>(out, {p.N, p.C, p.P(), p.Q()});

@@ -15,8 +15,16 @@ const char* conv_algo_name(ConvAlgo a) {
   switch (a) {
     case ConvAlgo::direct: return "direct";
     case ConvAlgo::im2col_gemm: return "im2col_gemm";
+    case ConvAlgo::implicit_gemm_t: return "implicit_gemm_t";
     default: return "implicit_gemm";
   }
+}
+
+ConvAlgo conv_algo_from(const std::string& name) {
+  for (ConvAlgo a : {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm, ConvAlgo::implicit_gemm_t, ConvAlgo::direct})
+    if (name == conv_algo_name(a)) return a;
+  throw std::invalid_argument(cat("algorithm: expected 'auto', 'implicit_gemm', 'im2col_gemm', 'implicit_gemm_t' or ",
+                                  "'direct', got '", name, "'"));
 }
 
 void validate(const Conv2dDesc& d) {
@@ -128,41 +136,55 @@ double imbalance(int64_t tasks, int threads) {
   return static_cast<double>(ceil_div(tasks, threads)) * threads / static_cast<double>(tasks);
 }
 
+// Padded extent of n items cut into blocks of b, each rounded up to r.
+int64_t padded(int64_t n, int64_t b, int64_t r) { return (n / b) * round_up(b, r) + round_up(n % b, r); }
+
 template <class T>
 void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, const MachineModel& m,
-                  double lambda) {
-  const int64_t jblocks = ceil_div(s.PQ, c.nc), mblocks = ceil_div(s.Kg, c.mc);
+                  double lambda, bool prepacked) {
+  // Rows of the GEMM: channels (pixels when transposed), in blocks of mc;
+  // columns: pixels (channels), in blocks of nc.
+  const bool t = c.algo == ConvAlgo::implicit_gemm_t;
+  const int64_t M = t ? s.PQ : s.Kg, Ncols = t ? s.Kg : s.PQ;
+  const int64_t jblocks = ceil_div(Ncols, c.nc), mblocks = ceil_div(M, c.mc);
   const int64_t tasks = s.N * s.G * jblocks * mblocks;
-  // Padded work: rows to MR within each channel block, columns to NR within each pixel block.
-  const int64_t rows = (s.Kg / c.mc) * round_up(c.mc, uk.mr) + round_up(s.Kg % c.mc, uk.mr);
-  const int64_t cols = (s.PQ / c.nc) * round_up(c.nc, uk.nr) + round_up(s.PQ % c.nc, uk.nr);
+  const int64_t rows = padded(M, c.mc, uk.mr), cols = padded(Ncols, c.nc, uk.nr);
   const double kblocks = static_cast<double>(ceil_div(s.CRS, c.kc));
   const double eff_k = static_cast<double>(s.CRS) / (s.CRS + kblocks * kUkernelCallOverheadK);
   const double flops = 2.0 * s.N * s.G * rows * cols * s.CRS;
   const double rate = m.gemm_flops[sizeof(T) == 8] * eff_k;
   const double compute = flops / rate / c.threads * imbalance(tasks, c.threads);
-  // im2col gathers: once per image (im2col_gemm) or once per channel block.
-  const double packs = static_cast<double>(s.N) * s.G * s.CRS * s.PQ * (c.algo == ConvAlgo::im2col_gemm ? 1 : mblocks);
-  const double pack = packs * kPackSecondsPerElem / c.threads;
+  // im2col gathers: once per image (im2col_gemm) or once per block of the
+  // other operand; the transposed GEMM also packs weights unless a layer did.
+  const double repacks = c.algo == ConvAlgo::im2col_gemm ? 1 : t ? jblocks : mblocks;
+  const double packs = static_cast<double>(s.N) * s.G * s.CRS * s.PQ * repacks;
+  const double weight_pack = t && !prepacked ? s.weight_bytes / sizeof(T) * kPackSecondsPerElem * 2 : 0;
+  const double pack = packs * kPackSecondsPerElem / c.threads + weight_pack;
   // Weights stream again for every pixel block once they outgrow the cache.
-  const double weight_reads = s.weight_bytes > (1 << 20) ? static_cast<double>(s.N) * jblocks : 1.0;
+  const double weight_reads = s.weight_bytes > (1 << 20) ? static_cast<double>(s.N) * (t ? mblocks : jblocks) : 1.0;
   const double bytes = s.in_bytes + s.out_bytes + s.weight_bytes * weight_reads +
                        (c.algo == ConvAlgo::im2col_gemm ? 2.0 * packs * sizeof(T) : 0.0);
   const double memory = bytes / (m.bandwidth * std::min(c.threads, 2));
   // A B block past half of L2 streams its panels from L3.
-  const double spill = c.kc * round_up(c.nc, uk.nr) * static_cast<double>(sizeof(T)) > kL2Bytes / 2 ? 1.15 : 1.0;
+  const double block = t ? c.kc * round_up(c.mc, uk.mr) : c.kc * round_up(c.nc, uk.nr);
+  const double spill = block * sizeof(T) > kL2Bytes / 2 ? 1.15 : 1.0;
   // im2col_gemm runs two parallel loops per image, implicit_gemm one in all.
   const double wakes = c.algo == ConvAlgo::im2col_gemm ? 2.0 * s.N : 1.0;
   c.time_s = std::max(compute * spill, memory) + pack + tasks * kTaskSeconds / c.threads +
              (c.threads > 1 ? wakes * m.wake_s : 0);
-  c.workspace = c.algo == ConvAlgo::im2col_gemm
-                    ? s.G * s.CRS * round_up(s.PQ, uk.nr) * static_cast<int64_t>(sizeof(T))
-                    : c.threads * c.kc * round_up(c.nc, uk.nr) * static_cast<int64_t>(sizeof(T));
+  const int64_t e = sizeof(T);
+  if (c.algo == ConvAlgo::im2col_gemm)
+    c.workspace = s.G * s.CRS * round_up(s.PQ, uk.nr) * e;
+  else if (t)  // per thread an A block of pixels, plus the packed weights if packed per run
+    c.workspace = c.threads * c.kc * round_up(c.mc, uk.mr) * e + (prepacked ? 0 : s.G * round_up(s.Kg, uk.nr) * s.CRS * e);
+  else
+    c.workspace = c.threads * c.kc * round_up(c.nc, uk.nr) * e;
   c.cost = c.time_s + lambda * static_cast<double>(c.workspace);
 }
 
 template <class T>
-std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T>& uk) {
+std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T>& uk, bool prepacked,
+                                       std::optional<ConvAlgo> only) {
   const MachineModel& m = machine_model();
   const SchedulerSettings settings = scheduler_settings();
   const ConvShape s = shape_of<T>(d);
@@ -190,19 +212,20 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
     const int64_t kc = s.CRS <= cap ? s.CRS : ceil_div(s.CRS, ceil_div(s.CRS, cap == 768 ? 512 : cap));
     if (std::find(kcs.begin(), kcs.end(), kc) == kcs.end()) kcs.push_back(kc);
   }
-  const int64_t max_nc = round_up(s.PQ, uk.nr);
-  for (ConvAlgo algo : {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm}) {
+  for (ConvAlgo algo : {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm, ConvAlgo::implicit_gemm_t}) {
+    const bool t = algo == ConvAlgo::implicit_gemm_t;
+    const int64_t M = t ? s.PQ : s.Kg, max_nc = round_up(t ? s.Kg : s.PQ, uk.nr);
     for (int threads : thread_counts) {
       for (int64_t kc : kcs) {
         for (int64_t panels = 1;; panels *= 2) {
           const int64_t nc = std::min(max_nc, panels * uk.nr);
-          for (int64_t split = 1; split <= 8; split *= 2) {
-            const int64_t mc = round_up(ceil_div(s.Kg, split), uk.mr);
-            if (split > 1 && mc * (split - 1) >= s.Kg) break;  // no more distinct splits
+          for (int64_t split = 1; split <= 64; split *= 2) {
+            const int64_t mc = round_up(ceil_div(M, split), uk.mr);
+            if (split > 1 && mc * (split - 1) >= M) break;  // no more distinct splits
             ConvChoice c;
             c.algo = algo;
             c.kc = kc, c.nc = nc, c.mc = mc, c.threads = threads;
-            predict_gemm(c, s, uk, m, settings.memory_weight);
+            predict_gemm(c, s, uk, m, settings.memory_weight, prepacked);
             out.push_back(c);
           }
           if (nc == max_nc) break;
@@ -210,6 +233,8 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
       }
     }
   }
+  if (only) out.erase(std::remove_if(out.begin(), out.end(), [&](const ConvChoice& c) { return c.algo != *only; }),
+                      out.end());
   std::vector<ConvChoice> fit;
   for (const auto& c : out)
     if (c.workspace <= settings.memory_budget) fit.push_back(c);
@@ -226,8 +251,9 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
 }  // namespace
 
 template <class T>
-Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, const ConvChoice* forced)
-    : d_(desc), uk_(ukernels().gemm<T>()) {
+Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoice* forced,
+                          std::optional<ConvAlgo> only)
+    : d_(desc), uk_(ukernels().gemm<T>()), prepacked_(prepacked), only_(only) {
   validate(d_);
   const std::vector<ConvChoice> all = candidates();
   choice_ = all.front();
@@ -248,7 +274,7 @@ Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, const ConvChoice* forced)
 
 template <class T>
 std::vector<ConvChoice> Conv2dPlan<T>::candidates() const {
-  return conv_candidates<T>(d_, uk_);
+  return conv_candidates<T>(d_, uk_, prepacked_, only_);
 }
 
 template <class T>
@@ -258,30 +284,45 @@ PackedConvWeights<T> Conv2dPlan<T>::pack(const TensorView& w, const TensorView* 
            "weight: shape does not match the plan");
   LK_CHECK(d_.has_bias == (bias != nullptr), "bias: does not match the plan");
   PackedConvWeights<T> p;
+  p.layout = weight_layout();
   auto flat = aligned_alloc_array<T>(K * CRS);
   flatten_weight(w, flat.get());
   if (algo_ == ConvAlgo::direct) {
     p.w = std::move(flat);
+  } else if (algo_ == ConvAlgo::implicit_gemm_t) {
+    const int64_t group_stride = round_up(Kg, uk_.nr) * CRS;
+    p.w = aligned_alloc_array<T>(d_.groups * group_stride);
+    for (int64_t g = 0; g < d_.groups; ++g)  // B(crs, k) = W[g*Kg + k][crs]
+      pack_b_panels(flat.get() + g * Kg * CRS, int64_t{1}, CRS, CRS, Kg, uk_.nr, p.w.get() + g * group_stride);
   } else {
     const int64_t group_stride = round_up(Kg, uk_.mr) * CRS;
     p.w = aligned_alloc_array<T>(d_.groups * group_stride);
     for (int64_t g = 0; g < d_.groups; ++g)
       pack_a_panels(flat.get() + g * Kg * CRS, CRS, int64_t{1}, Kg, CRS, uk_.mr, p.w.get() + g * group_stride);
-    p.mr = uk_.mr;
   }
   if (bias) {
-    p.bias = aligned_alloc_array<T>(K);
-    for (int64_t k = 0; k < K; ++k) p.bias[k] = bias->ptr<T>()[k * bias->strides[0]];
+    // The transposed GEMM reads a per-column bias a whole panel at a time.
+    const int64_t padded = K + uk_.nr;
+    p.bias = aligned_alloc_array<T>(padded);
+    for (int64_t k = 0; k < padded; ++k) p.bias[k] = k < K ? bias->ptr<T>()[k * bias->strides[0]] : T(0);
   }
   return p;
 }
 
 template <class T>
 typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const PackedConvWeights<T>& p) const {
-  const bool panels = algo_ != ConvAlgo::direct;
-  LK_CHECK(p.mr == (panels ? uk_.mr : 0), "weight: packed for another plan");
+  LK_CHECK(p.layout == weight_layout(), "weight: packed for another plan");
   LK_CHECK(d_.has_bias == (p.bias != nullptr), "bias: does not match the plan");
-  return {p.w.get(), panels ? 0 : d_.Cg() * d_.R * d_.S, p.bias.get()};
+  return {p.w.get(), algo_ == ConvAlgo::direct ? d_.Cg() * d_.R * d_.S : 0, p.bias.get()};
+}
+
+template <class T>
+typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const TensorView* w, const TensorView* b,
+                                                    BoundStorage& storage) const {
+  if (algo_ != ConvAlgo::implicit_gemm_t) return bind_rows(d_, w, b, storage);
+  LK_CHECK(w != nullptr, "weight: missing");
+  storage.packed = pack(*w, b);
+  return bind(storage.packed);
 }
 
 template <class T>
@@ -335,6 +376,17 @@ void Conv2dPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
     run_im2col_gemm(x, wt, y);
     return;
   }
+  if (algo_ == ConvAlgo::implicit_gemm_t) {  // mc_: pixels per task, nc_: channels per task
+    const int64_t pblocks = ceil_div(PQ, mc_), cblocks = ceil_div(Kg, nc_);
+    parallel_for(d_.N * G * pblocks * cblocks, threads_, [&](int64_t task) {
+      const int64_t cb = task % cblocks, pb = (task / cblocks) % pblocks;
+      const int64_t g = (task / (cblocks * pblocks)) % G, n = task / (cblocks * pblocks * G);
+      const int64_t j0 = pb * mc_, n0 = cb * nc_;
+      gemm_t_tile(x, wt, n, g, j0, std::min(PQ, j0 + mc_), n0, std::min(nc_, Kg - n0),
+                  y + (n * K + g * Kg + n0) * PQ + j0, PQ);
+    });
+    return;
+  }
   const int64_t nblocks = ceil_div(PQ, nc_), mblocks = ceil_div(Kg, mc_);
   parallel_for(d_.N * G * nblocks * mblocks, threads_, [&](int64_t task) {
     const int64_t mb = task % mblocks, jb = (task / mblocks) % nblocks;
@@ -353,9 +405,37 @@ void Conv2dPlan<T>::run_rows(const TensorView& x, const Weights& wt, int64_t n, 
     for (int64_t k = 0; k < K; ++k) direct_rows(x, wt, n, k, r0, r1, dst + k * ldc);
     return;
   }
+  if (algo_ == ConvAlgo::implicit_gemm_t) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j0 = r0 * Q; j0 < r1 * Q; j0 += mc_)
+        gemm_t_tile(x, wt, n, g, j0, std::min(r1 * Q, j0 + mc_), 0, Kg, dst + g * Kg * ldc + (j0 - r0 * Q), ldc);
+    return;
+  }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j0 = r0 * Q; j0 < r1 * Q; j0 += nc_)
       gemm_tile(x, wt, n, g, 0, Kg, j0, std::min(r1 * Q, j0 + nc_), dst + g * Kg * ldc + (j0 - r0 * Q), ldc);
+}
+
+template <class T>
+void Conv2dPlan<T>::gemm_t_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t j0,
+                                int64_t j1, int64_t n0, int64_t nlen, T* C, int64_t ldc) const {
+  const int64_t Kg = d_.Kg(), Cg = d_.Cg(), CRS = Cg * d_.R * d_.S;
+  const int nr = uk_.nr, mr = uk_.mr;
+  T* A = scratch_array<T>(0, static_cast<size_t>(kc_ * round_up(j1 - j0, mr)));
+  const T* xg = x.ptr<T>() + n * x.strides[0] + g * Cg * x.strides[1];
+  // n0 is a multiple of NR, so it starts a panel of packed weights.
+  const T* B = wt.w + g * round_up(Kg, nr) * CRS + (n0 / nr) * CRS * nr;
+  for (int64_t pc = 0; pc < CRS; pc += kc_) {
+    const int64_t kc = std::min(kc_, CRS - pc);
+    pack_im2col(d_, xg, x.strides[1], x.strides[2], x.strides[3], pc, kc, j0, j1, mr, A);  // pixels as A rows
+    GemmEpilogue<T> ep;
+    ep.bias = (pc == 0 && wt.bias) ? wt.bias + g * Kg + n0 : nullptr;
+    ep.bias_per_row = false;
+    ep.accumulate = pc > 0;
+    ep.relu = d_.act == Activation::relu && pc + kc == CRS;
+    ep.transpose_c = true;
+    macro_kernel(uk_, j1 - j0, nlen, kc, A, kc * mr, int64_t{0}, B + pc * nr, CRS * nr, C, ldc, ep);
+  }
 }
 
 template <class T>

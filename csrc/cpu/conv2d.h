@@ -3,6 +3,7 @@
 // weights in place or with weights it packed once.
 #pragma once
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,8 @@ namespace lk::cpu {
 enum class ConvAlgo {
   implicit_gemm,  // im2col one block of output pixels at a time, then the GEMM microkernel
   im2col_gemm,    // im2col a whole image into a workspace first: no repacking, more memory
+  implicit_gemm_t,  // transposed: pixels as GEMM rows, channels across the vector lanes;
+                    // for small images with many channels (weights packed into panels)
   direct,         // per output plane; for groups with very few output channels (depthwise)
 };
 
@@ -30,15 +33,16 @@ struct ConvChoice {
 };
 
 const char* conv_algo_name(ConvAlgo a);
+ConvAlgo conv_algo_from(const std::string& name);  // throws std::invalid_argument
 
 // Weights in the layout a plan's kernels read, packed once by Conv2dPlan::pack
 // for callers that run many times (modules). The layout depends on the
 // algorithm and the microkernel's MR, both fixed by the plan.
 template <class T>
 struct PackedConvWeights {
-  AlignedPtr<T> w;     // implicit_gemm: MR panels per group; direct: K x CRS rows
-  AlignedPtr<T> bias;  // K entries, or null
-  int mr = 0;          // panel height the weights were packed for (0: rows)
+  AlignedPtr<T> w;     // per group: MR panels (the GEMM's A), NR panels of W^T (its B), or K x CRS rows
+  AlignedPtr<T> bias;  // K entries (padded by NR for the transposed GEMM), or null
+  int layout = 0;      // MR for A panels, -NR for B panels, 0 for rows: see weight_layout()
 };
 
 template <class T>
@@ -46,7 +50,11 @@ class Conv2dPlan {
  public:
   // Picks the algorithm and blocking for the descriptor on the active ISA,
   // by the cost model (or `forced`: a choice measured earlier).
-  explicit Conv2dPlan(const Conv2dDesc& desc, const ConvChoice* forced = nullptr);
+  // prepacked: the caller packs weights once (a layer), so algorithms that
+  // need packed weights are not charged for packing on every run.
+  // only: consider this algorithm alone (a caller's explicit choice).
+  Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoice* forced = nullptr,
+             std::optional<ConvAlgo> only = std::nullopt);
 
   // Every candidate the cost model considered, cheapest first.
   std::vector<ConvChoice> candidates() const;
@@ -58,8 +66,9 @@ class Conv2dPlan {
     int64_t lda;    // direct: K x CRS rows
     const T* bias;  // K contiguous entries, or null
   };
-  struct BoundStorage {  // copies made when the caller's weights are not contiguous
+  struct BoundStorage {  // copies made when the caller's weights cannot be read in place
     AlignedPtr<T> weights, bias;
+    PackedConvWeights<T> packed;
   };
 
   // weight: K x C/groups x R x S, any strides; bias: K entries or null.
@@ -69,9 +78,9 @@ class Conv2dPlan {
   // can read: in place when contiguous, else copied into storage.
   static Weights bind_rows(const Conv2dDesc& d, const TensorView* weight, const TensorView* bias,
                            BoundStorage& storage);
-  Weights bind(const TensorView* weight, const TensorView* bias, BoundStorage& storage) const {
-    return bind_rows(d_, weight, bias, storage);
-  }
+  // The caller's weights for this plan: rows, or packed into storage when
+  // the algorithm needs panels.
+  Weights bind(const TensorView* weight, const TensorView* bias, BoundStorage& storage) const;
 
   // x: N x C x H x W, any strides; y: N x K x P x Q, contiguous.
   void run(const TensorView& x, const Weights& wt, T* y) const;
@@ -82,8 +91,11 @@ class Conv2dPlan {
   void run_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t r0, int64_t r1, T* dst,
                 int64_t ldc) const;
 
-  // Which packed layout this plan reads: MR of the panels, or 0 for rows.
-  int weight_layout() const { return algo_ == ConvAlgo::direct ? 0 : uk_.mr; }
+  // Which packed layout this plan reads: MR for A panels, -NR for B panels,
+  // 0 for rows.
+  int weight_layout() const {
+    return algo_ == ConvAlgo::direct ? 0 : algo_ == ConvAlgo::implicit_gemm_t ? -uk_.nr : uk_.mr;
+  }
 
   void check_input(const TensorView& x) const;
   std::string describe() const;
@@ -96,6 +108,10 @@ class Conv2dPlan {
   void gemm_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t m0, int64_t m, int64_t j0,
                  int64_t j1, T* C, int64_t ldc, const T* B = nullptr) const;
   void run_im2col_gemm(const TensorView& x, const Weights& wt, T* y) const;
+  // Transposed: pixels [j0, j1) as rows, channels [n0, n0+n) of group g as
+  // columns; C at channel n0's plane, pixel j0.
+  void gemm_t_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t j0, int64_t j1, int64_t n0,
+                   int64_t nlen, T* C, int64_t ldc) const;
   // Output rows [r0, r1) of channel k.
   void direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k, int64_t r0, int64_t r1,
                    T* out) const;
@@ -104,10 +120,12 @@ class Conv2dPlan {
   GemmUkernel<T> uk_;
   ConvChoice choice_;
   bool measured_ = false;  // chosen by autotuning rather than by the model
+  bool prepacked_ = false;
+  std::optional<ConvAlgo> only_;
   ConvAlgo algo_;
   int64_t kc_ = 0;  // K-block of the GEMM (rows of C*R*S per pass)
-  int64_t mc_ = 0;  // output channels per task
-  int64_t nc_ = 0;  // output pixels per task
+  int64_t mc_ = 0;  // output channels per task (implicit_gemm_t: pixels)
+  int64_t nc_ = 0;  // output pixels per task (implicit_gemm_t: channels)
   int threads_ = 1;
 };
 

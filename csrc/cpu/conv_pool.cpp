@@ -19,8 +19,9 @@ Pool2dDesc pool_over(const Conv2dDesc& conv, Pool2dDesc pool) {
 }  // namespace
 
 template <class T>
-Conv2dMaxPool2dPlan<T>::Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2dDesc& pool)
-    : conv_(conv), pool_(pool_over(conv, pool)) {
+Conv2dMaxPool2dPlan<T>::Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2dDesc& pool, bool prepacked,
+                                            std::optional<ConvAlgo> only)
+    : conv_(conv, prepacked, nullptr, only), pool_(pool_over(conv, pool)) {
   if (conv.K > 0) validate(pool_);
   threads_ = conv_.threads();
   // Pooled rows per task: the band of convolution rows they need (about

@@ -65,7 +65,8 @@ void macro_kernel(const GemmUkernel<T>& uk, int64_t m, int64_t n, int64_t kc, co
     for (int64_t j = 0; j < n; j += uk.nr) {
       const int nr = static_cast<int>(std::min<int64_t>(uk.nr, n - j));
       if (ep.bias != nullptr) e.bias = ep.bias + (ep.bias_per_row ? i : j);
-      fn(kc, a, lda, B + (j / uk.nr) * b_panel_stride, C + i * ldc + j, ldc, mr, nr, e);
+      T* c = ep.transpose_c ? C + j * ldc + i : C + i * ldc + j;
+      fn(kc, a, lda, B + (j / uk.nr) * b_panel_stride, c, ldc, mr, nr, e);
     }
   }
 }

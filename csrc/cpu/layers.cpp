@@ -42,8 +42,8 @@ TensorView contiguous_view(T* data, int ndim, const int64_t* shape) {
 
 template <class T>
 Conv2dLayer<T>::Conv2dLayer(const TensorView& weight, const TensorView* bias, const Conv2dDesc& params,
-                            std::optional<Pool2dDesc> pool)
-    : params_(params), pool_(pool) {
+                            std::optional<Pool2dDesc> pool, std::optional<ConvAlgo> only)
+    : params_(params), pool_(pool), only_(only) {
   LK_CHECK(weight.ndim == 4 && weight.shape[0] == params.K && weight.shape[1] * params.groups == params.C &&
                weight.shape[2] == params.R && weight.shape[3] == params.S,
            "weight: shape does not match the layer's parameters");
@@ -92,12 +92,14 @@ template <class T>
 void Conv2dLayer<T>::run(const TensorView& x, T* y) const {
   const Conv2dDesc d = desc_for(x);
   if (pool_) {
-    auto plan = plan_conv2d_max_pool2d<T>(d, *pool_);
+    auto plan = plan_conv2d_max_pool2d<T>(d, *pool_, true, only_);
     plan->run(x, weights_for(plan->conv()), y);
   } else {
-    const int64_t CRS = params_.Cg() * params_.R * params_.S;
-    const ConvCall<T> call{x, {weight_.get(), CRS, bias_.get()}, y};
-    auto plan = plan_conv2d<T>(d, &call);
+    const int64_t wshape[4] = {params_.K, params_.Cg(), params_.R, params_.S};
+    const TensorView w = contiguous_view(weight_.get(), 4, wshape);
+    const TensorView b = contiguous_view(bias_.get(), 1, &params_.K);
+    const ConvCall<T> call{x, &w, bias_ ? &b : nullptr, y};
+    auto plan = plan_conv2d<T>(d, true, &call, only_);
     plan->run(x, weights_for(*plan), y);
   }
 }
@@ -105,8 +107,8 @@ void Conv2dLayer<T>::run(const TensorView& x, T* y) const {
 template <class T>
 std::string Conv2dLayer<T>::describe(const TensorView& x) const {
   const Conv2dDesc d = desc_for(x);
-  if (pool_) return plan_conv2d_max_pool2d<T>(d, *pool_)->describe();
-  auto plan = plan_conv2d<T>(d);
+  if (pool_) return plan_conv2d_max_pool2d<T>(d, *pool_, true, only_)->describe();
+  auto plan = plan_conv2d<T>(d, true, nullptr, only_);
   std::string s = plan->describe() + "\n  candidates of the cost model, cheapest first:";
   const auto candidates = plan->candidates();
   for (size_t i = 0; i < candidates.size() && i < 4; ++i) {

@@ -49,17 +49,20 @@ std::optional<ConvChoice> decode(const std::vector<int64_t>& v) {
 constexpr int kAutotuneCandidates = 4;
 
 template <class T>
-std::shared_ptr<const Conv2dPlan<T>> autotune(const Conv2dDesc& d, const ConvCall<T>& call, const PlanKey& key) {
-  std::vector<ConvChoice> candidates = Conv2dPlan<T>(d).candidates();
+std::shared_ptr<const Conv2dPlan<T>> autotune(const Conv2dDesc& d, bool prepacked, const ConvCall<T>& call,
+                                             const PlanKey& key, std::optional<ConvAlgo> only) {
+  std::vector<ConvChoice> candidates = Conv2dPlan<T>(d, prepacked, nullptr, only).candidates();
   if (candidates.size() > kAutotuneCandidates) candidates.resize(kAutotuneCandidates);
   std::shared_ptr<const Conv2dPlan<T>> best;
   double best_s = 1e300;
   for (const ConvChoice& c : candidates) {
-    auto plan = std::make_shared<const Conv2dPlan<T>>(d, &c);
+    auto plan = std::make_shared<const Conv2dPlan<T>>(d, prepacked, &c, only);
+    typename Conv2dPlan<T>::BoundStorage storage;
+    const auto wt = plan->bind(call.weight, call.bias, storage);  // packing is not part of a layer's run
     double t = 1e300;
     for (int rep = 0; rep < 3; ++rep) {  // the first run also warms caches and scratch buffers
       const auto t0 = std::chrono::steady_clock::now();
-      plan->run(call.x, call.rows, call.y);
+      plan->run(call.x, wt, call.y);
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (rep > 0) t = std::min(t, s);
     }
@@ -72,31 +75,36 @@ std::shared_ptr<const Conv2dPlan<T>> autotune(const Conv2dDesc& d, const ConvCal
 }  // namespace
 
 template <class T>
-std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, const ConvCall<T>* call) {
+std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, bool prepacked, const ConvCall<T>* call,
+                                                 std::optional<ConvAlgo> only) {
   PlanKey k = key_for(kConv2d, dtype_of<T>());
   add_conv(k, d);
+  k.add(prepacked).add(only ? static_cast<int64_t>(*only) : -1);
   return cached<Conv2dPlan<T>>(k, [&]() -> std::shared_ptr<const Conv2dPlan<T>> {
     if (auto stored = stored_choice(k)) {
       if (auto choice = decode(*stored)) {
         try {
-          return std::make_shared<const Conv2dPlan<T>>(d, &*choice);
+          return std::make_shared<const Conv2dPlan<T>>(d, prepacked, &*choice, only);
         } catch (const std::invalid_argument&) {
           // a stale or damaged entry: plan afresh below
         }
       }
     }
-    if (call != nullptr && scheduler_settings().autotune) return autotune(d, *call, k);
-    return std::make_shared<const Conv2dPlan<T>>(d);
+    if (call != nullptr && scheduler_settings().autotune) return autotune(d, prepacked, *call, k, only);
+    return std::make_shared<const Conv2dPlan<T>>(d, prepacked, nullptr, only);
   });
 }
 
 template <class T>
-std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& p) {
+std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& p,
+                                                                     bool prepacked, std::optional<ConvAlgo> only) {
   PlanKey k = key_for(kConv2dMaxPool2d, dtype_of<T>());
   add_conv(k, conv);
+  k.add(prepacked).add(only ? static_cast<int64_t>(*only) : -1);
   k.add(p.kh).add(p.kw).add(p.stride_h).add(p.stride_w).add(p.pad_h).add(p.pad_w).add(p.dil_h).add(p.dil_w);
   k.add(p.ceil_mode);
-  return cached<Conv2dMaxPool2dPlan<T>>(k, [&] { return std::make_shared<const Conv2dMaxPool2dPlan<T>>(conv, p); });
+  return cached<Conv2dMaxPool2dPlan<T>>(
+      k, [&] { return std::make_shared<const Conv2dMaxPool2dPlan<T>>(conv, p, prepacked, only); });
 }
 
 template <class T>
@@ -106,12 +114,12 @@ std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d) {
   return cached<LinearPlan<T>>(k, [&] { return std::make_shared<const LinearPlan<T>>(d); });
 }
 
-template std::shared_ptr<const Conv2dPlan<float>> plan_conv2d<float>(const Conv2dDesc&, const ConvCall<float>*);
-template std::shared_ptr<const Conv2dPlan<double>> plan_conv2d<double>(const Conv2dDesc&, const ConvCall<double>*);
-template std::shared_ptr<const Conv2dMaxPool2dPlan<float>> plan_conv2d_max_pool2d<float>(const Conv2dDesc&,
-                                                                                         const Pool2dDesc&);
-template std::shared_ptr<const Conv2dMaxPool2dPlan<double>> plan_conv2d_max_pool2d<double>(const Conv2dDesc&,
-                                                                                           const Pool2dDesc&);
+template std::shared_ptr<const Conv2dPlan<float>> plan_conv2d<float>(const Conv2dDesc&, bool, const ConvCall<float>*,
+                                                                      std::optional<ConvAlgo>);
+template std::shared_ptr<const Conv2dPlan<double>> plan_conv2d<double>(const Conv2dDesc&, bool, const ConvCall<double>*,
+                                                                      std::optional<ConvAlgo>);
+template std::shared_ptr<const Conv2dMaxPool2dPlan<float>> plan_conv2d_max_pool2d<float>(const Conv2dDesc&, const Pool2dDesc&, bool, std::optional<ConvAlgo>);
+template std::shared_ptr<const Conv2dMaxPool2dPlan<double>> plan_conv2d_max_pool2d<double>(const Conv2dDesc&, const Pool2dDesc&, bool, std::optional<ConvAlgo>);
 template std::shared_ptr<const LinearPlan<float>> plan_linear<float>(const LinearDesc&);
 template std::shared_ptr<const LinearPlan<double>> plan_linear<double>(const LinearDesc&);
 

@@ -1,6 +1,7 @@
 // Plans for each op, made on first use and then served from the plan cache.
 #pragma once
 #include <memory>
+#include <optional>
 
 #include "core/descriptors.h"
 #include "cpu/conv2d.h"
@@ -9,23 +10,30 @@
 
 namespace lk::cpu {
 
-// A call to autotune on: its input, its weights as rows (bind_rows), and an
-// output the candidates may overwrite.
+// A call to autotune on: its input, its weights, and an output the
+// candidates may overwrite.
 template <class T>
 struct ConvCall {
   const TensorView& x;
-  typename Conv2dPlan<T>::Weights rows;
+  const TensorView* weight;
+  const TensorView* bias;
   T* y;
 };
 
+// prepacked: the caller (a layer) packs weights once for the plan it gets.
 // With autotuning on (SchedulerSettings) and a call given, a plan missing
 // from the cache is chosen by timing the model's best candidates on that
 // call; the winner is kept in the plan store (LEPTON_CACHE_DIR) too.
+// only: restrict the choice to one algorithm.
 template <class T>
-std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, const ConvCall<T>* call = nullptr);
+std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, bool prepacked,
+                                                 const ConvCall<T>* call = nullptr,
+                                                 std::optional<ConvAlgo> only = std::nullopt);
 
 template <class T>
-std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& pool);
+std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& pool,
+                                                                     bool prepacked,
+                                                                     std::optional<ConvAlgo> only = std::nullopt);
 
 template <class T>
 std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d);

@@ -17,6 +17,9 @@ from .functional import _activation, _batched_out, _conv_params, _pool_params, _
 __all__ = ["Conv2d", "Conv2dMaxPool2d", "Linear", "MaxPool2d"]
 
 
+_ALGORITHMS = ("auto", "implicit_gemm", "im2col_gemm", "implicit_gemm_t", "direct")
+
+
 def _frozen_copy(a):
     if a is None:
         return None
@@ -28,9 +31,12 @@ def _frozen_copy(a):
 class _ConvBase:
     _pool = None
 
-    def __init__(self, weight, bias, stride, padding, dilation, groups, activation):
+    def __init__(self, weight, bias, stride, padding, dilation, groups, activation, algorithm):
+        if algorithm not in _ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {', '.join(map(repr, _ALGORITHMS))}, got {algorithm!r}")
         self._conv = (stride, padding, dilation, groups)
         self._activation = activation
+        self._algorithm = algorithm
         self._set(weight, bias)
 
     def _set(self, weight, bias):
@@ -41,7 +47,7 @@ class _ConvBase:
         in_channels = weight.shape[1] * self._groups
         self._layer = _core.Conv2dLayer(self._weight, self._bias, in_channels, self._stride, self._pads,
                                         self._dilation, self._groups, _activation(self._activation), self._pool,
-                                        self._ceil_mode)
+                                        self._ceil_mode, self._algorithm)
 
     @property
     def weight(self):
@@ -78,22 +84,28 @@ class _ConvBase:
 
 
 class Conv2d(_ConvBase):
-    """``lk.conv2d`` with its weights packed once: ``Conv2d(weight, bias)(x)``."""
+    """``lk.conv2d`` with its weights packed once: ``Conv2d(weight, bias)(x)``.
+
+    ``algorithm`` is ``'auto'`` (the scheduler chooses) or one of
+    ``'implicit_gemm'``, ``'im2col_gemm'``, ``'implicit_gemm_t'``, ``'direct'``
+    to fix it (the scheduler still picks its blocking and threads).
+    """
 
     _ceil_mode = False
 
-    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
-        super().__init__(weight, bias, stride, padding, dilation, groups, activation)
+    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None,
+                 algorithm="auto"):
+        super().__init__(weight, bias, stride, padding, dilation, groups, activation, algorithm)
 
 
 class Conv2dMaxPool2d(_ConvBase):
     """``lk.conv2d_max_pool2d`` with its weights packed once: conv -> bias -> activation -> max-pool in one pass."""
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation="relu",
-                 kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False):
+                 kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False, algorithm="auto"):
         self._pool = _pool_params(kernel_size, pool_stride, pool_padding, pool_dilation)
         self._ceil_mode = bool(ceil_mode)
-        super().__init__(weight, bias, stride, padding, dilation, groups, activation)
+        super().__init__(weight, bias, stride, padding, dilation, groups, activation, algorithm)
 
 
 class MaxPool2d:

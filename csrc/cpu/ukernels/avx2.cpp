@@ -4,6 +4,7 @@
 namespace lk::cpu {
 namespace {
 #include "cpu/ukernels/kernels.inc"
+#include "cpu/ukernels/maxpool.inc"
 }  // namespace
 
 extern const UkernelTable kUkernels_avx2 = {
@@ -12,6 +13,12 @@ extern const UkernelTable kUkernels_avx2 = {
     {4, 12, &gemm_ukernel<double, 32, 4, 3, true>, &gemm_ukernel<double, 32, 4, 3, false>, "f64_gemm_ukernel_4x12__avx2"},
     {&dot_ukernel<float, 32, 4>, "f32_dot_ukernel_4x8__avx2"},
     {&dot_ukernel<double, 32, 4>, "f64_dot_ukernel_4x4__avx2"},
+    {{&maxpool_ukernel_2x2s2<float, 32>, "f32_maxpool_ukernel_2x2s2__avx2"},
+     {&maxpool_ukernel_window<float, 32, 1>, "f32_maxpool_ukernel_s1__avx2"},
+     {&maxpool_ukernel_window<float, 32, 2>, "f32_maxpool_ukernel_s2__avx2"}},
+    {{&maxpool_ukernel_2x2s2<double, 32>, "f64_maxpool_ukernel_2x2s2__avx2"},
+     {&maxpool_ukernel_window<double, 32, 1>, "f64_maxpool_ukernel_s1__avx2"},
+     {&maxpool_ukernel_window<double, 32, 2>, "f64_maxpool_ukernel_s2__avx2"}},
 };
 
 }  // namespace lk::cpu

@@ -4,6 +4,7 @@
 namespace lk::cpu {
 namespace {
 #include "cpu/ukernels/kernels.inc"
+#include "cpu/ukernels/maxpool.inc"
 }  // namespace
 
 extern const UkernelTable kUkernels_avx512 = {
@@ -12,6 +13,12 @@ extern const UkernelTable kUkernels_avx512 = {
     {8, 24, &gemm_ukernel<double, 64, 8, 3, true>, &gemm_ukernel<double, 64, 8, 3, false>, "f64_gemm_ukernel_8x24__avx512"},
     {&dot_ukernel<float, 64, 4>, "f32_dot_ukernel_4x16__avx512"},
     {&dot_ukernel<double, 64, 4>, "f64_dot_ukernel_4x8__avx512"},
+    {{&maxpool_ukernel_2x2s2<float, 64>, "f32_maxpool_ukernel_2x2s2__avx512"},
+     {&maxpool_ukernel_window<float, 64, 1>, "f32_maxpool_ukernel_s1__avx512"},
+     {&maxpool_ukernel_window<float, 64, 2>, "f32_maxpool_ukernel_s2__avx512"}},
+    {{&maxpool_ukernel_2x2s2<double, 64>, "f64_maxpool_ukernel_2x2s2__avx512"},
+     {&maxpool_ukernel_window<double, 64, 1>, "f64_maxpool_ukernel_s1__avx512"},
+     {&maxpool_ukernel_window<double, 64, 2>, "f64_maxpool_ukernel_s2__avx512"}},
 };
 
 }  // namespace lk::cpu

@@ -4,6 +4,7 @@
 namespace lk::cpu {
 namespace {
 #include "cpu/ukernels/kernels.inc"
+#include "cpu/ukernels/maxpool.inc"
 }  // namespace
 
 extern const UkernelTable kUkernels_generic = {
@@ -12,6 +13,12 @@ extern const UkernelTable kUkernels_generic = {
     {4, 6, &gemm_ukernel<double, 16, 4, 3, true>, &gemm_ukernel<double, 16, 4, 3, false>, "f64_gemm_ukernel_4x6__generic"},
     {&dot_ukernel<float, 16, 4>, "f32_dot_ukernel_4x4__generic"},
     {&dot_ukernel<double, 16, 4>, "f64_dot_ukernel_4x2__generic"},
+    {{&maxpool_ukernel_2x2s2<float, 16>, "f32_maxpool_ukernel_2x2s2__generic"},
+     {&maxpool_ukernel_window<float, 16, 1>, "f32_maxpool_ukernel_s1__generic"},
+     {&maxpool_ukernel_window<float, 16, 2>, "f32_maxpool_ukernel_s2__generic"}},
+    {{&maxpool_ukernel_2x2s2<double, 16>, "f64_maxpool_ukernel_2x2s2__generic"},
+     {&maxpool_ukernel_window<double, 16, 1>, "f64_maxpool_ukernel_s1__generic"},
+     {&maxpool_ukernel_window<double, 16, 2>, "f64_maxpool_ukernel_s2__generic"}},
 };
 
 }  // namespace lk::cpu

@@ -16,6 +16,8 @@ struct GemmEpilogue {
   bool bias_per_row = true;   // per row of C (conv channels) or per column (linear)
   bool accumulate = false;    // add to C instead of overwriting it (later K blocks)
   bool relu = false;          // applied after the last K block
+  bool transpose_c = false;   // C(i, j) lives at C[j * ldc + i]: a tile of pixels x channels
+                              // stored into channel planes (NCHW)
 };
 
 // C[0:mr, 0:nr] (row stride ldc) = A * B with the epilogue, over kc steps.
@@ -49,21 +51,63 @@ struct DotUkernel {
   const char* name;
 };
 
+// A block of m x n max-pooling windows of kh x kw taps (dil_h, dil_w apart)
+// that lie wholly inside the input, whose rows are contiguous. Window (r, c)
+// starts at x + r * x_step + c * stride_w, stride_w being the kernel's; its
+// first tap has the flat index idx0 + r * idx_step + c * stride_w and a tap
+// dil_h rows lower is W further. Outputs go to y[r * y_row + c], indices (if
+// idx is not null) to idx[r * y_row + c]. A window's largest tap offset,
+// (kh - 1) * dil_h * W + (kw - 1) * dil_w, must fit in an integer as wide as T.
+template <class T>
+struct MaxPoolBlock {
+  const T* x;
+  int64_t x_row;   // elements between input rows
+  int64_t x_step;  // elements between the windows of consecutive output rows
+  int64_t W;
+  int64_t idx0, idx_step;
+  int64_t kh, kw, dil_h, dil_w;
+  int64_t m, n;
+  T* y;
+  int64_t* idx;
+  int64_t y_row;
+};
+
+template <class T>
+using MaxPoolUkernelFn = void (*)(const MaxPoolBlock<T>& b);
+
+template <class T>
+struct MaxPoolUkernel {
+  MaxPoolUkernelFn<T> fn;
+  const char* name;
+};
+
+template <class T>
+struct MaxPoolUkernels {
+  MaxPoolUkernel<T> k2x2s2;  // 2 x 2 windows, no dilation, stride_w 2
+  MaxPoolUkernel<T> s1;      // any window, stride_w 1
+  MaxPoolUkernel<T> s2;      // any window, stride_w 2
+};
+
 struct UkernelTable {
   Isa isa;
   GemmUkernel<float> f32_gemm;
   GemmUkernel<double> f64_gemm;
   DotUkernel<float> f32_dot;
   DotUkernel<double> f64_dot;
+  MaxPoolUkernels<float> f32_maxpool;
+  MaxPoolUkernels<double> f64_maxpool;
 
   template <class T> const GemmUkernel<T>& gemm() const;
   template <class T> const DotUkernel<T>& dot() const;
+  template <class T> const MaxPoolUkernels<T>& maxpool() const;
 };
 
 template <> inline const GemmUkernel<float>& UkernelTable::gemm<float>() const { return f32_gemm; }
 template <> inline const GemmUkernel<double>& UkernelTable::gemm<double>() const { return f64_gemm; }
 template <> inline const DotUkernel<float>& UkernelTable::dot<float>() const { return f32_dot; }
 template <> inline const DotUkernel<double>& UkernelTable::dot<double>() const { return f64_dot; }
+template <> inline const MaxPoolUkernels<float>& UkernelTable::maxpool<float>() const { return f32_maxpool; }
+template <> inline const MaxPoolUkernels<double>& UkernelTable::maxpool<double>() const { return f64_maxpool; }
 
 // The table of the active level (see active_isa()).
 const UkernelTable& ukernels();
