@@ -33,14 +33,11 @@ with warnings.catch_warnings():
 # The fixtures that hypothesis tests use (the ISA level) set process state
 # that holds for every example, so a function-scoped fixture is what we want.
 # No deadline: timing on a shared 2-core machine is too noisy to mean anything.
-settings.register_profile(
-    "lepton",
-    max_examples=25,
-    deadline=None,
-    derandomize=False,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+# LEPTON_HYPOTHESIS_PROFILE=thorough runs many more examples (minutes).
+_common = dict(deadline=None, derandomize=False, print_blob=True,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("lepton", max_examples=60, **_common)
+settings.register_profile("thorough", max_examples=500, **_common)
 settings.load_profile(os.environ.get("LEPTON_HYPOTHESIS_PROFILE", "lepton"))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 
 import lepton_kernels as lk
 import reference as ref
@@ -19,13 +19,18 @@ def check_linear(rng, x_shape, w_shape, has_bias, activation, dtype, context="")
     got = lk.linear(x, w, b, activation=activation)
     expected = ref.linear(x, w, b, activation)
     magnitude = ref.linear(np.abs(x), np.abs(w), None if b is None else np.abs(b))
-    ref.assert_sum_close(got, expected, magnitude, x_shape[-1] + has_bias, dtype,
-                         f"x {x_shape}, w {w_shape}, bias {has_bias}, {activation}; {context}")
+    context = f"x {x_shape}, w {w_shape}, bias {has_bias}, {activation}; {context}"
+    ref.assert_sum_close(got, expected, magnitude, x_shape[-1] + has_bias, dtype, context)
+    # The same call into a NaN-filled out= must write every element. (An
+    # empty out= has a test of its own, so that a failure there masks nothing.)
+    if got.size:
+        out = ref.poisoned(got.shape, dtype)
+        assert lk.linear(x, w, b, activation=activation, out=out) is out
+        ref.assert_identical(out, got, f"out=; {context}")
     return got
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=60)
 @given(case=ref.linear_cases(), seed=ref.SEEDS)
 def test_matches_reference(isa, dtype, case, seed):
     check_linear(np.random.default_rng(seed), *case, dtype)
@@ -33,10 +38,15 @@ def test_matches_reference(isa, dtype, case, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tile_edges(isa, dtype, rng):
-    # Rows (batch) and columns (output features) around every microkernel tile edge.
+    # Rows (batch) and columns (output features) around every tile edge of
+    # the GEMM microkernels and of the dot kernel used for few rows or few
+    # outputs, then reduction lengths around its vector widths.
     for m in (1, 3, 4, 5, 7, 8, 9, 15, 16, 17):
-        for n in (1, 5, 6, 7, 11, 12, 13, 23, 24, 25, 47, 48, 49, 95, 96, 97):
-            check_linear(rng, (m, 19), (n, 19), True, None, dtype, f"m={m} n={n}")
+        for n in (1, 3, 4, 5, 6, 7, 11, 12, 13, 23, 24, 25, 47, 48, 49, 95, 96, 97):
+            check_linear(rng, (m, 19), (n, 19), (m + n) % 2 == 1, None, dtype, f"m={m} n={n}")
+    for k in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65):
+        for m, n in ((1, 5), (2, 9), (4, 4), (9, 13), (9, 50)):
+            check_linear(rng, (m, k), (n, k), True, "relu", dtype, f"m={m} n={n} k={k}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,6 +85,14 @@ def test_no_input_features_gives_bias(dtype, activation, rng):
     expected = np.broadcast_to(np.maximum(b, 0) if activation else b, (4, 5))
     ref.assert_identical(got, expected)
     ref.assert_identical(lk.linear(x, w), np.zeros((4, 5), dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape", [(0,), (2, 3, 0), (1, 1, 1, 0)])
+def test_no_input_features_any_rank(dtype, x_shape, rng):
+    w = np.empty((5, 0), dtype)
+    b = ref.randn(rng, 5, dtype)
+    ref.assert_identical(lk.linear(np.empty(x_shape, dtype), w, b), np.broadcast_to(b, x_shape[:-1] + (5,)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import lepton_kernels as lk
 import reference as ref
 
 DTYPES = [np.float32, np.float64]
-FLAVOURS = ["plain", "ties", "nan", "inf"]
+FLAVOURS = ["plain", "ties", "nan", "inf", "all_neg_inf"]
 
 
 def check_pool(x, kwargs, context=""):
@@ -23,11 +23,15 @@ def check_pool(x, kwargs, context=""):
     ref.assert_identical(indices, ref_indices.astype(np.int64), context)
     # Without indices the values are the same.
     ref.assert_identical(lk.max_pool2d(x, **kwargs), ref_values, context)
+    # The same call into a NaN-filled out= must write every element; where
+    # NaN is a legitimate result, fill with a value no input holds instead.
+    out = np.full(values.shape, 7.25, x.dtype) if np.isnan(ref_values).any() else ref.poisoned(values.shape, x.dtype)
+    assert lk.max_pool2d(x, **kwargs, out=out) is out
+    ref.assert_identical(out, ref_values, f"out=; {context}")
     return values, indices
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=60)
 @given(case=ref.pool_cases(), flavour=st.sampled_from(FLAVOURS), seed=ref.SEEDS)
 def test_matches_reference(isa, dtype, case, flavour, seed):
     shape, kwargs = case
@@ -63,6 +67,41 @@ def test_matches_reference(isa, dtype, case, flavour, seed):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_argument_classes(isa, dtype, shape, kwargs, flavour, rng):
     check_pool(ref.fill_pool_input(rng, shape, dtype, flavour), kwargs, flavour)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        pytest.param((1, 1, 1, 1), dict(kernel_size=2, ceil_mode=True), id="2x2-on-1x1"),
+        pytest.param((2, 3, 3, 5), dict(kernel_size=4, ceil_mode=True), id="4x4-on-3x5"),
+        pytest.param((2, 3, 5, 2), dict(kernel_size=3, stride=2, padding=(1, 0), ceil_mode=True), id="3x3-on-5x2"),
+    ],
+)
+def test_ceil_mode_window_past_the_input(dtype, shape, kwargs, rng):
+    # With ceil_mode a window may reach past the input and its padding, as
+    # long as it starts inside: torch pools the taps that exist.
+    check_pool(ref.randn(rng, shape, dtype), kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(kernel_size=2), id="2x2-s2"),
+        pytest.param(dict(kernel_size=3, stride=1, padding=1), id="3x3-s1-p1"),
+        pytest.param(dict(kernel_size=3, stride=2, padding=1), id="3x3-s2-p1"),
+        pytest.param(dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 2)), id="dilated-s2"),
+    ],
+)
+def test_row_widths(isa, dtype, kwargs, rng):
+    # Rows of outputs are taken a vector (4 to 16 columns) at a time, the
+    # last one overlapping, narrower vectors and scalar code for short rows:
+    # every width from 1 to past twice the widest vector.
+    for width in range(1, 72):
+        for flavour in ("plain", "ties", "nan"):
+            check_pool(ref.fill_pool_input(rng, (1, 2, 5, width + 4), dtype, flavour), kwargs,
+                       f"width {width}, {flavour}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

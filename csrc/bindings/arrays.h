@@ -70,7 +70,9 @@ template <class T>
 py::array_t<T> output_array(const py::object& out, const std::vector<py::ssize_t>& shape) {
   if (out.is_none()) return new_array<T>(shape);
   auto a = py::reinterpret_borrow<py::array>(out);
-  LK_CHECK(a.dtype().equal(py::dtype::of<T>()), "out: expected dtype ", py::str(py::dtype::of<T>()).cast<std::string>());
+  if (!a.dtype().equal(py::dtype::of<T>()))
+    throw py::type_error(cat("out: expected dtype ", py::str(py::dtype::of<T>()).cast<std::string>(), ", got ",
+                             py::str(a.dtype()).cast<std::string>()));
   LK_CHECK(a.writeable(), "out: array is read-only");
   LK_CHECK(static_cast<size_t>(a.ndim()) == shape.size(), "out: expected ", shape.size(), " dimensions");
   for (size_t i = 0; i < shape.size(); ++i)

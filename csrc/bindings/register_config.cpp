@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "core/cpu_features.h"
+#include "core/error.h"
 #include "core/memory.h"
 #include "core/plan_cache.h"
 #include "core/plan_store.h"
@@ -20,10 +21,11 @@ namespace py = pybind11;
 
 void register_config(py::module_& m) {
   m.def("get_num_threads", &get_num_threads);
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("n: number of threads must be at least 1, got " + std::to_string(n));
+  m.def("set_num_threads", [](int64_t n) {
+    if (n < 1 || n > kMaxThreads)
+      throw py::value_error(cat("n: number of threads must be in [1, ", kMaxThreads, "], got ", n));
     py::gil_scoped_release release;
-    set_num_threads(n);
+    set_num_threads(static_cast<int>(n));
   });
   m.def("available_cores", &available_cores);
   m.def("detected_isa", [] { return std::string(isa_name(detected_isa())); });

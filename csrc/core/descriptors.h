@@ -36,9 +36,10 @@ struct Pool2dDesc {
   int64_t dil_h = 1, dil_w = 1;
   bool ceil_mode = false;
 
+  static int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
   static int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil) {
-    int64_t num = in + 2 * p - d * (k - 1) - 1;
-    int64_t out = (ceil ? (num + s - 1) / s : num / s) + 1;
+    const int64_t num = in + 2 * p - d * (k - 1) - 1;
+    int64_t out = (ceil ? floor_div(num + s - 1, s) : floor_div(num, s)) + 1;
     // torch: the last window must start inside the input or the left padding.
     if (ceil && (out - 1) * s >= in + p) --out;
     return out;

@@ -66,8 +66,15 @@ class Pool {
 
   void resize(int threads) {
     std::unique_lock<std::shared_mutex> lock(resize_mu_);
+    const int before = threads_;
     stop();
-    start(threads);
+    try {
+      start(threads);
+    } catch (...) {  // the system refused a thread: keep the pool as it was
+      stop();
+      start(before);
+      throw;
+    }
   }
 
   void run(int64_t n, int max_threads, const std::function<void(int64_t)>& fn) {
@@ -114,9 +121,10 @@ class Pool {
 
  private:
   void start(int threads) {
-    threads_ = std::max(1, threads);
     stopping_ = false;
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
+    threads_ = 1;
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    threads_ = std::max(1, threads);
   }
 
   void stop() {

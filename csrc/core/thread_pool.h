@@ -11,7 +11,11 @@ namespace lk {
 int available_cores();
 
 int get_num_threads();
-// n >= 1: total threads a call may use, the calling thread included.
+constexpr int kMaxThreads = 4096;
+
+// 1 <= n <= kMaxThreads: total threads a call may use, the calling thread
+// included. If the system cannot start them, the pool stays as it was and
+// std::system_error is thrown.
 void set_num_threads(int n);
 
 // Runs fn(task) for every task in [0, n_tasks) on at most max_threads threads

@@ -31,6 +31,8 @@ def set_num_threads(n: int) -> None:
         n = operator.index(n)
     except TypeError:
         raise TypeError(f"n: expected an int, got {type(n).__name__}") from None
+    if not 1 <= n <= 4096:
+        raise ValueError(f"n: number of threads must be in [1, 4096], got {n}")
     _core.set_num_threads(n)
 
 

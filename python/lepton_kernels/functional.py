@@ -78,6 +78,8 @@ def _conv_params(weight, bias, stride, padding, dilation, groups, dtype=None):
     dilation = pair(dilation, "dilation", minimum=1)
     groups = int_param(groups, "groups", minimum=1)
     K, Cg, R, S = weight.shape
+    if K == 0:
+        raise ValueError(f"weight: expected at least 1 output channel, got shape {weight.shape}")
     if 0 in (Cg, R, S):
         raise ValueError(f"weight: expected non-zero size for non-output dimensions, got shape {weight.shape}")
     if K % groups:
@@ -230,23 +232,39 @@ def linear(input, weight, bias=None, *, activation=None, out=None):
     out_shape = lead + (() if vector_weight else (w2.shape[0],))
     check_out_size(out_shape, input.dtype)
     check_out(out, (input, weight, bias))
-    x2 = input if input.ndim == 2 else input.reshape(-1, K)
-    if x2.shape[0] == 0 and input.ndim != 2:
-        x2 = np.empty((0, K), input.dtype)
+    x2 = _rows(input)
     out2 = None
     if out is not None:
         if out.shape != out_shape:
             raise ValueError(f"out: expected shape {out_shape}, got {out.shape}")
-        out2 = out.reshape(x2.shape[0], w2.shape[0])
-        if not np.shares_memory(out2, out):
-            raise ValueError("out: must be C-contiguous")
+        out2 = _rows_out(out, x2.shape[0], w2.shape[0])
     y = _core.linear(x2, w2, b, _activation(activation), out2)
     return out if out is not None else y.reshape(out_shape)
 
 
+def _rows(x):
+    """(..., K) as a 2-D (rows, K) array; a view when the layout allows."""
+    K = x.shape[-1]
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if x.ndim == 2:
+        return x
+    if x.size == 0:  # reshape(-1, 0) is ambiguous
+        return np.empty((rows, K), x.dtype)
+    return x.reshape(rows, K)
+
+
+def _rows_out(out, rows, n):
+    """`out` seen as (rows, n); it must be a view, so results land in `out`."""
+    out2 = out.reshape(rows, n)
+    if out2.size and not np.shares_memory(out2, out):
+        raise ValueError("out: must be C-contiguous")
+    return out2
+
+
 def _contiguous(x, name):
     check_array(x, name)
-    return np.ascontiguousarray(x)
+    # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+    return x if x.flags.c_contiguous else x.copy(order="C")
 
 
 def _elementwise_out(out, x, original):

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _core
 from ._args import check_array, check_out, spatial_input
-from .functional import _activation, _batched_out, _conv_params, _pool_params, _result
+from .functional import _activation, _batched_out, _conv_params, _pool_params, _result, _rows, _rows_out
 
 __all__ = ["Conv2d", "Conv2dMaxPool2d", "Linear", "MaxPool2d"]
 
@@ -173,14 +173,12 @@ class Linear:
             raise ValueError(f"input: expected {K} features in the last dimension, got shape {input.shape}")
         check_out(out, (input,))
         out_shape = input.shape[:-1] + (N,)
-        x2 = input.reshape(-1, K) if input.size else np.empty((int(np.prod(input.shape[:-1])), K), input.dtype)
+        x2 = _rows(input)
         out2 = None
         if out is not None:
             if out.shape != out_shape:
                 raise ValueError(f"out: expected shape {out_shape}, got {out.shape}")
-            out2 = out.reshape(x2.shape[0], N)
-            if not np.shares_memory(out2, out):
-                raise ValueError("out: must be C-contiguous")
+            out2 = _rows_out(out, x2.shape[0], N)
         y = self._layer(x2, out2)
         return out if out is not None else y.reshape(out_shape)
 
