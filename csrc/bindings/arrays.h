@@ -29,7 +29,8 @@ struct Input {
 inline Input input_view(py::array a, const char* name, int ndim) {
   LK_CHECK(a.ndim() == ndim, name, ": expected ", ndim, " dimensions, got ", a.ndim());
   LK_CHECK(ndim <= kMaxDims, name, ": too many dimensions");
-  LK_CHECK(is_f32(a) || is_f64(a), name, ": expected float32 or float64");
+  if (!is_f32(a) && !is_f64(a))
+    throw py::type_error(cat(name, ": expected dtype float32 or float64, got ", py::str(a.dtype()).cast<std::string>()));
   const auto item = a.itemsize();
   bool ok = (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
   for (int i = 0; i < ndim && ok; ++i) ok = a.strides(i) % item == 0;

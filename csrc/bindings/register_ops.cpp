@@ -92,6 +92,27 @@ static py::array conv2d(py::array input, py::array weight, std::optional<py::arr
                                  : conv2d_typed<double>(a.d, a.x, a.w, a.b, out);
 }
 
+// conv2d's arguments other than the arrays, converted once: the functional
+// API keeps one per distinct argument set, so a repeated call skips both the
+// Python normalisation and pybind's conversion of the tuples.
+class Conv2dArgs {
+ public:
+  Conv2dArgs(I2 stride, I4 padding, I2 dilation, int64_t groups, const std::string& activation)
+      : stride_(stride), padding_(padding), dilation_(dilation), groups_(groups), activation_(activation) {
+    activation_from(activation);  // checked now
+  }
+  py::array call(py::array input, py::array weight, std::optional<py::array> bias) const {
+    return conv2d(input, weight, bias, stride_, padding_, dilation_, groups_, activation_, py::none());
+  }
+
+ private:
+  I2 stride_;
+  I4 padding_;
+  I2 dilation_;
+  int64_t groups_;
+  std::string activation_;
+};
+
 template <class T>
 static py::array conv2d_max_pool2d_typed(const ConvArgs& a, const Pool2dDesc& pool, const py::object& out) {
   std::shared_ptr<const cpu::Conv2dMaxPool2dPlan<T>> plan;
@@ -124,7 +145,7 @@ template <class T>
 static py::object max_pool2d_typed(const Pool2dDesc& d, const Input& x, bool return_indices, const py::object& out) {
   auto y = output_array<T>(out, {d.N, d.C, d.P(), d.Q()});
   std::optional<py::array_t<int64_t>> idx;
-  if (return_indices) idx.emplace(std::vector<py::ssize_t>{d.N, d.C, d.P(), d.Q()});
+  if (return_indices) idx.emplace(new_array<int64_t>({d.N, d.C, d.P(), d.Q()}));
   T* yp = y.mutable_data();
   int64_t* ip = idx ? idx->mutable_data() : nullptr;
   {
@@ -197,7 +218,7 @@ static py::array elementwise(py::array x, py::object out, F&& f) {
 static py::array relu(py::array x, py::object out) {
   const int64_t n = x.size();
   if (is_f32(x)) return elementwise<float>(x, out, [n](const float* a, float* b) { cpu::relu(a, b, n); });
-  LK_CHECK(is_f64(x), "input: expected float32 or float64");
+  if (!is_f64(x)) throw py::type_error("input: expected dtype float32 or float64");
   return elementwise<double>(x, out, [n](const double* a, double* b) { cpu::relu(a, b, n); });
 }
 
@@ -205,12 +226,49 @@ static py::array softmax(py::array x, int64_t outer, int64_t dim, int64_t inner,
   LK_CHECK(outer >= 0 && dim >= 0 && inner >= 0 && outer * dim * inner == x.size(), "dim: bad split of the input");
   if (is_f32(x))
     return elementwise<float>(x, out, [=](const float* a, float* b) { cpu::softmax(a, b, outer, dim, inner, log); });
-  LK_CHECK(is_f64(x), "input: expected float32 or float64");
+  if (!is_f64(x)) throw py::type_error("input: expected dtype float32 or float64");
   return elementwise<double>(x, out, [=](const double* a, double* b) { cpu::softmax(a, b, outer, dim, inner, log); });
+}
+
+// What the functional ops would run: the same plans (weights not prepacked).
+static std::string describe_conv2d(py::array input, py::array weight, std::optional<py::array> bias, I2 stride,
+                                   I4 padding, I2 dilation, int64_t groups, const std::string& activation) {
+  ConvArgs a = conv_args(input, weight, bias, stride, padding, dilation, groups, activation);
+  py::gil_scoped_release release;
+  return a.d.dtype == DType::f32 ? cpu::plan_conv2d<float>(a.d, false)->explain()
+                                 : cpu::plan_conv2d<double>(a.d, false)->explain();
+}
+
+static std::string describe_conv2d_max_pool2d(py::array input, py::array weight, std::optional<py::array> bias,
+                                              I2 stride, I4 padding, I2 dilation, int64_t groups,
+                                              const std::string& activation, I2 pool_kernel, I2 pool_stride,
+                                              I2 pool_padding, I2 pool_dilation, bool ceil_mode) {
+  ConvArgs a = conv_args(input, weight, bias, stride, padding, dilation, groups, activation);
+  const Pool2dDesc pool = pool_desc(pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode);
+  py::gil_scoped_release release;
+  return a.d.dtype == DType::f32 ? cpu::plan_conv2d_max_pool2d<float>(a.d, pool, false)->describe()
+                                 : cpu::plan_conv2d_max_pool2d<double>(a.d, pool, false)->describe();
+}
+
+static std::string describe_linear(int64_t rows, py::array weight, bool has_bias, const std::string& activation) {
+  Input w = input_view(weight, "weight", 2);
+  LinearDesc d;
+  d.dtype = w.view.dtype;
+  d.M = rows, d.K = w.view.shape[1], d.N = w.view.shape[0];
+  d.has_bias = has_bias;
+  d.act = activation_from(activation);
+  py::gil_scoped_release release;
+  return d.dtype == DType::f32 ? cpu::plan_linear<float>(d)->describe() : cpu::plan_linear<double>(d)->describe();
 }
 
 void register_ops(py::module_& m) {
   using namespace pybind11::literals;
+  py::class_<Conv2dArgs>(m, "Conv2dArgs")
+      .def(py::init<I2, I4, I2, int64_t, const std::string&>())
+      .def("__call__", &Conv2dArgs::call, "input"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert());
+  m.def("describe_conv2d", &describe_conv2d);
+  m.def("describe_conv2d_max_pool2d", &describe_conv2d_max_pool2d);
+  m.def("describe_linear", &describe_linear);
   m.def("conv2d", &conv2d, "input"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert(), "stride"_a,
         "padding"_a, "dilation"_a, "groups"_a, "activation"_a, "out"_a);
   m.def("conv2d_max_pool2d", &conv2d_max_pool2d, "input"_a.noconvert(), "weight"_a.noconvert(),

@@ -40,6 +40,10 @@ void validate(const Conv2dDesc& d) {
   LK_CHECK(d.H + d.pad_top + d.pad_bottom >= d.dil_h * (d.R - 1) + 1 &&
                d.W + d.pad_left + d.pad_right >= d.dil_w * (d.S - 1) + 1,
            "weight: kernel size can't be greater than the padded input size");
+  // Sizes come from arrays that exist, but padding and strides do not: the
+  // output must be addressable before anything is computed in int64.
+  const double out_bytes = static_cast<double>(d.N) * d.K * d.P() * d.Q() * 8.0;
+  if (out_bytes > 4e18) throw std::overflow_error("input: the output is too large to address");
 }
 
 namespace {
@@ -536,6 +540,19 @@ std::string Conv2dPlan<T>::describe() const {
   if (algo_ != ConvAlgo::direct) s += cat(" ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
   s += cat(" predicted_us=", choice_.time_s * 1e6, " workspace_bytes=", choice_.workspace,
            measured_ ? " chosen_by=measurement" : " chosen_by=cost_model");
+  return s;
+}
+
+template <class T>
+std::string Conv2dPlan<T>::explain() const {
+  std::string s = describe() + "\n  candidates of the cost model, cheapest first:";
+  const auto all = candidates();
+  for (size_t i = 0; i < all.size() && i < 4; ++i) {
+    const ConvChoice& c = all[i];
+    s += cat("\n    ", conv_algo_name(c.algo), " threads=", c.threads);
+    if (c.algo != ConvAlgo::direct) s += cat(" kc=", c.kc, " mc=", c.mc, " nc=", c.nc);
+    s += cat(" predicted_us=", c.time_s * 1e6, " workspace_bytes=", c.workspace);
+  }
   return s;
 }
 

@@ -99,6 +99,7 @@ class Conv2dPlan {
 
   void check_input(const TensorView& x) const;
   std::string describe() const;
+  std::string explain() const;  // describe(), then the cost model's best candidates
   const Conv2dDesc& desc() const { return d_; }
   int threads() const { return threads_; }
 

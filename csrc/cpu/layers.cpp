@@ -108,16 +108,7 @@ template <class T>
 std::string Conv2dLayer<T>::describe(const TensorView& x) const {
   const Conv2dDesc d = desc_for(x);
   if (pool_) return plan_conv2d_max_pool2d<T>(d, *pool_, true, only_)->describe();
-  auto plan = plan_conv2d<T>(d, true, nullptr, only_);
-  std::string s = plan->describe() + "\n  candidates of the cost model, cheapest first:";
-  const auto candidates = plan->candidates();
-  for (size_t i = 0; i < candidates.size() && i < 4; ++i) {
-    const ConvChoice& c = candidates[i];
-    s += cat("\n    ", conv_algo_name(c.algo), " threads=", c.threads);
-    if (c.algo != ConvAlgo::direct) s += cat(" kc=", c.kc, " mc=", c.mc, " nc=", c.nc);
-    s += cat(" predicted_us=", c.time_s * 1e6, " workspace_bytes=", c.workspace);
-  }
-  return s;
+  return plan_conv2d<T>(d, true, nullptr, only_)->explain();
 }
 
 template <class T>

@@ -5,6 +5,7 @@
 #include "core/error.h"
 #include "core/thread_pool.h"
 #include "cpu/gemm.h"
+#include "cpu/machine.h"
 
 namespace lk::cpu {
 
@@ -21,10 +22,19 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc)
   threads_ = static_cast<int>(std::clamp(flops / 4e6, 1.0, static_cast<double>(get_num_threads())));
   const int64_t want = 4 * static_cast<int64_t>(threads_);
 
+  // The prediction, for explain(): the dot kernel streams the weights and
+  // reaches a fraction of the GEMM rate (a load per FMA); the GEMM runs near
+  // the microkernel's rate on padded tiles. Threads share the bandwidth.
+  const MachineModel& model = machine_model();
+  const double rate = model.gemm_flops[sizeof(T) == 8];
+  const double bytes = static_cast<double>(sizeof(T)) * (M * K + N * K + M * N);
+  const double memory = bytes / (model.bandwidth * std::min(threads_, 2));
+  const double wake = threads_ > 1 ? model.wake_s : 0;
   if (algo_ == LinearAlgo::dot) {
     // Tasks: rows of x times blocks of weight rows.
     mc_ = 1;
     nc_ = std::max<int64_t>(1, std::min<int64_t>(N, round_up(ceil_div(N, ceil_div(want, std::max<int64_t>(M, 1))), 4)));
+    predicted_s_ = std::max(flops / (rate * 0.4 * threads_), memory) + wake;
     return;
   }
   const int64_t Np = round_up(N, nr);
@@ -35,6 +45,9 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc)
   const int64_t mblocks = ceil_div(std::max<int64_t>(M, 1), mc_);
   if (mblocks * ceil_div(Np, nc_) < want)
     nc_ = std::max<int64_t>(nr, round_up(ceil_div(Np, ceil_div(want, mblocks)), nr));
+  const double padded = 2.0 * round_up(M, mr) * K * Np;
+  predicted_s_ = std::max(padded / (rate * threads_), memory) + wake;
+  workspace_ = threads_ * round_up(mc_, mr) * kc_ * static_cast<int64_t>(sizeof(T));
 }
 
 template <class T>
@@ -145,11 +158,12 @@ void LinearPlan<T>::run_gemm(const TensorView& x, const Weights& wt, T* y) const
 
 template <class T>
 std::string LinearPlan<T>::describe() const {
+  std::string s = cat("linear ", dtype_name(dtype_of<T>()));
   if (algo_ == LinearAlgo::dot)
-    return cat("linear ", dtype_name(dtype_of<T>()), " algo=dot ukernel=", dot_.name, " nc=", nc_,
-               " threads=", threads_);
-  return cat("linear ", dtype_name(dtype_of<T>()), " algo=gemm ukernel=", uk_.name, " kc=", kc_, " mc=", mc_,
-             " nc=", nc_, " threads=", threads_);
+    s += cat(" algo=dot ukernel=", dot_.name, " nc=", nc_);
+  else
+    s += cat(" algo=gemm ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
+  return s + cat(" threads=", threads_, " predicted_us=", predicted_s_ * 1e6, " workspace_bytes=", workspace_);
 }
 
 template class LinearPlan<float>;

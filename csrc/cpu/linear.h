@@ -61,6 +61,8 @@ class LinearPlan {
   DotUkernel<T> dot_;
   int64_t kc_ = 0, mc_ = 0, nc_ = 0;
   int threads_ = 1;
+  double predicted_s_ = 0;
+  int64_t workspace_ = 0;
 };
 
 }  // namespace lk::cpu

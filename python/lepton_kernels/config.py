@@ -86,6 +86,8 @@ def set_scheduler(*, memory_budget=_UNSET, memory_weight=_UNSET, autotune=_UNSET
                 raise TypeError(f"memory_budget: expected an int or None, got {type(memory_budget).__name__}") from None
             if budget < 0:
                 raise ValueError(f"memory_budget: must be non-negative, got {budget}")
+            if budget >= 2**63:
+                raise OverflowError(f"memory_budget: {budget} is too large (use None for no limit)")
     if memory_weight is not _UNSET:
         if isinstance(memory_weight, bool) or not isinstance(memory_weight, (int, float)):
             raise TypeError(f"memory_weight: expected a number, got {type(memory_weight).__name__}")
@@ -93,7 +95,9 @@ def set_scheduler(*, memory_budget=_UNSET, memory_weight=_UNSET, autotune=_UNSET
             raise ValueError(f"memory_weight: must be non-negative, got {memory_weight}")
         weight = float(memory_weight)
     if autotune is not _UNSET:
-        tune = bool(autotune)
+        if not isinstance(autotune, bool):
+            raise TypeError(f"autotune: expected a bool, got {type(autotune).__name__}")
+        tune = autotune
     _core.set_scheduler(budget, weight, tune)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _core
 from ._args import (
+    FLOAT_DTYPES,
     check_array,
     check_out,
     check_out_size,
@@ -106,24 +107,28 @@ def _conv_args(input, weight, bias, stride, padding, dilation, groups):
     return x, batched, stride, pads, dilation, groups, (P, Q)
 
 
-def _pool_params(kernel_size, stride, padding, dilation):
-    """Checked pooling arguments: (kernel, stride, padding, dilation)."""
-    kernel = pair(kernel_size, "kernel_size", minimum=1)
+_POOL_NAMES = ("kernel_size", "stride", "padding", "dilation")
+_FUSED_POOL_NAMES = ("kernel_size", "pool_stride", "pool_padding", "pool_dilation")
+
+
+def _pool_params(kernel_size, stride, padding, dilation, names=_POOL_NAMES):
+    """Checked pooling arguments: (kernel, stride, padding, dilation); errors use `names`."""
+    kn, sn, pn, dn = names
+    kernel = pair(kernel_size, kn, minimum=1)
     if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
         stride = kernel
     else:
-        stride = pair(stride, "stride", minimum=1)
-    pad = pair(padding, "padding", minimum=0)
-    dilation = pair(dilation, "dilation", minimum=1)
+        stride = pair(stride, sn, minimum=1)
+    pad = pair(padding, pn, minimum=0)
+    dilation = pair(dilation, dn, minimum=1)
     if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
-        raise ValueError(f"padding: should be at most half of kernel_size, got padding={pad} and "
-                         f"kernel_size={kernel}")
+        raise ValueError(f"{pn}: should be at most half of {kn}, got {pn}={pad} and {kn}={kernel}")
     return kernel, stride, pad, dilation
 
 
-def _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W):
+def _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W, names=_POOL_NAMES):
     """Checked pooling arguments for a C x H x W input: (kernel, stride, padding, dilation, (P, Q))."""
-    kernel, stride, pad, dilation = _pool_params(kernel_size, stride, padding, dilation)
+    kernel, stride, pad, dilation = _pool_params(kernel_size, stride, padding, dilation, names)
     sizes = []
     for n, k, s, p, d in zip((H, W), kernel, stride, pad, dilation):
         num = n + 2 * p - d * (k - 1) - 1
@@ -143,6 +148,12 @@ def _result(y, out, batched):
     return y if batched else y[0]
 
 
+# Converted arguments of recent conv2d calls, by everything but the input's
+# batch and image size: a repeated call goes straight to the core, which
+# checks the input against them. Bounded; cleared when full.
+_CONV_ARGS = {}
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, out=None):
     """2-D convolution of an (N, C, H, W) or (C, H, W) input with (K, C/groups, R, S) filters.
 
@@ -150,12 +161,26 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     the channels (``groups == C`` is depthwise). ``activation='relu'`` fuses a
     ReLU into the output pass.
     """
-    x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
-                                                                    dilation, groups)
+    key = None
+    if out is None and type(input) is np.ndarray and type(weight) is np.ndarray and input.ndim == 4:
+        try:
+            key = (weight.shape, weight.dtype, input.dtype, bias is None or (type(bias) is np.ndarray and
+                   bias.shape == weight.shape[:1] and bias.dtype), stride, padding, dilation, groups, activation)
+            args = _CONV_ARGS.get(key)
+        except TypeError:  # unhashable arguments (lists): the full path below
+            key = args = None
+        if args is not None:
+            return args(input, weight, bias)
+    x, batched, stride_, pads, dilation_, groups_, (P, Q) = _conv_args(input, weight, bias, stride, padding,
+                                                                       dilation, groups)
     check_out_size((x.shape[0], weight.shape[0], P, Q), x.dtype)
     check_out(out, (input, weight, bias))
-    y = _core.conv2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation),
-                     _batched_out(out, batched))
+    act = _activation(activation)
+    if out is None and batched and key is not None:
+        if len(_CONV_ARGS) >= 256:
+            _CONV_ARGS.clear()
+        _CONV_ARGS[key] = _core.Conv2dArgs(stride_, pads, dilation_, groups_, act)
+    y = _core.conv2d(x, weight, bias, stride_, pads, dilation_, groups_, act, _batched_out(out, batched))
     return _result(y, out, batched)
 
 
@@ -193,7 +218,8 @@ def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
     x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
                                                                     dilation, groups)
     K = weight.shape[0]
-    pk, ps, pp, pd, (PP, PQ) = _pool_args(kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode, K, P, Q)
+    pk, ps, pp, pd, (PP, PQ) = _pool_args(kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode, K, P, Q,
+                                          _FUSED_POOL_NAMES)
     check_out_size((x.shape[0], K, PP, PQ), x.dtype)
     check_out(out, (input, weight, bias))
     y = _core.conv2d_max_pool2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation), pk, ps,
@@ -207,6 +233,12 @@ def linear(input, weight, bias=None, *, activation=None, out=None):
     A 1-D weight (in_features,) gives an output without the feature axis, as in torch.
     ``activation='relu'`` fuses a ReLU into the output pass.
     """
+    if (out is None and type(input) is np.ndarray and type(weight) is np.ndarray and input.ndim == 2
+            and weight.ndim == 2 and input.dtype == weight.dtype and input.dtype in FLOAT_DTYPES
+            and input.shape[1] == weight.shape[1] and (bias is None or (type(bias) is np.ndarray and
+                                                       bias.dtype == input.dtype and bias.shape == weight.shape[:1]))
+            and activation in _ACTIVATIONS):
+        return _core.linear(input, weight, bias, _ACTIVATIONS[activation], None)  # already checked: straight in
     check_array(input, "input")
     check_array(weight, "weight")
     check_same_dtype(input, weight, "weight")

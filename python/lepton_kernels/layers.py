@@ -12,7 +12,16 @@ import numpy as np
 
 from . import _core
 from ._args import check_array, check_out, spatial_input
-from .functional import _activation, _batched_out, _conv_params, _pool_params, _result, _rows, _rows_out
+from .functional import (
+    _FUSED_POOL_NAMES,
+    _activation,
+    _batched_out,
+    _conv_params,
+    _pool_params,
+    _result,
+    _rows,
+    _rows_out,
+)
 
 __all__ = ["Conv2d", "Conv2dMaxPool2d", "Linear", "MaxPool2d"]
 
@@ -103,7 +112,7 @@ class Conv2dMaxPool2d(_ConvBase):
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation="relu",
                  kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False, algorithm="auto"):
-        self._pool = _pool_params(kernel_size, pool_stride, pool_padding, pool_dilation)
+        self._pool = _pool_params(kernel_size, pool_stride, pool_padding, pool_dilation, _FUSED_POOL_NAMES)
         self._ceil_mode = bool(ceil_mode)
         super().__init__(weight, bias, stride, padding, dilation, groups, activation, algorithm)
 
