@@ -16,15 +16,17 @@ const char* conv_algo_name(ConvAlgo a) {
     case ConvAlgo::direct: return "direct";
     case ConvAlgo::im2col_gemm: return "im2col_gemm";
     case ConvAlgo::implicit_gemm_t: return "implicit_gemm_t";
+    case ConvAlgo::indirect_gemm: return "indirect_gemm";
     default: return "implicit_gemm";
   }
 }
 
 ConvAlgo conv_algo_from(const std::string& name) {
-  for (ConvAlgo a : {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm, ConvAlgo::implicit_gemm_t, ConvAlgo::direct})
+  for (ConvAlgo a : {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm, ConvAlgo::implicit_gemm_t,
+                     ConvAlgo::indirect_gemm, ConvAlgo::direct})
     if (name == conv_algo_name(a)) return a;
-  throw std::invalid_argument(cat("algorithm: expected 'auto', 'implicit_gemm', 'im2col_gemm', 'implicit_gemm_t' or ",
-                                  "'direct', got '", name, "'"));
+  throw std::invalid_argument(cat("algorithm: expected 'auto', 'implicit_gemm', 'im2col_gemm', 'implicit_gemm_t', ",
+                                  "'indirect_gemm' or 'direct', got '", name, "'"));
 }
 
 void validate(const Conv2dDesc& d) {
@@ -121,19 +123,26 @@ namespace {
 
 constexpr double kUkernelCallOverheadK = 8;    // a microkernel call costs ~8 extra steps of its k loop
 constexpr double kPackSecondsPerElem = 0.4e-9;  // im2col gather, per element, one thread
+constexpr double kCopyPerPack = 0.4;             // a row copy (indirect_gemm's band) against a gather
 constexpr double kDirectEfficiency = 0.15;     // the direct loop against the GEMM microkernel's rate
 constexpr double kTaskSeconds = 0.1e-6;        // bookkeeping per task
 constexpr double kL2Bytes = 1 << 20;           // per core
 
 struct ConvShape {
   int64_t N, G, Kg, CRS, PQ, in_bytes, out_bytes, weight_bytes;
+  int64_t padded_elems;  // N*C*(H+pads)*(W+pads) when there is padding, else 0
+  int64_t Q, tap_rows;   // output row length; input rows one output row's taps span
+  int64_t row_step;      // input rows between output rows
 };
 
 template <class T>
 ConvShape shape_of(const Conv2dDesc& d) {
   const int64_t e = sizeof(T);
+  const bool pad = d.pad_top || d.pad_bottom || d.pad_left || d.pad_right;
   return {d.N, d.groups, d.Kg(), d.Cg() * d.R * d.S, d.P() * d.Q(), d.N * d.C * d.H * d.W * e,
-          d.N * d.K * d.P() * d.Q() * e, d.K * d.Cg() * d.R * d.S * e};
+          d.N * d.K * d.P() * d.Q() * e, d.K * d.Cg() * d.R * d.S * e,
+          pad ? d.N * d.C * (d.H + d.pad_top + d.pad_bottom) * (d.W + d.pad_left + d.pad_right) : 0,
+          d.Q(), (d.R - 1) * d.dil_h + 1, d.stride_h};
 }
 
 double imbalance(int64_t tasks, int threads) {
@@ -148,7 +157,8 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
                   double lambda, bool prepacked) {
   // Rows of the GEMM: channels (pixels when transposed), in blocks of mc;
   // columns: pixels (channels), in blocks of nc.
-  const bool t = c.algo == ConvAlgo::implicit_gemm_t;
+  const bool indirect = c.algo == ConvAlgo::indirect_gemm;
+  const bool t = c.algo == ConvAlgo::implicit_gemm_t || indirect;
   const int64_t M = t ? s.PQ : s.Kg, Ncols = t ? s.Kg : s.PQ;
   const int64_t jblocks = ceil_div(Ncols, c.nc), mblocks = ceil_div(M, c.mc);
   const int64_t tasks = s.N * s.G * jblocks * mblocks;
@@ -161,7 +171,11 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
   // im2col gathers: once per image (im2col_gemm) or once per block of the
   // other operand; the transposed GEMM also packs weights unless a layer did.
   const double repacks = c.algo == ConvAlgo::im2col_gemm ? 1 : t ? jblocks : mblocks;
-  const double packs = static_cast<double>(s.N) * s.G * s.CRS * s.PQ * repacks;
+  double packs = static_cast<double>(s.N) * s.G * s.CRS * s.PQ * repacks;
+  if (indirect) {  // no im2col; with padding, each task copies its band of the input (and a halo)
+    const double band_rows = std::max(1.0, static_cast<double>(c.mc) / s.Q) * s.row_step;
+    packs = s.padded_elems * jblocks * (1.0 + (s.tap_rows - 1) / band_rows) * kCopyPerPack;
+  }
   const double weight_pack = t && !prepacked ? s.weight_bytes / sizeof(T) * kPackSecondsPerElem * 2 : 0;
   const double pack = packs * kPackSecondsPerElem / c.threads + weight_pack;
   // Weights stream again for every pixel block once they outgrow the cache.
@@ -179,8 +193,9 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
   const int64_t e = sizeof(T);
   if (c.algo == ConvAlgo::im2col_gemm)
     c.workspace = s.G * s.CRS * round_up(s.PQ, uk.nr) * e;
-  else if (t)  // per thread an A block of pixels, plus the packed weights if packed per run
-    c.workspace = c.threads * c.kc * round_up(c.mc, uk.mr) * e + (prepacked ? 0 : s.G * round_up(s.Kg, uk.nr) * s.CRS * e);
+  else if (t)  // per thread an A block of pixels (a band: indirect), plus the weights if packed per run
+    c.workspace = c.threads * (indirect ? (s.padded_elems ? s.padded_elems / s.N : 0) : c.kc * round_up(c.mc, uk.mr)) * e +
+                  (prepacked ? 0 : s.G * round_up(s.Kg, uk.nr) * s.CRS * e);
   else
     c.workspace = c.threads * c.kc * round_up(c.nc, uk.nr) * e;
   c.cost = c.time_s + lambda * static_cast<double>(c.workspace);
@@ -216,8 +231,9 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
     const int64_t kc = s.CRS <= cap ? s.CRS : ceil_div(s.CRS, ceil_div(s.CRS, cap == 768 ? 512 : cap));
     if (std::find(kcs.begin(), kcs.end(), kc) == kcs.end()) kcs.push_back(kc);
   }
-  for (ConvAlgo algo : {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm, ConvAlgo::implicit_gemm_t}) {
-    const bool t = algo == ConvAlgo::implicit_gemm_t;
+  for (ConvAlgo algo :
+       {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm, ConvAlgo::implicit_gemm_t, ConvAlgo::indirect_gemm}) {
+    const bool t = algo == ConvAlgo::implicit_gemm_t || algo == ConvAlgo::indirect_gemm;
     const int64_t M = t ? s.PQ : s.Kg, max_nc = round_up(t ? s.Kg : s.PQ, uk.nr);
     for (int threads : thread_counts) {
       for (int64_t kc : kcs) {
@@ -293,7 +309,7 @@ PackedConvWeights<T> Conv2dPlan<T>::pack(const TensorView& w, const TensorView* 
   flatten_weight(w, flat.get());
   if (algo_ == ConvAlgo::direct) {
     p.w = std::move(flat);
-  } else if (algo_ == ConvAlgo::implicit_gemm_t) {
+  } else if (transposed()) {
     const int64_t group_stride = round_up(Kg, uk_.nr) * CRS;
     p.w = aligned_alloc_array<T>(d_.groups * group_stride);
     for (int64_t g = 0; g < d_.groups; ++g)  // B(crs, k) = W[g*Kg + k][crs]
@@ -323,7 +339,7 @@ typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const PackedConvWeights<T>& 
 template <class T>
 typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const TensorView* w, const TensorView* b,
                                                     BoundStorage& storage) const {
-  if (algo_ != ConvAlgo::implicit_gemm_t) return bind_rows(d_, w, b, storage);
+  if (!transposed()) return bind_rows(d_, w, b, storage);
   LK_CHECK(w != nullptr, "weight: missing");
   storage.packed = pack(*w, b);
   return bind(storage.packed);
@@ -380,14 +396,18 @@ void Conv2dPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
     run_im2col_gemm(x, wt, y);
     return;
   }
-  if (algo_ == ConvAlgo::implicit_gemm_t) {  // mc_: pixels per task, nc_: channels per task
+  if (transposed()) {  // mc_: pixels per task, nc_: channels per task
     const int64_t pblocks = ceil_div(PQ, mc_), cblocks = ceil_div(Kg, nc_);
+    const std::vector<int64_t> k_off = algo_ == ConvAlgo::indirect_gemm ? tap_offsets(x) : std::vector<int64_t>();
     parallel_for(d_.N * G * pblocks * cblocks, threads_, [&](int64_t task) {
       const int64_t cb = task % cblocks, pb = (task / cblocks) % pblocks;
       const int64_t g = (task / (cblocks * pblocks)) % G, n = task / (cblocks * pblocks * G);
-      const int64_t j0 = pb * mc_, n0 = cb * nc_;
-      gemm_t_tile(x, wt, n, g, j0, std::min(PQ, j0 + mc_), n0, std::min(nc_, Kg - n0),
-                  y + (n * K + g * Kg + n0) * PQ + j0, PQ);
+      const int64_t j0 = pb * mc_, j1 = std::min(PQ, j0 + mc_), n0 = cb * nc_, nlen = std::min(nc_, Kg - n0);
+      T* C = y + (n * K + g * Kg + n0) * PQ + j0;
+      if (algo_ == ConvAlgo::indirect_gemm)
+        indirect_tile(x, wt, k_off.data(), n, g, j0, j1, n0, nlen, C, PQ);
+      else
+        gemm_t_tile(x, wt, n, g, j0, j1, n0, nlen, C, PQ);
     });
     return;
   }
@@ -409,10 +429,17 @@ void Conv2dPlan<T>::run_rows(const TensorView& x, const Weights& wt, int64_t n, 
     for (int64_t k = 0; k < K; ++k) direct_rows(x, wt, n, k, r0, r1, dst + k * ldc);
     return;
   }
-  if (algo_ == ConvAlgo::implicit_gemm_t) {
+  if (transposed()) {
+    const std::vector<int64_t> k_off = algo_ == ConvAlgo::indirect_gemm ? tap_offsets(x) : std::vector<int64_t>();
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t j0 = r0 * Q; j0 < r1 * Q; j0 += mc_)
-        gemm_t_tile(x, wt, n, g, j0, std::min(r1 * Q, j0 + mc_), 0, Kg, dst + g * Kg * ldc + (j0 - r0 * Q), ldc);
+      for (int64_t j0 = r0 * Q; j0 < r1 * Q; j0 += mc_) {
+        const int64_t j1 = std::min(r1 * Q, j0 + mc_);
+        T* C = dst + g * Kg * ldc + (j0 - r0 * Q);
+        if (algo_ == ConvAlgo::indirect_gemm)
+          indirect_tile(x, wt, k_off.data(), n, g, j0, j1, 0, Kg, C, ldc);
+        else
+          gemm_t_tile(x, wt, n, g, j0, j1, 0, Kg, C, ldc);
+      }
     return;
   }
   for (int64_t g = 0; g < G; ++g)
@@ -497,6 +524,88 @@ void Conv2dPlan<T>::gemm_tile(const TensorView& x, const Weights& wt, int64_t n,
     ep.accumulate = pc > 0;
     ep.relu = d_.act == Activation::relu && pc + kc == CRS;
     macro_kernel(uk_, m, j1 - j0, kc, A + (wt.lda == 0 ? pc * mr : pc), CRS * mr, wt.lda, Bk, kc * nr, C, ldc, ep);
+  }
+}
+
+template <class T>
+int64_t Conv2dPlan<T>::band_rows() const {
+  const int64_t Q = d_.Q();
+  const int64_t out_rows = (mc_ + Q - 2) / Q + 1;  // a run of mc_ pixels spans at most this many output rows
+  return (out_rows - 1) * d_.stride_h + (d_.R - 1) * d_.dil_h + 1;
+}
+
+template <class T>
+std::vector<int64_t> Conv2dPlan<T>::tap_offsets(const TensorView& x) const {
+  // Offsets of tap (c, r, s) from a pixel's first input element: in x itself
+  // when there is no padding, else in the band buffer (Cg x band_rows x Wp).
+  const int64_t Wp = d_.W + d_.pad_left + d_.pad_right;
+  const bool band = padded();
+  const int64_t sc = band ? band_rows() * Wp : x.strides[1], sh = band ? Wp : x.strides[2];
+  const int64_t sw = band ? 1 : x.strides[3];
+  std::vector<int64_t> off;
+  off.reserve(static_cast<size_t>(d_.Cg() * d_.R * d_.S));
+  for (int64_t c = 0; c < d_.Cg(); ++c)
+    for (int64_t r = 0; r < d_.R; ++r)
+      for (int64_t s = 0; s < d_.S; ++s) off.push_back(c * sc + r * d_.dil_h * sh + s * d_.dil_w * sw);
+  return off;
+}
+
+template <class T>
+void Conv2dPlan<T>::indirect_tile(const TensorView& x, const Weights& wt, const int64_t* k_off, int64_t n, int64_t g,
+                                  int64_t j0, int64_t j1, int64_t n0, int64_t nlen, T* C, int64_t ldc) const {
+  const int64_t Kg = d_.Kg(), Cg = d_.Cg(), CRS = Cg * d_.R * d_.S, Q = d_.Q();
+  const int nr = uk_.nr, mr = uk_.mr;
+  const T* xg = x.ptr<T>() + n * x.strides[0] + g * Cg * x.strides[1];
+  const T* src = xg;  // where pixel (p, q)'s first tap lies: src + p*row_step + q*col_step
+  int64_t row_step = d_.stride_h * x.strides[2], col_step = d_.stride_w * x.strides[3], p_lo = 0;
+  if (padded()) {
+    // Copy the padded rows this tile reads into a band buffer; padding is zeros.
+    const int64_t Wp = d_.W + d_.pad_left + d_.pad_right, rows = band_rows();
+    p_lo = j0 / Q;
+    const int64_t row0 = p_lo * d_.stride_h;  // in padded coordinates
+    const int64_t used = std::min(d_.H + d_.pad_top + d_.pad_bottom, ((j1 - 1) / Q) * d_.stride_h + (d_.R - 1) * d_.dil_h + 1) - row0;
+    T* band = scratch_array<T>(3, static_cast<size_t>(Cg * rows * Wp));
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t r = 0; r < used; ++r) {
+        T* out = band + (c * rows + r) * Wp;
+        const int64_t ih = row0 + r - d_.pad_top;
+        if (ih < 0 || ih >= d_.H) {
+          std::fill(out, out + Wp, T(0));
+          continue;
+        }
+        const T* in = xg + c * x.strides[1] + ih * x.strides[2];
+        std::fill(out, out + d_.pad_left, T(0));
+        if (x.strides[3] == 1)
+          std::memcpy(out + d_.pad_left, in, d_.W * sizeof(T));
+        else
+          for (int64_t w = 0; w < d_.W; ++w) out[d_.pad_left + w] = in[w * x.strides[3]];
+        std::fill(out + d_.pad_left + d_.W, out + Wp, T(0));
+      }
+    src = band;
+    row_step = d_.stride_h * Wp;
+    col_step = d_.stride_w;
+  }
+  const T** rows_ptr = reinterpret_cast<const T**>(scratch(0, static_cast<size_t>(j1 - j0) * sizeof(T*)));
+  for (int64_t j = j0; j < j1; ++j) rows_ptr[j - j0] = src + (j / Q - p_lo) * row_step + (j % Q) * col_step;
+
+  // n0 is a multiple of NR, so it starts a panel of packed weights.
+  const T* B = wt.w + g * round_up(Kg, nr) * CRS + (n0 / nr) * CRS * nr;
+  for (int64_t pc = 0; pc < CRS; pc += kc_) {
+    const int64_t kc = std::min(kc_, CRS - pc);
+    GemmEpilogue<T> ep;
+    ep.bias_per_row = false;
+    ep.accumulate = pc > 0;
+    ep.relu = d_.act == Activation::relu && pc + kc == CRS;
+    ep.transpose_c = true;
+    for (int64_t i = 0; i < j1 - j0; i += mr) {
+      const int m = static_cast<int>(std::min<int64_t>(mr, j1 - j0 - i));
+      for (int64_t j = 0; j < nlen; j += nr) {
+        const int nn = static_cast<int>(std::min<int64_t>(nr, nlen - j));
+        ep.bias = (pc == 0 && wt.bias) ? wt.bias + g * Kg + n0 + j : nullptr;
+        uk_.indirect(kc, rows_ptr + i, k_off + pc, B + (j / nr) * CRS * nr + pc * nr, C + j * ldc + i, ldc, m, nn,
+                     ep);
+      }
+    }
   }
 }
 

@@ -19,6 +19,8 @@ enum class ConvAlgo {
   im2col_gemm,    // im2col a whole image into a workspace first: no repacking, more memory
   implicit_gemm_t,  // transposed: pixels as GEMM rows, channels across the vector lanes;
                     // for small images with many channels (weights packed into panels)
+  indirect_gemm,    // transposed, with the input read in place through per-pixel pointers and
+                    // per-tap offsets: no im2col at all (a padded copy of a band when padding)
   direct,         // per output plane; for groups with very few output channels (depthwise)
 };
 
@@ -94,7 +96,7 @@ class Conv2dPlan {
   // Which packed layout this plan reads: MR for A panels, -NR for B panels,
   // 0 for rows.
   int weight_layout() const {
-    return algo_ == ConvAlgo::direct ? 0 : algo_ == ConvAlgo::implicit_gemm_t ? -uk_.nr : uk_.mr;
+    return algo_ == ConvAlgo::direct ? 0 : transposed() ? -uk_.nr : uk_.mr;
   }
 
   void check_input(const TensorView& x) const;
@@ -113,6 +115,14 @@ class Conv2dPlan {
   // columns; C at channel n0's plane, pixel j0.
   void gemm_t_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t j0, int64_t j1, int64_t n0,
                    int64_t nlen, T* C, int64_t ldc) const;
+  // The same tile by indirect_gemm; k_off: per-tap offsets into x (unpadded
+  // input) or into a band buffer (padded), see tap_offsets().
+  void indirect_tile(const TensorView& x, const Weights& wt, const int64_t* k_off, int64_t n, int64_t g, int64_t j0,
+                     int64_t j1, int64_t n0, int64_t nlen, T* C, int64_t ldc) const;
+  std::vector<int64_t> tap_offsets(const TensorView& x) const;
+  bool padded() const { return d_.pad_top || d_.pad_bottom || d_.pad_left || d_.pad_right; }
+  int64_t band_rows() const;  // rows of the padded band an indirect tile of mc_ pixels reads, at most
+  bool transposed() const { return algo_ == ConvAlgo::implicit_gemm_t || algo_ == ConvAlgo::indirect_gemm; }
   // Output rows [r0, r1) of channel k.
   void direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k, int64_t r0, int64_t r1,
                    T* out) const;
@@ -125,8 +135,8 @@ class Conv2dPlan {
   std::optional<ConvAlgo> only_;
   ConvAlgo algo_;
   int64_t kc_ = 0;  // K-block of the GEMM (rows of C*R*S per pass)
-  int64_t mc_ = 0;  // output channels per task (implicit_gemm_t: pixels)
-  int64_t nc_ = 0;  // output pixels per task (implicit_gemm_t: channels)
+  int64_t mc_ = 0;  // output channels per task (transposed algorithms: pixels)
+  int64_t nc_ = 0;  // output pixels per task (transposed algorithms: channels)
   int threads_ = 1;
 };
 

@@ -26,7 +26,7 @@ from .functional import (
 __all__ = ["Conv2d", "Conv2dMaxPool2d", "Linear", "MaxPool2d"]
 
 
-_ALGORITHMS = ("auto", "implicit_gemm", "im2col_gemm", "implicit_gemm_t", "direct")
+_ALGORITHMS = ("auto", "implicit_gemm", "im2col_gemm", "implicit_gemm_t", "indirect_gemm", "direct")
 
 
 def _frozen_copy(a):
@@ -96,7 +96,7 @@ class Conv2d(_ConvBase):
     """``lk.conv2d`` with its weights packed once: ``Conv2d(weight, bias)(x)``.
 
     ``algorithm`` is ``'auto'`` (the scheduler chooses) or one of
-    ``'implicit_gemm'``, ``'im2col_gemm'``, ``'implicit_gemm_t'``, ``'direct'``
+    ``'implicit_gemm'``, ``'im2col_gemm'``, ``'implicit_gemm_t'``, ``'indirect_gemm'``, ``'direct'``
     to fix it (the scheduler still picks its blocking and threads).
     """
 

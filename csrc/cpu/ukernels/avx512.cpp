@@ -9,8 +9,10 @@ namespace {
 
 extern const UkernelTable kUkernels_avx512 = {
     Isa::avx512,
-    {8, 48, &gemm_ukernel<float, 64, 8, 3, true>, &gemm_ukernel<float, 64, 8, 3, false>, "f32_gemm_ukernel_8x48__avx512"},
-    {8, 24, &gemm_ukernel<double, 64, 8, 3, true>, &gemm_ukernel<double, 64, 8, 3, false>, "f64_gemm_ukernel_8x24__avx512"},
+    {8, 48, &gemm_ukernel<float, 64, 8, 3, true>, &gemm_ukernel<float, 64, 8, 3, false>,
+     &gemm_ukernel_indirect<float, 64, 8, 3>, "f32_gemm_ukernel_8x48__avx512"},
+    {8, 24, &gemm_ukernel<double, 64, 8, 3, true>, &gemm_ukernel<double, 64, 8, 3, false>,
+     &gemm_ukernel_indirect<double, 64, 8, 3>, "f64_gemm_ukernel_8x24__avx512"},
     {&dot_ukernel<float, 64, 4>, "f32_dot_ukernel_4x16__avx512"},
     {&dot_ukernel<double, 64, 4>, "f64_dot_ukernel_4x8__avx512"},
     {{&maxpool_ukernel_2x2s2<float, 64>, "f32_maxpool_ukernel_2x2s2__avx512"},

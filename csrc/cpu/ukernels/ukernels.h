@@ -30,12 +30,21 @@ template <class T>
 using GemmUkernelFn = void (*)(int64_t kc, const T* A, int64_t lda, const T* B, T* C, int64_t ldc, int mr, int nr,
                                const GemmEpilogue<T>& ep);
 
+// The same product with A read through an indirection: A(i, k) =
+// a_rows[i][k_off[k]], where a_rows holds mr row pointers (convolution: one
+// per output pixel, into the input) and k_off kc offsets (one per filter tap
+// and channel). Nothing is packed: the input is read where it lies.
+template <class T>
+using GemmIndirectFn = void (*)(int64_t kc, const T* const* a_rows, const int64_t* k_off, const T* B, T* C,
+                                int64_t ldc, int mr, int nr, const GemmEpilogue<T>& ep);
+
 template <class T>
 struct GemmUkernel {
   int mr;
   int nr;
   GemmUkernelFn<T> packed;
   GemmUkernelFn<T> rows;
+  GemmIndirectFn<T> indirect;
   const char* name;
 };
 
