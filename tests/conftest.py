@@ -79,7 +79,8 @@ def isa(request):
         # Make sure the cap really switched kernels, or every level would
         # silently test the same code.
         assert lk.get_isa() == level
-        assert lk.get_config()["ukernels"]["f32_gemm"].endswith(level)
+        assert lk.get_config()["ukernels"]["f32_gemm_wide"].endswith(level)
+        assert lk.get_config()["ukernels"]["f32_gemm_tall"].endswith(level)
         yield level
     finally:
         lk.set_isa(previous)

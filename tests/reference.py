@@ -350,3 +350,10 @@ def fill_pool_input(rng, shape, dtype, kind):
     elif kind == "all_neg_inf":
         x[...] = -np.inf
     return x
+
+
+# Every (algorithm, microkernel shape) a convolution layer can be pinned to:
+# lk.conv2d lets the cost model pick one per shape, so only pinned layers
+# reach every kernel on every case.
+CONV_KERNELS = tuple((a, u) for a in ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "indirect_gemm")
+                     for u in ("wide", "tall")) + (("direct", "auto"),)

@@ -85,9 +85,9 @@ def run_op(op, arrays):
         x, w, b = arrays
         expected = ref.conv2d(x, w, b, stride=(2, 1), padding=(1, 2))
         magnitude = ref.conv2d(np.abs(x), np.abs(w), np.abs(b), stride=(2, 1), padding=(1, 2))
-        for algorithm in ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "direct"):
-            got = lk.Conv2d(w, b, stride=(2, 1), padding=(1, 2), algorithm=algorithm)(x)
-            ref.assert_sum_close(got, expected, magnitude, w[0].size + 1, x.dtype, algorithm)
+        for algorithm, ukernel in ref.CONV_KERNELS:
+            got = lk.Conv2d(w, b, stride=(2, 1), padding=(1, 2), algorithm=algorithm, ukernel=ukernel)(x)
+            ref.assert_sum_close(got, expected, magnitude, w[0].size + 1, x.dtype, f"{algorithm}/{ukernel}")
         return got, expected, magnitude, w[0].size + 1
     if op == "depthwise":
         x, w, b = arrays

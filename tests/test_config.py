@@ -44,7 +44,7 @@ def test_config_contents():
     assert set(cfg["isa_kernels_built"]) <= set(LEVELS) and "generic" in cfg["isa_kernels_built"]
     assert cfg["num_threads"] == lk.get_num_threads() >= 1
     assert cfg["available_cores"] >= 1
-    assert set(cfg["ukernels"]) >= {"f32_gemm", "f64_gemm"}
+    assert set(cfg["ukernels"]) >= {"f32_gemm_wide", "f32_gemm_tall", "f64_gemm_wide", "f64_gemm_tall"}
     assert isinstance(cfg["cuda_built"], bool) and isinstance(cfg["cuda_devices"], list)
     json.dumps(cfg)  # plain data only
 
@@ -152,7 +152,8 @@ def test_env_num_threads_invalid_falls_back_to_cores(value):
 def test_env_isa(level):
     cfg = fresh_process({"LEPTON_ISA": level})
     assert cfg["isa_active"] == capped(level)
-    assert cfg["ukernels"]["f32_gemm"].endswith(capped(level))
+    assert cfg["ukernels"]["f32_gemm_wide"].endswith(capped(level))
+    assert cfg["ukernels"]["f32_gemm_tall"].endswith(capped(level))
 
 
 def test_env_isa_unknown_is_conservative():

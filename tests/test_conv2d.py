@@ -10,10 +10,6 @@ import lepton_kernels as lk
 import reference as ref
 
 DTYPES = [np.float32, np.float64]
-# lk.conv2d lets a cost model pick the algorithm for each shape, so a shape
-# only ever tests one kernel. A layer built with `algorithm=` runs the one it
-# is given: that reaches every kernel on every case.
-ALGORITHMS = ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "direct")
 
 
 def check_conv(rng, x_shape, w_shape, has_bias, kwargs, dtype, context=""):
@@ -32,10 +28,10 @@ def check_conv(rng, x_shape, w_shape, has_bias, kwargs, dtype, context=""):
     out = ref.poisoned(got.shape, dtype)
     assert lk.conv2d(x, w, b, **kwargs, out=out) is out
     ref.assert_identical(out, got, f"out=; {context}")
-    for algorithm in ALGORITHMS:
+    for algorithm, ukernel in ref.CONV_KERNELS:
         out = ref.poisoned(got.shape, dtype)
-        assert lk.Conv2d(w, b, **kwargs, algorithm=algorithm)(x, out=out) is out
-        ref.assert_sum_close(out, expected, magnitude, length, dtype, f"algorithm={algorithm}; {context}")
+        assert lk.Conv2d(w, b, **kwargs, algorithm=algorithm, ukernel=ukernel)(x, out=out) is out
+        ref.assert_sum_close(out, expected, magnitude, length, dtype, f"{algorithm}/{ukernel}; {context}")
     return got
 
 

@@ -21,7 +21,7 @@ import lepton_kernels as lk
 import reference as ref
 
 DTYPES = [np.float32, np.float64]
-ALGORITHMS = ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "direct")
+ALGORITHMS = ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "indirect_gemm", "direct")
 
 
 def conv_output_size(x_shape, w_shape, kwargs):
@@ -91,13 +91,14 @@ def check_fused(rng, x_shape, w_shape, has_bias, conv, pool, dtype, context=""):
     assert lk.conv2d_max_pool2d(x, w, b, **conv_args, activation=activation, **pool, out=out) is out
     ref.assert_identical(out, got, f"out=; {context}")
 
-    for algorithm in ALGORITHMS:
-        layer = lk.Conv2dMaxPool2d(w, b, **conv_args, activation=activation, **pool, algorithm=algorithm)
+    for algorithm, ukernel in ref.CONV_KERNELS:
+        pinned = dict(algorithm=algorithm, ukernel=ukernel)
+        layer = lk.Conv2dMaxPool2d(w, b, **conv_args, activation=activation, **pool, **pinned)
         out = ref.poisoned(got.shape, dtype)
         assert layer(x, out=out) is out
-        alone = unfused(lk.Conv2d(w, b, **conv_args, activation=activation, algorithm=algorithm)(x), pool)
-        ref.assert_identical(out, alone, f"fused != unfused, algorithm={algorithm}; {context}")
-        ref.assert_sum_close(out, expected, magnitude, length, dtype, f"algorithm={algorithm}; {context}")
+        alone = unfused(lk.Conv2d(w, b, **conv_args, activation=activation, **pinned)(x), pool)
+        ref.assert_identical(out, alone, f"fused != unfused, {algorithm}/{ukernel}; {context}")
+        ref.assert_sum_close(out, expected, magnitude, length, dtype, f"{algorithm}/{ukernel}; {context}")
     return got
 
 

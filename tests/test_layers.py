@@ -23,7 +23,7 @@ import lepton_kernels as lk
 import reference as ref
 
 DTYPES = [np.float32, np.float64]
-ALGORITHMS = ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "direct")
+ALGORITHMS = ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "indirect_gemm", "direct")
 POOL = dict(kernel_size=3, pool_stride=2, pool_padding=1, pool_dilation=1, ceil_mode=True)
 
 

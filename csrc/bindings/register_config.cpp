@@ -34,8 +34,17 @@ void register_config(py::module_& m) {
   m.def("ukernel_names", [] {
     const auto& t = cpu::ukernels();
     py::dict d;
-    d["f32_gemm"] = t.f32_gemm.name;
-    d["f64_gemm"] = t.f64_gemm.name;
+    const char* shapes[cpu::kGemmShapes] = {"wide", "tall"};  // as lk.Conv2d(ukernel=...) names them
+    for (int shape = 0; shape < cpu::kGemmShapes; ++shape) {
+      d[py::str(cat("f32_gemm_", shapes[shape]))] = t.f32_gemm[shape].name;
+      d[py::str(cat("f64_gemm_", shapes[shape]))] = t.f64_gemm[shape].name;
+    }
+    d["f32_maxpool_2x2s2"] = t.f32_maxpool.k2x2s2.name;
+    d["f32_maxpool_s1"] = t.f32_maxpool.s1.name;
+    d["f32_maxpool_s2"] = t.f32_maxpool.s2.name;
+    d["f64_maxpool_2x2s2"] = t.f64_maxpool.k2x2s2.name;
+    d["f64_maxpool_s1"] = t.f64_maxpool.s1.name;
+    d["f64_maxpool_s2"] = t.f64_maxpool.s2.name;
     return d;
   });
   m.def("build_info", [] {

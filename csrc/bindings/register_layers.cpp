@@ -25,7 +25,7 @@ class Conv2dLayer {
  public:
   Conv2dLayer(py::array weight, std::optional<py::array> bias, int64_t in_channels, I2 stride, I4 padding,
               I2 dilation, int64_t groups, const std::string& activation, std::optional<std::array<I2, 4>> pool,
-              bool ceil_mode, const std::string& algorithm) {
+              bool ceil_mode, const std::string& algorithm, int64_t ukernel) {
     Input w = input_view(weight, "weight", 4);
     std::optional<Input> b;
     if (bias) b = input_view(*bias, "bias", 1);
@@ -47,8 +47,12 @@ class Conv2dLayer {
       p->pad_h = pad[0], p->pad_w = pad[1], p->dil_h = dil[0], p->dil_w = dil[1];
       p->ceil_mode = ceil_mode;
     }
-    std::optional<cpu::ConvAlgo> only;
-    if (algorithm != "auto") only = cpu::conv_algo_from(algorithm);
+    cpu::ConvRestrict only;
+    if (algorithm != "auto") only.algo = cpu::conv_algo_from(algorithm);
+    if (ukernel >= 0) {
+      LK_CHECK(ukernel < cpu::kGemmShapes, "ukernel: expected a shape index below ", cpu::kGemmShapes);
+      only.shape = static_cast<int>(ukernel);
+    }
     if (d.dtype == DType::f32)
       layer_ = std::make_unique<cpu::Conv2dLayer<float>>(w.view, b ? &b->view : nullptr, d, p, only);
     else
@@ -140,9 +144,9 @@ void register_layers(py::module_& m) {
   using namespace pybind11::literals;
   py::class_<Conv2dLayer>(m, "Conv2dLayer")
       .def(py::init<py::array, std::optional<py::array>, int64_t, I2, I4, I2, int64_t, const std::string&,
-                    std::optional<std::array<I2, 4>>, bool, const std::string&>(),
+                    std::optional<std::array<I2, 4>>, bool, const std::string&, int64_t>(),
            "weight"_a.noconvert(), "bias"_a.noconvert(), "in_channels"_a, "stride"_a, "padding"_a, "dilation"_a,
-           "groups"_a, "activation"_a, "pool"_a, "ceil_mode"_a, "algorithm"_a)
+           "groups"_a, "activation"_a, "pool"_a, "ceil_mode"_a, "algorithm"_a, "ukernel"_a)
       .def("__call__", &Conv2dLayer::call, "input"_a.noconvert(), "out"_a = py::none())
       .def("describe", &Conv2dLayer::describe, "input"_a.noconvert());
   py::class_<LinearLayer>(m, "LinearLayer")

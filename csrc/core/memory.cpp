@@ -3,7 +3,7 @@
 namespace lk {
 
 namespace {
-constexpr int kSlots = 4;
+constexpr int kSlots = kScratchSlots;
 struct Scratch {
   AlignedPtr<unsigned char> buf[kSlots];
   size_t size[kSlots] = {};

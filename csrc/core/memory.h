@@ -29,7 +29,18 @@ AlignedPtr<T> aligned_alloc_array(size_t n) {
 }
 
 // Scratch memory owned by the calling thread, valid until its next call to
-// scratch() with the same slot. Slots let one task hold two buffers at once.
+// scratch() with the same slot. Each use has its own slot, so a task can hold
+// several buffers at once (a fused task holds its band while tiles pack).
+enum ScratchSlot {
+  kPackSlot = 0,        // packed GEMM operands of one tile
+  kFusedBandSlot = 1,   // the convolution rows a fused conv+pool task pools
+  kImageSlot = 2,       // a whole image's im2col (im2col_gemm, held by the calling thread)
+  kInputBandSlot = 3,   // a padded band of the input (indirect_gemm)
+  kTileSlot = 4,        // an output tile accumulated before it is stored (transposed GEMMs)
+  kPointerSlot = 5,     // per-pixel input pointers (indirect_gemm)
+  kPoolBandSlot = 6,    // input rows with a column stride gathered for max-pooling
+  kScratchSlots
+};
 void* scratch(int slot, size_t bytes);
 
 template <class T>

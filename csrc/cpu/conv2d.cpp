@@ -122,6 +122,8 @@ void flatten_weight(const TensorView& w, T* dst) {
 namespace {
 
 constexpr double kUkernelCallOverheadK = 8;    // a microkernel call costs ~8 extra steps of its k loop
+constexpr double kL1Bytes = 48 << 10;          // per core
+constexpr double kL1MissEfficiency = 0.85;     // when a B micro-panel does not stay in L1
 constexpr double kPackSecondsPerElem = 0.4e-9;  // im2col gather, per element, one thread
 constexpr double kCopyPerPack = 0.4;             // a row copy (indirect_gemm's band) against a gather
 constexpr double kDirectEfficiency = 0.15;     // the direct loop against the GEMM microkernel's rate
@@ -165,8 +167,11 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
   const int64_t rows = padded(M, c.mc, uk.mr), cols = padded(Ncols, c.nc, uk.nr);
   const double kblocks = static_cast<double>(ceil_div(s.CRS, c.kc));
   const double eff_k = static_cast<double>(s.CRS) / (s.CRS + kblocks * kUkernelCallOverheadK);
+  // The microkernel streams a B micro-panel (kc x NR) per A panel: it should
+  // stay in L1 while every A panel passes.
+  const double l1 = c.kc * uk.nr * static_cast<double>(sizeof(T)) > kL1Bytes * 0.6 ? kL1MissEfficiency : 1.0;
   const double flops = 2.0 * s.N * s.G * rows * cols * s.CRS;
-  const double rate = m.gemm_flops[sizeof(T) == 8] * eff_k;
+  const double rate = m.gemm_flops[sizeof(T) == 8][c.shape] * eff_k * l1;
   const double compute = flops / rate / c.threads * imbalance(tasks, c.threads);
   // im2col gathers: once per image (im2col_gemm) or once per block of the
   // other operand; the transposed GEMM also packs weights unless a layer did.
@@ -177,7 +182,9 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
     packs = s.padded_elems * jblocks * (1.0 + (s.tap_rows - 1) / band_rows) * kCopyPerPack;
   }
   const double weight_pack = t && !prepacked ? s.weight_bytes / sizeof(T) * kPackSecondsPerElem * 2 : 0;
-  const double pack = packs * kPackSecondsPerElem / c.threads + weight_pack;
+  // Transposed GEMMs store their tile into channel planes in one more pass.
+  const double transposes = t ? static_cast<double>(s.N) * s.G * s.Kg * s.PQ * kCopyPerPack : 0.0;
+  const double pack = (packs + transposes) * kPackSecondsPerElem / c.threads + weight_pack;
   // Weights stream again for every pixel block once they outgrow the cache.
   const double weight_reads = s.weight_bytes > (1 << 20) ? static_cast<double>(s.N) * (t ? mblocks : jblocks) : 1.0;
   const double bytes = s.in_bytes + s.out_bytes + s.weight_bytes * weight_reads +
@@ -202,8 +209,8 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
 }
 
 template <class T>
-std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T>& uk, bool prepacked,
-                                       std::optional<ConvAlgo> only) {
+std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const UkernelTable& table, bool prepacked,
+                                       ConvRestrict only) {
   const MachineModel& m = machine_model();
   const SchedulerSettings settings = scheduler_settings();
   const ConvShape s = shape_of<T>(d);
@@ -217,7 +224,7 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
     c.algo = ConvAlgo::direct;
     c.threads = threads;
     const double flops = 2.0 * s.N * s.G * s.Kg * s.CRS * s.PQ;
-    c.time_s = flops / (m.gemm_flops[sizeof(T) == 8] * kDirectEfficiency) / threads *
+    c.time_s = flops / (m.gemm_flops[sizeof(T) == 8][0] * kDirectEfficiency) / threads *
                    imbalance(std::max<int64_t>(1, s.N * s.G * s.Kg), threads) +
                (threads > 1 ? m.wake_s : 0);
     c.cost = c.time_s;
@@ -227,12 +234,14 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
   // K blocks: the whole reduction in one pass while it is short; otherwise
   // near-equal blocks of at most 512 (or 256) rows, so B blocks stay in L2.
   std::vector<int64_t> kcs;
-  for (int64_t cap : {int64_t{768}, int64_t{256}}) {
+  for (int64_t cap : {int64_t{768}, int64_t{256}, int64_t{128}}) {
     const int64_t kc = s.CRS <= cap ? s.CRS : ceil_div(s.CRS, ceil_div(s.CRS, cap == 768 ? 512 : cap));
     if (std::find(kcs.begin(), kcs.end(), kc) == kcs.end()) kcs.push_back(kc);
   }
+  for (int shape = 0; shape < kGemmShapes; ++shape)
   for (ConvAlgo algo :
        {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm, ConvAlgo::implicit_gemm_t, ConvAlgo::indirect_gemm}) {
+    const GemmUkernel<T>& uk = table.gemm<T>(shape);
     const bool t = algo == ConvAlgo::implicit_gemm_t || algo == ConvAlgo::indirect_gemm;
     const int64_t M = t ? s.PQ : s.Kg, max_nc = round_up(t ? s.Kg : s.PQ, uk.nr);
     for (int threads : thread_counts) {
@@ -244,7 +253,7 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
             if (split > 1 && mc * (split - 1) >= M) break;  // no more distinct splits
             ConvChoice c;
             c.algo = algo;
-            c.kc = kc, c.nc = nc, c.mc = mc, c.threads = threads;
+            c.kc = kc, c.nc = nc, c.mc = mc, c.shape = shape, c.threads = threads;
             predict_gemm(c, s, uk, m, settings.memory_weight, prepacked);
             out.push_back(c);
           }
@@ -253,8 +262,12 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
       }
     }
   }
-  if (only) out.erase(std::remove_if(out.begin(), out.end(), [&](const ConvChoice& c) { return c.algo != *only; }),
-                      out.end());
+  out.erase(std::remove_if(out.begin(), out.end(),
+                           [&](const ConvChoice& c) {
+                             return (only.algo && c.algo != *only.algo) ||
+                                    (only.shape && c.algo != ConvAlgo::direct && c.shape != *only.shape);
+                           }),
+            out.end());
   std::vector<ConvChoice> fit;
   for (const auto& c : out)
     if (c.workspace <= settings.memory_budget) fit.push_back(c);
@@ -272,7 +285,7 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const GemmUkernel<T
 
 template <class T>
 Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoice* forced,
-                          std::optional<ConvAlgo> only)
+                          ConvRestrict only)
     : d_(desc), uk_(ukernels().gemm<T>()), prepacked_(prepacked), only_(only) {
   validate(d_);
   const std::vector<ConvChoice> all = candidates();
@@ -281,10 +294,12 @@ Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoi
     choice_ = *forced;
     for (const ConvChoice& c : all)  // keep the model's prediction for the record
       if (c.algo == forced->algo && c.kc == forced->kc && c.mc == forced->mc && c.nc == forced->nc &&
-          c.threads == forced->threads)
+          c.shape == forced->shape && c.threads == forced->threads)
         choice_ = c;
     measured_ = true;
   }
+  LK_CHECK(choice_.shape >= 0 && choice_.shape < kGemmShapes, "plan: invalid microkernel shape");
+  uk_ = ukernels().gemm<T>(choice_.shape);
   algo_ = choice_.algo;
   kc_ = choice_.kc, mc_ = choice_.mc, nc_ = choice_.nc;
   threads_ = std::clamp(choice_.threads, 1, get_num_threads());
@@ -294,7 +309,7 @@ Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoi
 
 template <class T>
 std::vector<ConvChoice> Conv2dPlan<T>::candidates() const {
-  return conv_candidates<T>(d_, uk_, prepacked_, only_);
+  return conv_candidates<T>(d_, ukernels(), prepacked_, only_);
 }
 
 template <class T>
@@ -450,9 +465,12 @@ void Conv2dPlan<T>::run_rows(const TensorView& x, const Weights& wt, int64_t n, 
 template <class T>
 void Conv2dPlan<T>::gemm_t_tile(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t j0,
                                 int64_t j1, int64_t n0, int64_t nlen, T* C, int64_t ldc) const {
-  const int64_t Kg = d_.Kg(), Cg = d_.Cg(), CRS = Cg * d_.R * d_.S;
+  const int64_t Kg = d_.Kg(), Cg = d_.Cg(), CRS = Cg * d_.R * d_.S, m = j1 - j0;
   const int nr = uk_.nr, mr = uk_.mr;
-  T* A = scratch_array<T>(0, static_cast<size_t>(kc_ * round_up(j1 - j0, mr)));
+  T* A = scratch_array<T>(kPackSlot, static_cast<size_t>(kc_ * round_up(m, mr)));
+  // Pixels x channels, accumulated here and stored into the channel planes once.
+  const int64_t ldt = round_up(nlen, nr);
+  T* tile = scratch_array<T>(kTileSlot, static_cast<size_t>(m * ldt));
   const T* xg = x.ptr<T>() + n * x.strides[0] + g * Cg * x.strides[1];
   // n0 is a multiple of NR, so it starts a panel of packed weights.
   const T* B = wt.w + g * round_up(Kg, nr) * CRS + (n0 / nr) * CRS * nr;
@@ -464,9 +482,9 @@ void Conv2dPlan<T>::gemm_t_tile(const TensorView& x, const Weights& wt, int64_t 
     ep.bias_per_row = false;
     ep.accumulate = pc > 0;
     ep.relu = d_.act == Activation::relu && pc + kc == CRS;
-    ep.transpose_c = true;
-    macro_kernel(uk_, j1 - j0, nlen, kc, A, kc * mr, int64_t{0}, B + pc * nr, CRS * nr, C, ldc, ep);
+    macro_kernel(uk_, m, nlen, kc, A, kc * mr, int64_t{0}, B + pc * nr, CRS * nr, tile, ldt, ep);
   }
+  store_transposed(tile, ldt, m, nlen, C, ldc);
 }
 
 template <class T>
@@ -476,7 +494,7 @@ void Conv2dPlan<T>::run_im2col_gemm(const TensorView& x, const Weights& wt, T* y
   const int64_t PQp = round_up(PQ, nr), kblocks = ceil_div(CRS, kc_), panels = PQp / nr;
   // The whole image's im2col matrix, per group: K block after K block, each
   // as NR-column panels. Owned by the calling thread, reused across calls.
-  T* B = scratch_array<T>(2, static_cast<size_t>(G * CRS * PQp));
+  T* B = scratch_array<T>(kImageSlot, static_cast<size_t>(G * CRS * PQp));
   const int64_t nblocks = ceil_div(PQ, nc_), mblocks = ceil_div(Kg, mc_);
   const int64_t chunk = std::max<int64_t>(1, nc_ / nr);  // panels packed per task
   const int64_t pchunks = ceil_div(panels, chunk);
@@ -505,7 +523,7 @@ void Conv2dPlan<T>::gemm_tile(const TensorView& x, const Weights& wt, int64_t n,
   const int nr = uk_.nr, mr = uk_.mr;
   const int64_t group_stride = wt.lda == 0 ? round_up(Kg, mr) * CRS : Kg * CRS;
   const int64_t PQp = round_up(d_.P() * d_.Q(), nr);
-  T* B = Bimage ? nullptr : scratch_array<T>(0, static_cast<size_t>(kc_ * round_up(j1 - j0, nr)));
+  T* B = Bimage ? nullptr : scratch_array<T>(kPackSlot, static_cast<size_t>(kc_ * round_up(j1 - j0, nr)));
   const T* xg = x.ptr<T>() + n * x.strides[0] + g * Cg * x.strides[1];
   // m0 is a multiple of MR, so it starts a panel of packed weights.
   const T* A = wt.w + g * group_stride + (wt.lda == 0 ? (m0 / mr) * CRS * mr : m0 * wt.lda);
@@ -564,7 +582,7 @@ void Conv2dPlan<T>::indirect_tile(const TensorView& x, const Weights& wt, const 
     p_lo = j0 / Q;
     const int64_t row0 = p_lo * d_.stride_h;  // in padded coordinates
     const int64_t used = std::min(d_.H + d_.pad_top + d_.pad_bottom, ((j1 - 1) / Q) * d_.stride_h + (d_.R - 1) * d_.dil_h + 1) - row0;
-    T* band = scratch_array<T>(3, static_cast<size_t>(Cg * rows * Wp));
+    T* band = scratch_array<T>(kInputBandSlot, static_cast<size_t>(Cg * rows * Wp));
     for (int64_t c = 0; c < Cg; ++c)
       for (int64_t r = 0; r < used; ++r) {
         T* out = band + (c * rows + r) * Wp;
@@ -585,9 +603,13 @@ void Conv2dPlan<T>::indirect_tile(const TensorView& x, const Weights& wt, const 
     row_step = d_.stride_h * Wp;
     col_step = d_.stride_w;
   }
-  const T** rows_ptr = reinterpret_cast<const T**>(scratch(0, static_cast<size_t>(j1 - j0) * sizeof(T*)));
+  const int64_t m = j1 - j0;
+  const T** rows_ptr = reinterpret_cast<const T**>(scratch(kPointerSlot, static_cast<size_t>(m) * sizeof(T*)));
   for (int64_t j = j0; j < j1; ++j) rows_ptr[j - j0] = src + (j / Q - p_lo) * row_step + (j % Q) * col_step;
 
+  // Pixels x channels, accumulated here and stored into the channel planes once.
+  const int64_t ldt = round_up(nlen, nr);
+  T* tile = scratch_array<T>(kTileSlot, static_cast<size_t>(m * ldt));
   // n0 is a multiple of NR, so it starts a panel of packed weights.
   const T* B = wt.w + g * round_up(Kg, nr) * CRS + (n0 / nr) * CRS * nr;
   for (int64_t pc = 0; pc < CRS; pc += kc_) {
@@ -596,17 +618,18 @@ void Conv2dPlan<T>::indirect_tile(const TensorView& x, const Weights& wt, const 
     ep.bias_per_row = false;
     ep.accumulate = pc > 0;
     ep.relu = d_.act == Activation::relu && pc + kc == CRS;
-    ep.transpose_c = true;
-    for (int64_t i = 0; i < j1 - j0; i += mr) {
-      const int m = static_cast<int>(std::min<int64_t>(mr, j1 - j0 - i));
-      for (int64_t j = 0; j < nlen; j += nr) {
-        const int nn = static_cast<int>(std::min<int64_t>(nr, nlen - j));
-        ep.bias = (pc == 0 && wt.bias) ? wt.bias + g * Kg + n0 + j : nullptr;
-        uk_.indirect(kc, rows_ptr + i, k_off + pc, B + (j / nr) * CRS * nr + pc * nr, C + j * ldc + i, ldc, m, nn,
-                     ep);
+    // Each weight panel (kc x NR) serves every group of MR pixels while in L1.
+    for (int64_t j = 0; j < nlen; j += nr) {
+      const int nn = static_cast<int>(std::min<int64_t>(nr, nlen - j));
+      const T* b = B + (j / nr) * CRS * nr + pc * nr;
+      ep.bias = (pc == 0 && wt.bias) ? wt.bias + g * Kg + n0 + j : nullptr;
+      for (int64_t i = 0; i < m; i += mr) {
+        const int mm = static_cast<int>(std::min<int64_t>(mr, m - i));
+        uk_.indirect(kc, rows_ptr + i, k_off + pc, b, tile + i * ldt + j, ldt, mm, nn, ep);
       }
     }
   }
+  store_transposed(tile, ldt, m, nlen, C, ldc);
 }
 
 template <class T>
@@ -659,7 +682,8 @@ std::string Conv2dPlan<T>::explain() const {
   for (size_t i = 0; i < all.size() && i < 4; ++i) {
     const ConvChoice& c = all[i];
     s += cat("\n    ", conv_algo_name(c.algo), " threads=", c.threads);
-    if (c.algo != ConvAlgo::direct) s += cat(" kc=", c.kc, " mc=", c.mc, " nc=", c.nc);
+    if (c.algo != ConvAlgo::direct)
+      s += cat(" ukernel=", ukernels().gemm<T>(c.shape).name, " kc=", c.kc, " mc=", c.mc, " nc=", c.nc);
     s += cat(" predicted_us=", c.time_s * 1e6, " workspace_bytes=", c.workspace);
   }
   return s;

@@ -24,10 +24,18 @@ enum class ConvAlgo {
   direct,         // per output plane; for groups with very few output channels (depthwise)
 };
 
+// A caller's restriction of the choice: one algorithm, one microkernel shape.
+struct ConvRestrict {
+  std::optional<ConvAlgo> algo;
+  std::optional<int> shape;
+  int64_t key() const { return (algo ? static_cast<int64_t>(*algo) : 15) * 16 + (shape ? *shape : 15); }
+};
+
 // One way to run a convolution, with what the cost model predicts for it.
 struct ConvChoice {
   ConvAlgo algo = ConvAlgo::implicit_gemm;
   int64_t kc = 0, mc = 0, nc = 0;  // GEMM blocking (0 for direct)
+  int shape = 0;                   // which of the level's GEMM microkernels
   int threads = 1;
   double time_s = 0;        // predicted
   int64_t workspace = 0;    // bytes, all threads together
@@ -56,7 +64,7 @@ class Conv2dPlan {
   // need packed weights are not charged for packing on every run.
   // only: consider this algorithm alone (a caller's explicit choice).
   Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoice* forced = nullptr,
-             std::optional<ConvAlgo> only = std::nullopt);
+             ConvRestrict only = {});
 
   // Every candidate the cost model considered, cheapest first.
   std::vector<ConvChoice> candidates() const;
@@ -132,7 +140,7 @@ class Conv2dPlan {
   ConvChoice choice_;
   bool measured_ = false;  // chosen by autotuning rather than by the model
   bool prepacked_ = false;
-  std::optional<ConvAlgo> only_;
+  ConvRestrict only_;
   ConvAlgo algo_;
   int64_t kc_ = 0;  // K-block of the GEMM (rows of C*R*S per pass)
   int64_t mc_ = 0;  // output channels per task (transposed algorithms: pixels)

@@ -20,7 +20,7 @@ Pool2dDesc pool_over(const Conv2dDesc& conv, Pool2dDesc pool) {
 
 template <class T>
 Conv2dMaxPool2dPlan<T>::Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2dDesc& pool, bool prepacked,
-                                            std::optional<ConvAlgo> only)
+                                            ConvRestrict only)
     : conv_(conv, prepacked, nullptr, only), pool_(pool_over(conv, pool)) {
   if (conv.K > 0) validate(pool_);
   threads_ = conv_.threads();
@@ -49,7 +49,7 @@ void Conv2dMaxPool2dPlan<T>::run(const TensorView& x, const typename Conv2dPlan<
     const int64_t r0 = std::max<int64_t>(0, p0 * pool_.stride_h - pool_.pad_h);
     const int64_t r1 = std::min(CP, (p1 - 1) * pool_.stride_h - pool_.pad_h + (pool_.kh - 1) * pool_.dil_h + 1);
     const int64_t band = std::max<int64_t>(0, r1 - r0) * CQ;
-    T* buf = scratch_array<T>(1, static_cast<size_t>(K * band));
+    T* buf = scratch_array<T>(kFusedBandSlot, static_cast<size_t>(K * band));
     conv_.run_rows(x, wt, n, r0, r1, buf, band);
     for (int64_t k = 0; k < K; ++k)
       max_pool_rows(pool_, buf + k * band, r0, CQ, int64_t{1}, p0, p1, y + ((n * K + k) * P + p0) * Q, nullptr);

@@ -17,7 +17,7 @@ class Conv2dMaxPool2dPlan {
   // pool: kernel, stride, padding, dilation and ceil_mode; its N, C, H, W are
   // taken from the convolution's output.
   Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2dDesc& pool, bool prepacked,
-                      std::optional<ConvAlgo> only = std::nullopt);
+                      ConvRestrict only = {});
 
   const Conv2dPlan<T>& conv() const { return conv_; }
 

@@ -54,21 +54,36 @@ void pack_b_panels(const T* src, int64_t rs, int64_t cs, int64_t k, int64_t n, i
 // A: packed panels a_panel_stride apart (lda == 0), or a row-major matrix
 // with row stride lda used in place. B: ceil(n/NR) panels b_panel_stride
 // apart. ep.bias points at the bias of row 0 / column 0.
+// Each B micro-panel (kc x NR) is used for every MR rows of A while it is in
+// L1; A streams from L2 (the blocking keeps kc x NR within L1).
 template <class T>
 void macro_kernel(const GemmUkernel<T>& uk, int64_t m, int64_t n, int64_t kc, const T* A, int64_t a_panel_stride,
                   int64_t lda, const T* B, int64_t b_panel_stride, T* C, int64_t ldc, const GemmEpilogue<T>& ep) {
   GemmEpilogue<T> e = ep;
   const GemmUkernelFn<T> fn = lda == 0 ? uk.packed : uk.rows;
-  for (int64_t i = 0; i < m; i += uk.mr) {
-    const int mr = static_cast<int>(std::min<int64_t>(uk.mr, m - i));
-    const T* a = lda == 0 ? A + (i / uk.mr) * a_panel_stride : A + i * lda;
-    for (int64_t j = 0; j < n; j += uk.nr) {
-      const int nr = static_cast<int>(std::min<int64_t>(uk.nr, n - j));
+  for (int64_t j = 0; j < n; j += uk.nr) {
+    const int nr = static_cast<int>(std::min<int64_t>(uk.nr, n - j));
+    const T* b = B + (j / uk.nr) * b_panel_stride;
+    for (int64_t i = 0; i < m; i += uk.mr) {
+      const int mr = static_cast<int>(std::min<int64_t>(uk.mr, m - i));
+      const T* a = lda == 0 ? A + (i / uk.mr) * a_panel_stride : A + i * lda;
       if (ep.bias != nullptr) e.bias = ep.bias + (ep.bias_per_row ? i : j);
-      T* c = ep.transpose_c ? C + j * ldc + i : C + i * ldc + j;
-      fn(kc, a, lda, B + (j / uk.nr) * b_panel_stride, c, ldc, mr, nr, e);
+      fn(kc, a, lda, b, C + i * ldc + j, ldc, mr, nr, e);
     }
   }
+}
+
+// Copies an m x n tile (row stride ldt) transposed into C (C[j * ldc + i]):
+// pixels x channels into channel planes.
+template <class T>
+void store_transposed(const T* tile, int64_t ldt, int64_t m, int64_t n, T* C, int64_t ldc) {
+  constexpr int64_t kBlock = 16;  // square blocks keep both sides within a few cache lines
+  for (int64_t i0 = 0; i0 < m; i0 += kBlock)
+    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+      const int64_t i1 = std::min(m, i0 + kBlock), j1 = std::min(n, j0 + kBlock);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) C[j * ldc + i] = tile[i * ldt + j];
+    }
 }
 
 }  // namespace lk::cpu

@@ -42,7 +42,7 @@ TensorView contiguous_view(T* data, int ndim, const int64_t* shape) {
 
 template <class T>
 Conv2dLayer<T>::Conv2dLayer(const TensorView& weight, const TensorView* bias, const Conv2dDesc& params,
-                            std::optional<Pool2dDesc> pool, std::optional<ConvAlgo> only)
+                            std::optional<Pool2dDesc> pool, ConvRestrict only)
     : params_(params), pool_(pool), only_(only) {
   LK_CHECK(weight.ndim == 4 && weight.shape[0] == params.K && weight.shape[1] * params.groups == params.C &&
                weight.shape[2] == params.R && weight.shape[3] == params.S,

@@ -23,7 +23,7 @@ class Conv2dLayer {
   // params: everything but N, H, W. pool: fuse a max-pool after the activation.
   // only: restrict plans to one algorithm.
   Conv2dLayer(const TensorView& weight, const TensorView* bias, const Conv2dDesc& params,
-              std::optional<Pool2dDesc> pool, std::optional<ConvAlgo> only = std::nullopt);
+              std::optional<Pool2dDesc> pool, ConvRestrict only = {});
 
   // The descriptor for input x (validated), and the output's shape.
   Conv2dDesc desc_for(const TensorView& x) const;
@@ -38,7 +38,7 @@ class Conv2dLayer {
 
   Conv2dDesc params_;
   std::optional<Pool2dDesc> pool_;
-  std::optional<ConvAlgo> only_;
+  ConvRestrict only_;
   AlignedPtr<T> weight_;  // K x C/groups x R x S, contiguous
   AlignedPtr<T> bias_;
   mutable std::mutex mu_;

@@ -26,7 +26,7 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc)
   // reaches a fraction of the GEMM rate (a load per FMA); the GEMM runs near
   // the microkernel's rate on padded tiles. Threads share the bandwidth.
   const MachineModel& model = machine_model();
-  const double rate = model.gemm_flops[sizeof(T) == 8];
+  const double rate = model.gemm_flops[sizeof(T) == 8][0];
   const double bytes = static_cast<double>(sizeof(T)) * (M * K + N * K + M * N);
   const double memory = bytes / (model.bandwidth * std::min(threads_, 2));
   const double wake = threads_ > 1 ? model.wake_s : 0;
@@ -122,7 +122,7 @@ void LinearPlan<T>::run_dot(const TensorView& x, const Weights& wt, T* y) const 
     const int64_t i = task / nblocks, j0 = (task % nblocks) * nc_, n = std::min(nc_, N - j0);
     const T* xi = x.ptr<T>() + i * x.strides[0];
     if (!x_rows) {  // the kernel wants a contiguous row
-      T* row = scratch_array<T>(0, static_cast<size_t>(K));
+      T* row = scratch_array<T>(kPackSlot, static_cast<size_t>(K));
       for (int64_t p = 0; p < K; ++p) row[p] = xi[p * x.strides[1]];
       xi = row;
     }
@@ -141,7 +141,7 @@ void LinearPlan<T>::run_gemm(const TensorView& x, const Weights& wt, T* y) const
     const int64_t nb = task % nblocks, mb = task / nblocks;
     const int64_t i0 = mb * mc_, m = std::min(mc_, M - i0);
     const int64_t j0 = nb * nc_, n = std::min(nc_, N - j0);
-    T* A = scratch_array<T>(0, static_cast<size_t>(round_up(m, mr) * kc_));
+    T* A = scratch_array<T>(kPackSlot, static_cast<size_t>(round_up(m, mr) * kc_));
     for (int64_t pc = 0; pc < K; pc += kc_) {
       const int64_t kc = std::min(kc_, K - pc);
       pack_a_panels(xp + i0 * x.strides[0] + pc * x.strides[1], x.strides[0], x.strides[1], m, kc, mr, A);

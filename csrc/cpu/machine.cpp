@@ -79,8 +79,10 @@ MachineModel measure(Isa isa) {
   const UkernelTable& t = ukernels(isa);
   MachineModel m;
   m.isa = isa;
-  m.gemm_flops[0] = measure_gemm(t.f32_gemm);
-  m.gemm_flops[1] = measure_gemm(t.f64_gemm);
+  for (int shape = 0; shape < kGemmShapes; ++shape) {
+    m.gemm_flops[0][shape] = measure_gemm(t.f32_gemm[shape]);
+    m.gemm_flops[1][shape] = measure_gemm(t.f64_gemm[shape]);
+  }
   m.bandwidth = measure_bandwidth();
   m.wake_s = measure_wake();
   return m;
@@ -89,8 +91,10 @@ MachineModel measure(Isa isa) {
 }  // namespace
 
 std::string MachineModel::describe() const {
-  return cat("isa=", isa_name(isa), " gemm_gflops_per_thread=", gemm_flops[0] * 1e-9, "/", gemm_flops[1] * 1e-9,
-             " (f32/f64) bandwidth_gbs=", bandwidth * 1e-9, " wake_us=", wake_s * 1e6);
+  std::string s = cat("isa=", isa_name(isa), " gemm_gflops_per_thread=");
+  for (int shape = 0; shape < kGemmShapes; ++shape)
+    s += cat(shape ? ", " : "", gemm_flops[0][shape] * 1e-9, "/", gemm_flops[1][shape] * 1e-9);
+  return s + cat(" (f32/f64 per microkernel shape) bandwidth_gbs=", bandwidth * 1e-9, " wake_us=", wake_s * 1e6);
 }
 
 const MachineModel& machine_model() {

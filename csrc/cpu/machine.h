@@ -5,12 +5,13 @@
 
 #include "core/cpu_features.h"
 #include "core/tensor.h"
+#include "cpu/ukernels/ukernels.h"
 
 namespace lk::cpu {
 
 struct MachineModel {
   Isa isa;
-  double gemm_flops[2];  // one thread, the level's GEMM microkernel on cached data: f32, f64 (flop/s)
+  double gemm_flops[2][kGemmShapes];  // one thread, each GEMM microkernel on cached data: [f32, f64][shape]
   double bandwidth;      // main memory, bytes moved per second (read + write) by one thread
   double wake_s;         // handing a job to the pool's workers and waiting for it
   std::string describe() const;

@@ -35,14 +35,14 @@ void add_conv(PlanKey& k, const Conv2dDesc& d) {
 }
 
 std::vector<int64_t> encode(const ConvChoice& c) {
-  return {static_cast<int64_t>(c.algo), c.kc, c.mc, c.nc, c.threads};
+  return {static_cast<int64_t>(c.algo), c.kc, c.mc, c.nc, c.shape, c.threads};
 }
 
 std::optional<ConvChoice> decode(const std::vector<int64_t>& v) {
-  if (v.size() != 5 || v[0] < 0 || v[0] > static_cast<int64_t>(ConvAlgo::direct)) return std::nullopt;
+  if (v.size() != 6 || v[0] < 0 || v[0] > static_cast<int64_t>(ConvAlgo::direct)) return std::nullopt;
   ConvChoice c;
   c.algo = static_cast<ConvAlgo>(v[0]);
-  c.kc = v[1], c.mc = v[2], c.nc = v[3], c.threads = static_cast<int>(v[4]);
+  c.kc = v[1], c.mc = v[2], c.nc = v[3], c.shape = static_cast<int>(v[4]), c.threads = static_cast<int>(v[5]);
   return c;
 }
 
@@ -50,7 +50,7 @@ constexpr int kAutotuneCandidates = 4;
 
 template <class T>
 std::shared_ptr<const Conv2dPlan<T>> autotune(const Conv2dDesc& d, bool prepacked, const ConvCall<T>& call,
-                                             const PlanKey& key, std::optional<ConvAlgo> only) {
+                                             const PlanKey& key, ConvRestrict only) {
   std::vector<ConvChoice> candidates = Conv2dPlan<T>(d, prepacked, nullptr, only).candidates();
   if (candidates.size() > kAutotuneCandidates) candidates.resize(kAutotuneCandidates);
   std::shared_ptr<const Conv2dPlan<T>> best;
@@ -76,10 +76,10 @@ std::shared_ptr<const Conv2dPlan<T>> autotune(const Conv2dDesc& d, bool prepacke
 
 template <class T>
 std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, bool prepacked, const ConvCall<T>* call,
-                                                 std::optional<ConvAlgo> only) {
+                                                 ConvRestrict only) {
   PlanKey k = key_for(kConv2d, dtype_of<T>());
   add_conv(k, d);
-  k.add(prepacked).add(only ? static_cast<int64_t>(*only) : -1);
+  k.add(prepacked).add(only.key());
   return cached<Conv2dPlan<T>>(k, [&]() -> std::shared_ptr<const Conv2dPlan<T>> {
     if (auto stored = stored_choice(k)) {
       if (auto choice = decode(*stored)) {
@@ -97,10 +97,10 @@ std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, bool prepa
 
 template <class T>
 std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& p,
-                                                                     bool prepacked, std::optional<ConvAlgo> only) {
+                                                                     bool prepacked, ConvRestrict only) {
   PlanKey k = key_for(kConv2dMaxPool2d, dtype_of<T>());
   add_conv(k, conv);
-  k.add(prepacked).add(only ? static_cast<int64_t>(*only) : -1);
+  k.add(prepacked).add(only.key());
   k.add(p.kh).add(p.kw).add(p.stride_h).add(p.stride_w).add(p.pad_h).add(p.pad_w).add(p.dil_h).add(p.dil_w);
   k.add(p.ceil_mode);
   return cached<Conv2dMaxPool2dPlan<T>>(
@@ -115,11 +115,11 @@ std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d) {
 }
 
 template std::shared_ptr<const Conv2dPlan<float>> plan_conv2d<float>(const Conv2dDesc&, bool, const ConvCall<float>*,
-                                                                      std::optional<ConvAlgo>);
+                                                                      ConvRestrict);
 template std::shared_ptr<const Conv2dPlan<double>> plan_conv2d<double>(const Conv2dDesc&, bool, const ConvCall<double>*,
-                                                                      std::optional<ConvAlgo>);
-template std::shared_ptr<const Conv2dMaxPool2dPlan<float>> plan_conv2d_max_pool2d<float>(const Conv2dDesc&, const Pool2dDesc&, bool, std::optional<ConvAlgo>);
-template std::shared_ptr<const Conv2dMaxPool2dPlan<double>> plan_conv2d_max_pool2d<double>(const Conv2dDesc&, const Pool2dDesc&, bool, std::optional<ConvAlgo>);
+                                                                      ConvRestrict);
+template std::shared_ptr<const Conv2dMaxPool2dPlan<float>> plan_conv2d_max_pool2d<float>(const Conv2dDesc&, const Pool2dDesc&, bool, ConvRestrict);
+template std::shared_ptr<const Conv2dMaxPool2dPlan<double>> plan_conv2d_max_pool2d<double>(const Conv2dDesc&, const Pool2dDesc&, bool, ConvRestrict);
 template std::shared_ptr<const LinearPlan<float>> plan_linear<float>(const LinearDesc&);
 template std::shared_ptr<const LinearPlan<double>> plan_linear<double>(const LinearDesc&);
 

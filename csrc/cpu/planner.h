@@ -28,12 +28,12 @@ struct ConvCall {
 template <class T>
 std::shared_ptr<const Conv2dPlan<T>> plan_conv2d(const Conv2dDesc& d, bool prepacked,
                                                  const ConvCall<T>* call = nullptr,
-                                                 std::optional<ConvAlgo> only = std::nullopt);
+                                                 ConvRestrict only = {});
 
 template <class T>
 std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& pool,
                                                                      bool prepacked,
-                                                                     std::optional<ConvAlgo> only = std::nullopt);
+                                                                     ConvRestrict only = {});
 
 template <class T>
 std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d);

@@ -27,6 +27,9 @@ __all__ = ["Conv2d", "Conv2dMaxPool2d", "Linear", "MaxPool2d"]
 
 
 _ALGORITHMS = ("auto", "implicit_gemm", "im2col_gemm", "implicit_gemm_t", "indirect_gemm", "direct")
+# GEMM microkernel shapes of every ISA level: "wide" has more columns per
+# tile (e.g. 8x48 on AVX-512), "tall" more rows (12x32).
+_UKERNELS = {"auto": -1, "wide": 0, "tall": 1}
 
 
 def _frozen_copy(a):
@@ -40,9 +43,12 @@ def _frozen_copy(a):
 class _ConvBase:
     _pool = None
 
-    def __init__(self, weight, bias, stride, padding, dilation, groups, activation, algorithm):
+    def __init__(self, weight, bias, stride, padding, dilation, groups, activation, algorithm, ukernel):
         if algorithm not in _ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {', '.join(map(repr, _ALGORITHMS))}, got {algorithm!r}")
+        if ukernel not in _UKERNELS:
+            raise ValueError(f"ukernel: expected one of {', '.join(map(repr, _UKERNELS))}, got {ukernel!r}")
+        self._ukernel = _UKERNELS[ukernel]
         self._conv = (stride, padding, dilation, groups)
         self._activation = activation
         self._algorithm = algorithm
@@ -56,7 +62,7 @@ class _ConvBase:
         in_channels = weight.shape[1] * self._groups
         self._layer = _core.Conv2dLayer(self._weight, self._bias, in_channels, self._stride, self._pads,
                                         self._dilation, self._groups, _activation(self._activation), self._pool,
-                                        self._ceil_mode, self._algorithm)
+                                        self._ceil_mode, self._algorithm, self._ukernel)
 
     @property
     def weight(self):
@@ -97,24 +103,26 @@ class Conv2d(_ConvBase):
 
     ``algorithm`` is ``'auto'`` (the scheduler chooses) or one of
     ``'implicit_gemm'``, ``'im2col_gemm'``, ``'implicit_gemm_t'``, ``'indirect_gemm'``, ``'direct'``
-    to fix it (the scheduler still picks its blocking and threads).
+    to fix it, and ``ukernel`` ``'auto'``, ``'wide'`` or ``'tall'`` fixes the
+    GEMM microkernel's shape (the scheduler still picks blocking and threads).
     """
 
     _ceil_mode = False
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None,
-                 algorithm="auto"):
-        super().__init__(weight, bias, stride, padding, dilation, groups, activation, algorithm)
+                 algorithm="auto", ukernel="auto"):
+        super().__init__(weight, bias, stride, padding, dilation, groups, activation, algorithm, ukernel)
 
 
 class Conv2dMaxPool2d(_ConvBase):
     """``lk.conv2d_max_pool2d`` with its weights packed once: conv -> bias -> activation -> max-pool in one pass."""
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation="relu",
-                 kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False, algorithm="auto"):
+                 kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False, algorithm="auto",
+                 ukernel="auto"):
         self._pool = _pool_params(kernel_size, pool_stride, pool_padding, pool_dilation, _FUSED_POOL_NAMES)
         self._ceil_mode = bool(ceil_mode)
-        super().__init__(weight, bias, stride, padding, dilation, groups, activation, algorithm)
+        super().__init__(weight, bias, stride, padding, dilation, groups, activation, algorithm, ukernel)
 
 
 class MaxPool2d:

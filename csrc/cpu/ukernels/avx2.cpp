@@ -9,10 +9,16 @@ namespace {
 
 extern const UkernelTable kUkernels_avx2 = {
     Isa::avx2,
-    {4, 24, &gemm_ukernel<float, 32, 4, 3, true>, &gemm_ukernel<float, 32, 4, 3, false>,
-     &gemm_ukernel_indirect<float, 32, 4, 3>, "f32_gemm_ukernel_4x24__avx2"},
-    {4, 12, &gemm_ukernel<double, 32, 4, 3, true>, &gemm_ukernel<double, 32, 4, 3, false>,
-     &gemm_ukernel_indirect<double, 32, 4, 3>, "f64_gemm_ukernel_4x12__avx2"},
+    {
+     {4, 24, &gemm_ukernel<float, 32, 4, 3, true>, &gemm_ukernel<float, 32, 4, 3, false>,
+      &gemm_ukernel_indirect<float, 32, 4, 3>, "f32_gemm_ukernel_4x24__avx2"},
+     {6, 16, &gemm_ukernel<float, 32, 6, 2, true>, &gemm_ukernel<float, 32, 6, 2, false>,
+      &gemm_ukernel_indirect<float, 32, 6, 2>, "f32_gemm_ukernel_6x16__avx2"}},
+    {
+     {4, 12, &gemm_ukernel<double, 32, 4, 3, true>, &gemm_ukernel<double, 32, 4, 3, false>,
+      &gemm_ukernel_indirect<double, 32, 4, 3>, "f64_gemm_ukernel_4x12__avx2"},
+     {6, 8, &gemm_ukernel<double, 32, 6, 2, true>, &gemm_ukernel<double, 32, 6, 2, false>,
+      &gemm_ukernel_indirect<double, 32, 6, 2>, "f64_gemm_ukernel_6x8__avx2"}},
     {&dot_ukernel<float, 32, 4>, "f32_dot_ukernel_4x8__avx2"},
     {&dot_ukernel<double, 32, 4>, "f64_dot_ukernel_4x4__avx2"},
     {{&maxpool_ukernel_2x2s2<float, 32>, "f32_maxpool_ukernel_2x2s2__avx2"},

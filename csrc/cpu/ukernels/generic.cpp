@@ -9,10 +9,16 @@ namespace {
 
 extern const UkernelTable kUkernels_generic = {
     Isa::generic,
-    {4, 12, &gemm_ukernel<float, 16, 4, 3, true>, &gemm_ukernel<float, 16, 4, 3, false>,
-     &gemm_ukernel_indirect<float, 16, 4, 3>, "f32_gemm_ukernel_4x12__generic"},
-    {4, 6, &gemm_ukernel<double, 16, 4, 3, true>, &gemm_ukernel<double, 16, 4, 3, false>,
-     &gemm_ukernel_indirect<double, 16, 4, 3>, "f64_gemm_ukernel_4x6__generic"},
+    {
+     {4, 12, &gemm_ukernel<float, 16, 4, 3, true>, &gemm_ukernel<float, 16, 4, 3, false>,
+      &gemm_ukernel_indirect<float, 16, 4, 3>, "f32_gemm_ukernel_4x12__generic"},
+     {6, 8, &gemm_ukernel<float, 16, 6, 2, true>, &gemm_ukernel<float, 16, 6, 2, false>,
+      &gemm_ukernel_indirect<float, 16, 6, 2>, "f32_gemm_ukernel_6x8__generic"}},
+    {
+     {4, 6, &gemm_ukernel<double, 16, 4, 3, true>, &gemm_ukernel<double, 16, 4, 3, false>,
+      &gemm_ukernel_indirect<double, 16, 4, 3>, "f64_gemm_ukernel_4x6__generic"},
+     {6, 4, &gemm_ukernel<double, 16, 6, 2, true>, &gemm_ukernel<double, 16, 6, 2, false>,
+      &gemm_ukernel_indirect<double, 16, 6, 2>, "f64_gemm_ukernel_6x4__generic"}},
     {&dot_ukernel<float, 16, 4>, "f32_dot_ukernel_4x4__generic"},
     {&dot_ukernel<double, 16, 4>, "f64_dot_ukernel_4x2__generic"},
     {{&maxpool_ukernel_2x2s2<float, 16>, "f32_maxpool_ukernel_2x2s2__generic"},

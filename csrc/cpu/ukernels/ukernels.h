@@ -16,8 +16,6 @@ struct GemmEpilogue {
   bool bias_per_row = true;   // per row of C (conv channels) or per column (linear)
   bool accumulate = false;    // add to C instead of overwriting it (later K blocks)
   bool relu = false;          // applied after the last K block
-  bool transpose_c = false;   // C(i, j) lives at C[j * ldc + i]: a tile of pixels x channels
-                              // stored into channel planes (NCHW)
 };
 
 // C[0:mr, 0:nr] (row stride ldc) = A * B with the epilogue, over kc steps.
@@ -79,6 +77,7 @@ struct MaxPoolBlock {
   T* y;
   int64_t* idx;
   int64_t y_row;
+  bool prefetch;  // the input streams from memory: fetch ahead of the hardware prefetcher
 };
 
 template <class T>
@@ -97,22 +96,24 @@ struct MaxPoolUkernels {
   MaxPoolUkernel<T> s2;      // any window, stride_w 2
 };
 
+constexpr int kGemmShapes = 2;  // per level: a wide tile (more columns) and a tall one (more rows)
+
 struct UkernelTable {
   Isa isa;
-  GemmUkernel<float> f32_gemm;
-  GemmUkernel<double> f64_gemm;
+  GemmUkernel<float> f32_gemm[kGemmShapes];
+  GemmUkernel<double> f64_gemm[kGemmShapes];
   DotUkernel<float> f32_dot;
   DotUkernel<double> f64_dot;
   MaxPoolUkernels<float> f32_maxpool;
   MaxPoolUkernels<double> f64_maxpool;
 
-  template <class T> const GemmUkernel<T>& gemm() const;
+  template <class T> const GemmUkernel<T>& gemm(int shape = 0) const;
   template <class T> const DotUkernel<T>& dot() const;
   template <class T> const MaxPoolUkernels<T>& maxpool() const;
 };
 
-template <> inline const GemmUkernel<float>& UkernelTable::gemm<float>() const { return f32_gemm; }
-template <> inline const GemmUkernel<double>& UkernelTable::gemm<double>() const { return f64_gemm; }
+template <> inline const GemmUkernel<float>& UkernelTable::gemm<float>(int shape) const { return f32_gemm[shape]; }
+template <> inline const GemmUkernel<double>& UkernelTable::gemm<double>(int shape) const { return f64_gemm[shape]; }
 template <> inline const DotUkernel<float>& UkernelTable::dot<float>() const { return f32_dot; }
 template <> inline const DotUkernel<double>& UkernelTable::dot<double>() const { return f64_dot; }
 template <> inline const MaxPoolUkernels<float>& UkernelTable::maxpool<float>() const { return f32_maxpool; }
