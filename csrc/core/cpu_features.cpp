@@ -89,7 +89,7 @@ std::string cpu_signature() {
   unsigned regs[12] = {};
   __get_cpuid(0, &regs[0], &regs[1], &regs[3], &regs[2]);  // vendor in ebx, edx, ecx order
   sig.append(reinterpret_cast<const char*>(&regs[1]), 12);
-  unsigned a, b, c, d;
+  unsigned a = 0, b = 0, c = 0, d = 0;
   __get_cpuid(1, &a, &b, &c, &d);
   sig += cat("-", std::hex, a, "-");
   for (unsigned leaf = 0x80000002; leaf <= 0x80000004; ++leaf) {

@@ -19,7 +19,10 @@ namespace {
 
 std::string key_text(const PlanKey& k) {
   std::string s;
-  for (int i = 0; i < k.n; ++i) s += (i ? "," : "") + std::to_string(k.v[i]);
+  for (int i = 0; i < k.n; ++i) {
+    if (i) s += ',';
+    s += std::to_string(k.v[i]);
+  }
   return s;
 }
 
