@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -30,10 +31,19 @@ import lepton_kernels as lk
 from . import peers as peers_mod
 from . import workloads as wl
 
-__all__ = ["Timing", "ImplResult", "WorkloadResult", "measure_ceiling", "time_interleaved", "run", "main"]
+__all__ = ["Settings", "Timing", "ImplResult", "WorkloadResult", "measure_ceiling", "time_interleaved", "run", "main"]
 
-DEFAULTS = {"repeat": 21, "min_time": 0.002, "ceiling_size": 2048, "ceiling_repeat": 5}
-QUICK = {"repeat": 5, "min_time": 0.001, "ceiling_size": 1024, "ceiling_repeat": 3}
+
+@dataclass
+class Settings:
+    repeat: int = 21  # timed loops per implementation and workload
+    min_time: float = 0.002  # seconds each timed loop lasts at least
+    warmup: Optional[float] = None  # seconds of untimed calls before each loop (None: min_time)
+    ceiling_size: int = 2048
+    ceiling_repeat: int = 5
+
+
+QUICK = Settings(repeat=5, min_time=0.001, ceiling_size=1024, ceiling_repeat=3)
 
 
 # --- timing -----------------------------------------------------------------
@@ -59,12 +69,18 @@ def _settle(max_wait: float = 0.05) -> None:
             return
 
 
-def _loop(prepared: wl.Prepared, calls: int):
-    """Nanoseconds and minor page faults for ``calls`` back-to-back calls, after one untimed call."""
+def _loop(prepared: wl.Prepared, calls: int, warmup_ns: int):
+    """Nanoseconds and minor page faults for ``calls`` back-to-back calls, after untimed ones."""
     run = prepared.run
     _settle()
     with prepared.context():
-        run()  # wakes the implementation's threads and caches up after the previous one
+        # Right after another library ran, the first calls can stall for
+        # milliseconds while the scheduler places this one's threads (a whole
+        # timer tick when two of them land on one core): run those untimed.
+        end = time.perf_counter_ns() + warmup_ns
+        run()
+        while time.perf_counter_ns() < end:
+            run()
         faults = _minor_faults()
         start = time.perf_counter_ns()
         for _ in range(calls):
@@ -74,15 +90,26 @@ def _loop(prepared: wl.Prepared, calls: int):
     return elapsed, faults
 
 
-def _calibrate(prepared: wl.Prepared, min_ns: int) -> int:
-    """Calls per repeat so that one repeat lasts at least ``min_ns``; also warms the implementation up."""
-    calls = 1
-    while True:
-        elapsed, _ = _loop(prepared, calls)
-        if elapsed >= min_ns:
-            return calls
-        # Aim 20% past the target so the next try usually succeeds.
-        calls = max(calls + 1, math.ceil(1.2 * calls * min_ns / max(elapsed, 1)))
+def _calibrate(prepared: wl.Prepared, min_ns: int, warmup_ns: int) -> int:
+    """Calls per loop so that a loop lasts at least ``min_ns``.
+
+    The estimate is the fastest of several single calls, so that one stalled
+    call cannot leave every loop of the run too short.
+    """
+    run = prepared.run
+    _settle()
+    with prepared.context():
+        end = time.perf_counter_ns() + warmup_ns
+        run()
+        while time.perf_counter_ns() < end:
+            run()
+        fastest, spent, n = math.inf, 0, 0
+        while n < 3 or spent < min_ns:
+            start = time.perf_counter_ns()
+            run()
+            elapsed = time.perf_counter_ns() - start
+            fastest, spent, n = min(fastest, elapsed), spent + elapsed, n + 1
+    return max(1, math.ceil(1.1 * min_ns / max(fastest, 1)))
 
 
 class CpuLoad:
@@ -124,31 +151,41 @@ class Timing:
     page_faults_per_call: float
 
 
-def time_interleaved(prepared: Dict[str, wl.Prepared], repeat: int, min_time: float) -> Dict[str, Timing]:
+def time_interleaved(prepared: Dict[str, wl.Prepared], repeat: int, min_time: float,
+                     warmup: Optional[float] = None) -> Dict[str, Timing]:
     """Time each implementation: per repeat, one loop of each in turn (round-robin).
 
-    The times reported are per call: the median and the fastest over repeats.
+    Each loop lasts at least ``min_time`` seconds and follows ``warmup``
+    seconds of untimed calls (default: ``min_time``). The times reported are
+    per call: the median and the fastest over repeats.
     """
     min_ns = int(min_time * 1e9)
-    calls = {name: _calibrate(p, min_ns) for name, p in prepared.items()}
+    warmup_ns = min_ns if warmup is None else int(warmup * 1e9)
+    calls = {name: _calibrate(p, min_ns, warmup_ns) for name, p in prepared.items()}
     samples: Dict[str, List[float]] = {name: [] for name in prepared}
+    total_calls = dict.fromkeys(prepared, 0)
     faults = dict.fromkeys(prepared, 0)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside one loop would be charged to whichever implementation ran
     try:
-        for name, p in prepared.items():  # one untimed round, so every loop below follows another one
-            _loop(p, calls[name])
         for _ in range(repeat):
             for name, p in prepared.items():
-                elapsed, f = _loop(p, calls[name])
-                samples[name].append(elapsed / calls[name] / 1e9)
+                n = calls[name]
+                elapsed, f = _loop(p, n, warmup_ns)
+                samples[name].append(elapsed / n / 1e9)
+                total_calls[name] += n
                 faults[name] += f
+                # Re-aim the next loops when this one missed the target: too short
+                # after a calibration on stalled calls, or far too long when the
+                # implementation stalls now (which would stretch the run for nothing).
+                if elapsed < min_ns or (n > 1 and elapsed > 4 * min_ns):
+                    calls[name] = max(1, math.ceil(1.1 * n * min_ns / max(elapsed, 1)))
     finally:
         if gc_was_enabled:
             gc.enable()
     return {
         name: Timing(statistics.median(samples[name]), min(samples[name]), calls[name], repeat,
-                     faults[name] / (calls[name] * repeat))
+                     faults[name] / total_calls[name])
         for name in prepared
     }
 
@@ -199,6 +236,7 @@ def measure_ceiling(size: int, threads: int, repeat: int, peers: Sequence[peers_
     c = np.empty((size, size), np.float32)  # written in place: no page faults in the timing
     flops = 2 * size ** 3
     libraries = {}
+    _settle()
     with _blas_threads(threads):
         t = _best_time(lambda: np.matmul(a, b, out=c), repeat)
     libraries["numpy"] = {"gflops": flops / t / 1e9, "library": _numpy_blas()}
@@ -218,7 +256,7 @@ def measure_ceiling(size: int, threads: int, repeat: int, peers: Sequence[peers_
 @dataclass
 class ImplResult:
     name: str
-    check: str = "ok"  # "ok", "mismatch" or "error": only "ok" is timed
+    check: str = "ok"  # "ok", "mismatch" or "error"; a peer is timed only when "ok"
     error: Optional[float] = None  # max |difference| / RMS of the output checked against
     detail: str = ""
     setup_s: Optional[float] = None  # building the callable (an ONNX session, for one)
@@ -254,7 +292,7 @@ def _first_call(prepared: wl.Prepared):
     return prepared.to_numpy(y), elapsed
 
 
-def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], repeat: int, min_time: float,
+def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], settings: Settings,
                  ceiling_gflops: float) -> WorkloadResult:
     """Check lepton against the float64 reference and each peer against lepton, then time those that agree."""
     inst = workload.build()
@@ -291,8 +329,9 @@ def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], repeat:
                 continue  # lepton is timed even when wrong, so that a regression shows both ways
         prepared[impl.name] = p
 
+    _settle(max_wait=0.5)  # BLAS threads of the reference computation may spin for a while
     load = CpuLoad().start()
-    timings = time_interleaved(prepared, repeat, min_time)
+    timings = time_interleaved(prepared, settings.repeat, settings.min_time, settings.warmup)
     res.other_load_cpus = load.stop()
     base = timings[wl.LEPTON.name].median_s
     for name, t in timings.items():
@@ -306,14 +345,14 @@ def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], repeat:
     return res
 
 
-def run(workloads: Sequence[wl.Workload], peers: Sequence[peers_mod.Peer], threads: int, repeat: int,
-        min_time: float, ceiling_gflops: float, on_result=None) -> List[WorkloadResult]:
+def run(workloads: Sequence[wl.Workload], peers: Sequence[peers_mod.Peer], threads: int, settings: Settings,
+        ceiling_gflops: float, on_result=None) -> List[WorkloadResult]:
     """Run the workloads in order on ``threads`` threads; ``on_result`` sees each result as it is done."""
     for impl in (wl.LEPTON, *peers):
         impl.set_threads(threads)
     results = []
     for w in workloads:
-        r = run_workload(w, peers, repeat, min_time, ceiling_gflops)
+        r = run_workload(w, peers, settings, ceiling_gflops)
         results.append(r)
         if on_result is not None:
             on_result(r)
@@ -390,11 +429,20 @@ class Table:
         self.row(["-" * width for _, width, _ in self.columns])
 
 
+# A median this far above the fastest loop means the loops were disturbed
+# (threads stalled, other processes running): the table flags it with "?".
+UNSTABLE = 1.5
+
+
+def _unstable(r: ImplResult) -> bool:
+    return r.median_s is not None and r.median_s > UNSTABLE * r.min_s
+
+
 def _result_table(workloads, peers, file):
     name_width = max([len("workload")] + [len(w.name) for w in workloads])
-    columns = [("workload", name_width, "<"), ("MFLOP", 8, ">"), ("median", 10, ">"), ("fastest", 10, ">"),
+    columns = [("workload", name_width, "<"), ("MFLOP", 8, ">"), ("median ", 11, ">"), ("fastest", 10, ">"),
                ("GFLOP/s", 8, ">"), ("%ceil", 6, ">"), ("flt/call", 8, ">"), ("busy", 4, ">"), ("check", 8, "<")]
-    columns += [(f"{p.name} x", 9, ">") for p in peers]
+    columns += [(f"{p.name} x ", 10, ">") for p in peers]
     return Table(columns, file)
 
 
@@ -404,7 +452,8 @@ def _cells(r: WorkloadResult, peers) -> List[str]:
     pct = "-" if ours.pct_ceiling is None else f"{ours.pct_ceiling:.1f}"
     faults = "-" if ours.page_faults_per_call is None else f"{ours.page_faults_per_call:.1f}"
     busy = "-" if r.other_load_cpus is None else f"{r.other_load_cpus:.1f}"
-    cells = [r.name, _fmt_work(r.flops), _fmt_time(ours.median_s), _fmt_time(ours.min_s), rate, pct, faults, busy,
+    median = _fmt_time(ours.median_s) + ("?" if _unstable(ours) else " ")
+    cells = [r.name, _fmt_work(r.flops), median, _fmt_time(ours.min_s), rate, pct, faults, busy,
              "ok" if ours.check == "ok" else ours.check.upper()]
     for p in peers:
         pr = r.results.get(p.name)
@@ -415,7 +464,7 @@ def _cells(r: WorkloadResult, peers) -> List[str]:
         elif pr.check == "mismatch":
             cells.append("MISMATCH")
         else:
-            cells.append(f"{pr.ratio:.2f}")
+            cells.append(f"{pr.ratio:.2f}" + ("?" if _unstable(pr) or _unstable(ours) else " "))
     return cells
 
 
@@ -432,92 +481,112 @@ def _notes(results: Sequence[WorkloadResult]) -> List[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    full, quick = Settings(), QUICK
     ap = argparse.ArgumentParser(
         prog="python -m lepton_kernels.bench",
         description="Time lepton-kernels on the reference workloads next to every installed peer.")
-    ap.add_argument("--filter", metavar="SUBSTR", help="only workloads whose name contains SUBSTR")
+    ap.add_argument("--filter", metavar="SUBSTR", help="only the workloads whose name contains SUBSTR")
     ap.add_argument("--threads", type=int, metavar="N",
                     help="threads for lepton and every peer (default: lepton's current setting)")
     ap.add_argument("--repeat", type=int, metavar="R",
-                    help=f"timed repeats per implementation (default {DEFAULTS['repeat']}, "
-                         f"{QUICK['repeat']} with --quick)")
+                    help=f"timed loops per implementation (default {full.repeat}, {quick.repeat} with --quick)")
     ap.add_argument("--min-time", type=float, metavar="S",
-                    help=f"seconds each repeat lasts at least (default {DEFAULTS['min_time']}, "
-                         f"{QUICK['min_time']} with --quick)")
+                    help=f"seconds each timed loop lasts at least (default {full.min_time:g}, "
+                         f"{quick.min_time:g} with --quick)")
+    ap.add_argument("--warmup", type=float, metavar="S",
+                    help="seconds of untimed calls before each timed loop (default: the --min-time)")
     ap.add_argument("--json", metavar="PATH", help="also write every result and the machine description here")
     ap.add_argument("--quick", action="store_true",
-                    help="fewer repeats and a 1024^3 ceiling matmul: a rough table in seconds")
+                    help="fewer and shorter loops and a 1024^3 ceiling matmul: a rough table in seconds")
     ap.add_argument("--list", action="store_true", help="list the selected workloads and exit")
     return ap
+
+
+def _settings(ap, args) -> Settings:
+    settings = dataclasses.replace(QUICK) if args.quick else Settings()
+    if args.repeat is not None:
+        if args.repeat < 1:
+            ap.error("--repeat: must be at least 1")
+        settings.repeat = args.repeat
+    if args.min_time is not None:
+        if not args.min_time > 0:
+            ap.error("--min-time: must be positive")
+        settings.min_time = args.min_time
+    if args.warmup is not None:
+        if not args.warmup >= 0:
+            ap.error("--warmup: must not be negative")
+        settings.warmup = args.warmup
+    return settings
+
+
+def _print_header(out, threads, machine, ceiling, settings):
+    print(f"lepton-kernels {lk.__version__}, isa {lk.get_isa()}, {threads} thread(s) on {machine['cpu']} "
+          f"({machine['usable_cpus']} usable CPUs)", file=out)
+    for p in peers_mod.PEERS:
+        print(f"peer {p.name}: " + (p.version if p.available else f"skipped, {p.reason}"), file=out)
+    n = ceiling["size"]
+    libs = "; ".join(f"{k} {v['gflops']:.1f} ({v['library']})" for k, v in ceiling["libraries"].items())
+    print(f"fp32 matmul ceiling, {n}x{n}x{n}: {ceiling['gflops']:.1f} GFLOP/s from {ceiling['source']} "
+          f"[{libs}]; OPENBLAS_CORETYPE={machine['openblas_coretype'] or 'unset'}", file=out)
+    warmup = settings.min_time if settings.warmup is None else settings.warmup
+    print(f"timing: per implementation {settings.repeat} loops of >= {settings.min_time * 1e3:g} ms, each after "
+          f"{warmup * 1e3:g} ms of untimed calls, round-robin; times are per call", file=out)
+    print(file=out, flush=True)
+
+
+def _print_footer(out, results, other_load, usable_cpus, elapsed):
+    print(file=out)
+    print("median/fastest: lepton's time per call over the loops; %ceil: its GFLOP/s against the ceiling above;",
+          file=out)
+    print("flt/call: minor page faults per lepton call (outputs are fresh arrays); "
+          "busy: CPUs other processes kept busy meanwhile;", file=out)
+    print("'<peer> x': peer median / lepton median, > 1 means lepton is faster; "
+          "* pool rows count comparisons: Gop/s, no %ceil;", file=out)
+    print(f"?: a median more than {UNSTABLE:g}x the fastest loop (lepton's, or either side of a ratio): "
+          f"disturbed loops, rerun before trusting it.", file=out)
+    if other_load is not None and other_load >= 0.1:
+        print(f"warning: other processes kept {other_load:.2f} of {usable_cpus} CPUs busy on average during the "
+              f"run: these timings are not reliable", file=out)
+    for note in _notes(results):
+        print(f"note: {note}", file=out)
+    print(f"{len(results)} workloads in {elapsed:.1f} s", file=out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
-    settings = dict(QUICK if args.quick else DEFAULTS)
-    if args.repeat is not None:
-        if args.repeat < 1:
-            ap.error("--repeat: must be at least 1")
-        settings["repeat"] = args.repeat
-    if args.min_time is not None:
-        if not args.min_time > 0:
-            ap.error("--min-time: must be positive")
-        settings["min_time"] = args.min_time
+    settings = _settings(ap, args)
     threads = lk.get_num_threads() if args.threads is None else args.threads
     if threads < 1:
         ap.error("--threads: must be at least 1")
-
     workloads = wl.select(args.filter)
     if not workloads:
         ap.error(f"--filter: no workload name contains {args.filter!r}")
     if args.list:
+        width = max(len(w.name) for w in workloads)
         for w in workloads:
-            print(f"{w.name:<{max(len(x.name) for x in workloads)}}  {_fmt_work(w.flops):>8} MFLOP  {w.describe()}")
+            print(f"{w.name:<{width}}  {_fmt_work(w.flops):>8} MFLOP  {w.describe()}")
         return 0
 
+    out = sys.stdout
     peers = peers_mod.available()
     machine = machine_info(threads, peers_mod.PEERS)
-
-    out = sys.stdout
-    print(f"lepton-kernels {lk.__version__}, isa {lk.get_isa()}, {threads} thread(s) on {machine['cpu']} "
-          f"({machine['usable_cpus']} usable CPUs)", file=out)
-    for p in peers_mod.PEERS:
-        print(f"peer {p.name}: " + (f"{p.version}" if p.available else f"skipped, {p.reason}"), file=out)
-    ceiling = measure_ceiling(settings["ceiling_size"], threads, settings["ceiling_repeat"], peers)
-    libs = "; ".join(f"{k} {v['gflops']:.1f} ({v['library']})" for k, v in ceiling["libraries"].items())
-    n = ceiling["size"]
-    print(f"fp32 matmul ceiling, {n}x{n}x{n}: {ceiling['gflops']:.1f} GFLOP/s from {ceiling['source']} "
-          f"[{libs}]; OPENBLAS_CORETYPE={machine['openblas_coretype'] or 'unset'}", file=out)
-    print(f"timing: {settings['repeat']} repeats of >= {settings['min_time'] * 1e3:g} ms per implementation, "
-          f"round-robin; times are per call", file=out, flush=True)
-    print(file=out)
+    ceiling = measure_ceiling(settings.ceiling_size, threads, settings.ceiling_repeat, peers)
+    _print_header(out, threads, machine, ceiling, settings)
 
     table = _result_table(workloads, peers, out)
     table.header()
     start = time.perf_counter()
     load = CpuLoad().start()
-    results = run(workloads, peers, threads, settings["repeat"], settings["min_time"], ceiling["gflops"],
+    results = run(workloads, peers, threads, settings, ceiling["gflops"],
                   on_result=lambda r: table.row(_cells(r, peers)))
-    elapsed = time.perf_counter() - start
     other_load = load.stop()
-
-    print(file=out)
-    print("median/fastest: lepton's time per call over repeats; %ceil: lepton's GFLOP/s against the ceiling above;",
-          file=out)
-    print("flt/call: minor page faults per lepton call (outputs are fresh arrays); "
-          "'<peer> x': peer median / lepton median, > 1 means lepton is faster;", file=out)
-    print("busy: CPUs other processes kept busy meanwhile (anything above 0 disturbs the timing); "
-          "* pool rows count comparisons: Gop/s, no %ceil.", file=out)
-    if other_load is not None and other_load >= 0.1:
-        print(f"warning: other processes kept {other_load:.2f} of {machine['usable_cpus']} CPUs busy on average "
-              f"during the run: these timings are not reliable", file=out)
-    for note in _notes(results):
-        print(f"note: {note}", file=out)
-    print(f"{len(results)} workloads in {elapsed:.1f} s", file=out)
+    elapsed = time.perf_counter() - start
+    _print_footer(out, results, other_load, machine["usable_cpus"], elapsed)
 
     if args.json:
         doc = {
-            "settings": {**settings, "threads": threads, "filter": args.filter, "quick": args.quick},
+            "settings": {**asdict(settings), "threads": threads, "filter": args.filter, "quick": args.quick},
             "machine": machine,
             "ceiling": ceiling,
             "elapsed_s": elapsed,

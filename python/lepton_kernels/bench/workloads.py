@@ -195,10 +195,6 @@ class Workload:
         return self.shapes()[1]
 
     @property
-    def batch(self) -> int:
-        return self.input_shape[0]
-
-    @property
     def flops(self) -> int:
         return sum(layer.flops(shape) for shape, layer in self.shapes()[0])
 
