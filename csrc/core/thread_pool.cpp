@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <deque>
@@ -92,12 +93,17 @@ class Pool {
     job->fn = &fn;
     job->n = n;
     job->seats.store(want - 1);
+    int sleeping;
     {
       std::lock_guard<std::mutex> q(queue_mu_);
       queue_.push_back(job);
+      queued_.fetch_add(1, std::memory_order_release);
+      sleeping = sleepers_;
     }
-    if (want - 1 >= static_cast<int>(workers_.size())) queue_cv_.notify_all();
-    else for (int i = 0; i < want - 1; ++i) queue_cv_.notify_one();
+    // Spinning workers see the job by themselves; only sleeping ones need a
+    // (system call) wake-up.
+    if (sleeping >= want - 1) queue_cv_.notify_all();
+    else for (int i = 0; i < std::min(sleeping, want - 1); ++i) queue_cv_.notify_one();
 
     t_inside_task = true;
     job->work();
@@ -114,7 +120,10 @@ class Pool {
       // The job may still sit in the queue if no worker came for it.
       std::lock_guard<std::mutex> q(queue_mu_);
       auto it = std::find(queue_.begin(), queue_.end(), job);
-      if (it != queue_.end()) queue_.erase(it);
+      if (it != queue_.end()) {
+        queue_.erase(it);
+        queued_.fetch_sub(1, std::memory_order_relaxed);
+      }
     }
     if (job->error) std::rethrow_exception(job->error);
   }
@@ -122,6 +131,7 @@ class Pool {
  private:
   void start(int threads) {
     stopping_ = false;
+    stop_flag_.store(false, std::memory_order_relaxed);
     threads_ = 1;
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
     threads_ = std::max(1, threads);
@@ -132,6 +142,7 @@ class Pool {
       std::lock_guard<std::mutex> q(queue_mu_);
       stopping_ = true;
     }
+    stop_flag_.store(true, std::memory_order_relaxed);
     queue_cv_.notify_all();
     for (auto& w : workers_) w.join();
     workers_.clear();
@@ -140,20 +151,43 @@ class Pool {
   void worker_loop() {
     t_inside_task = true;
     for (;;) {
+      // Spin a while before sleeping: calls come in streams, and a spinning
+      // worker joins the next job at once, where a sleeping one costs the
+      // caller a system call and often the whole job (it finishes alone).
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      for (int i = 0; queued_.load(std::memory_order_acquire) == 0 && !stop_flag_.load(std::memory_order_relaxed);
+           ++i) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) break;
+      }
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> q(queue_mu_);
-        queue_cv_.wait(q, [this] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty() && !stopping_) {
+          ++sleepers_;
+          queue_cv_.wait(q, [this] { return stopping_ || !queue_.empty(); });
+          --sleepers_;
+        }
         if (stopping_) return;
         job = queue_.front();
-        if (job->seats.fetch_sub(1) <= 1 || job->next.load() >= job->n) queue_.pop_front();
+        if (job->seats.fetch_sub(1) <= 1 || job->next.load() >= job->n) {
+          queue_.pop_front();
+          queued_.fetch_sub(1, std::memory_order_relaxed);
+        }
       }
       job->work();
     }
   }
 
+  static constexpr std::chrono::microseconds kSpin{200};
+
   int threads_ = 1;
   bool stopping_ = false;
+  std::atomic<bool> stop_flag_{false};  // stopping_, readable without the lock
+  std::atomic<int> queued_{0};          // jobs in queue_, readable without the lock
+  int sleepers_ = 0;                    // workers waiting on queue_cv_
   std::vector<std::thread> workers_;
   std::deque<std::shared_ptr<Job>> queue_;
   std::mutex queue_mu_;

@@ -9,6 +9,10 @@
 
 namespace lk::cpu {
 
+namespace {
+constexpr double kDotEfficiency = 0.5;  // the dot kernel against the GEMM microkernel's rate
+}  // namespace
+
 template <class T>
 LinearPlan<T>::LinearPlan(const LinearDesc& desc)
     : d_(desc), uk_(ukernels().gemm<T>()), dot_(ukernels().dot<T>()) {
@@ -17,24 +21,30 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc)
   const int nr = uk_.nr, mr = uk_.mr;
   // Packing the weight costs as much as a few rows of the product, and a
   // handful of outputs would fill the microkernel's NR columns with padding.
-  algo_ = (M <= 4 || 2 * N <= nr) ? LinearAlgo::dot : LinearAlgo::gemm;
-  const double flops = 2.0 * M * K * N;
-  threads_ = static_cast<int>(std::clamp(flops / 4e6, 1.0, static_cast<double>(get_num_threads())));
-  const int64_t want = 4 * static_cast<int64_t>(threads_);
+  algo_ = (M <= 8 || 2 * N <= nr) ? LinearAlgo::dot : LinearAlgo::gemm;
 
-  // The prediction, for explain(): the dot kernel streams the weights and
-  // reaches a fraction of the GEMM rate (a load per FMA); the GEMM runs near
-  // the microkernel's rate on padded tiles. Threads share the bandwidth.
+  // The cost model: the dot kernel streams the weights and reaches a
+  // fraction of the GEMM rate (loads feed its FMAs); the GEMM runs near the
+  // microkernel's rate on padded tiles. Threads share the bandwidth, and a
+  // second thread pays the hand-over. The thread count minimises the time.
   const MachineModel& model = machine_model();
   const double rate = model.gemm_flops[sizeof(T) == 8][0];
+  const double flops = algo_ == LinearAlgo::dot ? 2.0 * M * K * N / kDotEfficiency
+                                                : 2.0 * round_up(M, mr) * K * round_up(N, nr);
   const double bytes = static_cast<double>(sizeof(T)) * (M * K + N * K + M * N);
-  const double memory = bytes / (model.bandwidth * std::min(threads_, 2));
-  const double wake = threads_ > 1 ? model.wake_s : 0;
+  auto predict = [&](int t) {
+    return std::max(flops / (rate * t), bytes / (model.bandwidth * std::min(t, 2))) + (t > 1 ? model.wake_s : 0);
+  };
+  threads_ = 1;
+  for (int t = 2; t <= get_num_threads(); ++t)
+    if (predict(t) < predict(threads_)) threads_ = t;
+  predicted_s_ = predict(threads_);
+  const int64_t want = 4 * static_cast<int64_t>(threads_);
   if (algo_ == LinearAlgo::dot) {
-    // Tasks: rows of x times blocks of weight rows.
-    mc_ = 1;
-    nc_ = std::max<int64_t>(1, std::min<int64_t>(N, round_up(ceil_div(N, ceil_div(want, std::max<int64_t>(M, 1))), 4)));
-    predicted_s_ = std::max(flops / (rate * 0.4 * threads_), memory) + wake;
+    // Tasks: blocks of 4 input rows times blocks of weight rows.
+    mc_ = 4;
+    const int64_t row_blocks = std::max<int64_t>(1, ceil_div(M, 4));
+    nc_ = std::max<int64_t>(1, std::min<int64_t>(N, round_up(ceil_div(N, ceil_div(want, row_blocks)), 4)));
     return;
   }
   const int64_t Np = round_up(N, nr);
@@ -45,8 +55,6 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc)
   const int64_t mblocks = ceil_div(std::max<int64_t>(M, 1), mc_);
   if (mblocks * ceil_div(Np, nc_) < want)
     nc_ = std::max<int64_t>(nr, round_up(ceil_div(Np, ceil_div(want, mblocks)), nr));
-  const double padded = 2.0 * round_up(M, mr) * K * Np;
-  predicted_s_ = std::max(padded / (rate * threads_), memory) + wake;
   workspace_ = threads_ * round_up(mc_, mr) * kc_ * static_cast<int64_t>(sizeof(T));
 }
 
@@ -115,18 +123,24 @@ void LinearPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
 template <class T>
 void LinearPlan<T>::run_dot(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
-  const int64_t nblocks = ceil_div(N, nc_);
+  constexpr int64_t kRows = 4;  // input rows the dot kernel takes at once
+  const int64_t nblocks = ceil_div(N, nc_), mblocks = ceil_div(M, kRows);
   const bool relu = d_.act == Activation::relu;
   const bool x_rows = x.strides[1] == 1;
-  parallel_for(M * nblocks, threads_, [&](int64_t task) {
-    const int64_t i = task / nblocks, j0 = (task % nblocks) * nc_, n = std::min(nc_, N - j0);
-    const T* xi = x.ptr<T>() + i * x.strides[0];
-    if (!x_rows) {  // the kernel wants a contiguous row
-      T* row = scratch_array<T>(kPackSlot, static_cast<size_t>(K));
-      for (int64_t p = 0; p < K; ++p) row[p] = xi[p * x.strides[1]];
-      xi = row;
+  parallel_for(mblocks * nblocks, threads_, [&](int64_t task) {
+    const int64_t i0 = (task / nblocks) * kRows, rows = std::min(kRows, M - i0);
+    const int64_t j0 = (task % nblocks) * nc_, n = std::min(nc_, N - j0);
+    const T* xi = x.ptr<T>() + i0 * x.strides[0];
+    int64_t ldx = x.strides[0];
+    if (!x_rows) {  // the kernel wants contiguous rows
+      T* copy = scratch_array<T>(kPackSlot, static_cast<size_t>(rows * K));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t p = 0; p < K; ++p) copy[r * K + p] = xi[r * x.strides[0] + p * x.strides[1]];
+      xi = copy;
+      ldx = K;
     }
-    dot_.fn(K, xi, wt.w + j0 * wt.ldw, wt.ldw, n, y + i * N + j0, wt.bias ? wt.bias + j0 : nullptr, relu);
+    dot_.fn(K, xi, ldx, static_cast<int>(rows), wt.w + j0 * wt.ldw, wt.ldw, n, y + i0 * N + j0, N,
+            wt.bias ? wt.bias + j0 : nullptr, relu);
   });
 }
 

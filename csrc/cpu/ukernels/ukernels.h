@@ -46,11 +46,12 @@ struct GemmUkernel {
   const char* name;
 };
 
-// y[0:n] = act(bias + W x) for one row x of length k and n rows of W (row
-// stride ldw), both contiguous along k; bias may be null.
+// y[r][0:n] = act(bias + W x[r]) for rows <= 4 input rows x (row stride
+// ldx) of length k and n rows of W (row stride ldw), all contiguous along k;
+// y rows ldy apart; bias may be null.
 template <class T>
-using DotUkernelFn = void (*)(int64_t k, const T* x, const T* w, int64_t ldw, int64_t n, T* y, const T* bias,
-                              bool relu);
+using DotUkernelFn = void (*)(int64_t k, const T* x, int64_t ldx, int rows, const T* w, int64_t ldw, int64_t n, T* y,
+                              int64_t ldy, const T* bias, bool relu);
 
 template <class T>
 struct DotUkernel {
