@@ -180,6 +180,9 @@ class Workload:
     layers: Tuple[Layer, ...]
     # Large rows: the test suite runs them once, or for few rounds when timing.
     heavy: bool = False
+    # lepton runs the chain as one fused call (conv -> ReLU -> max-pool);
+    # peers run their own best sequence of the same ops.
+    fused: bool = False
 
     def shapes(self):
         """(input shape, layer) for each layer of the chain, then the output shape."""
@@ -292,6 +295,12 @@ class LeptonImpl:
         raise TypeError(f"lepton: no implementation for {type(layer).__name__}")
 
     def prepare(self, inst: Instance) -> Prepared:
+        if inst.workload.fused:
+            (conv, _, p), (pool, _, _) = inst.steps()
+            return Prepared(partial(lk.conv2d_max_pool2d, inst.x, p["weight"], p["bias"], stride=conv.stride,
+                                    padding=conv.padding, groups=conv.groups,
+                                    activation="relu" if conv.relu else None, kernel_size=pool.kernel,
+                                    pool_stride=pool.step, pool_padding=pool.padding))
         steps = [self._step(layer, shape, p) for layer, shape, p in inst.steps()]
         x = inst.x
         return Prepared(chain(partial(steps[0], x), steps[1:]))
@@ -431,15 +440,14 @@ def _r18():
 
 
 def _fusion():
-    # The fusion chains run one call per op: the baseline the fused kernels
-    # will be measured against once they exist.
+    # Each fusion chain twice: fused (one lepton call) and unfused (one call
+    # per op), the baseline the fused pass is measured against.
     mnist = (Conv2d(32, 3, relu=True), MaxPool2d(2))
     c2 = (Conv2d(64, 3, padding=1, relu=True), MaxPool2d(2))
-    return [
-        Workload("fuse-mnist-b256/unfused", "fuse", (256, 1, 28, 28), mnist, heavy=True),
-        Workload("fuse-c2-b1/unfused", "fuse", (1, 64, 56, 56), c2, heavy=True),
-        Workload("fuse-c2-b32/unfused", "fuse", (32, 64, 56, 56), c2, heavy=True),
-    ]
+    rows = [("fuse-mnist-b256", (256, 1, 28, 28), mnist), ("fuse-c2-b1", (1, 64, 56, 56), c2),
+            ("fuse-c2-b32", (32, 64, 56, 56), c2)]
+    return [Workload(name + suffix, "fuse", shape, layers, heavy=True, fused=fused)
+            for name, shape, layers in rows for suffix, fused in (("", True), ("/unfused", False))]
 
 
 WORKLOADS: Tuple[Workload, ...] = tuple(
