@@ -496,6 +496,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=float, metavar="S",
                     help="seconds of untimed calls before each timed loop (default: the --min-time)")
     ap.add_argument("--json", metavar="PATH", help="also write every result and the machine description here")
+    ap.add_argument("--plot", metavar="PATH", help="also draw GFLOP/s per workload and implementation as a PNG "
+                                                  "(needs matplotlib)")
     ap.add_argument("--quick", action="store_true",
                     help="fewer and shorter loops and a 1024^3 ceiling matmul: a rough table in seconds")
     ap.add_argument("--list", action="store_true", help="list the selected workloads and exit")
@@ -596,4 +598,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"wrote {args.json}", file=out)
+    if args.plot:
+        from .plot import plot
+
+        plot(results, args.plot, f"lepton-kernels {lk.__version__} vs peers, {threads} thread(s), {machine['cpu']}")
+        print(f"wrote {args.plot}", file=out)
     return 0
