@@ -174,7 +174,7 @@ static py::array linear_typed(const LinearDesc& d, const Input& x, const Input& 
   T* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
-    auto plan = cpu::plan_linear<T>(d);
+    auto plan = cpu::plan_linear<T>(d, false);
     typename cpu::LinearPlan<T>::BoundStorage storage;
     plan->run(x.view, plan->bind(&w.view, b ? &b->view : nullptr, storage), yp);
   }
@@ -258,7 +258,8 @@ static std::string describe_linear(int64_t rows, py::array weight, bool has_bias
   d.has_bias = has_bias;
   d.act = activation_from(activation);
   py::gil_scoped_release release;
-  return d.dtype == DType::f32 ? cpu::plan_linear<float>(d)->describe() : cpu::plan_linear<double>(d)->describe();
+  return d.dtype == DType::f32 ? cpu::plan_linear<float>(d, false)->describe()
+                               : cpu::plan_linear<double>(d, false)->describe();
 }
 
 void register_ops(py::module_& m) {

@@ -38,7 +38,8 @@ enum ScratchSlot {
   kInputBandSlot = 3,   // a padded band of the input (indirect_gemm)
   kTileSlot = 4,        // an output tile accumulated before it is stored (transposed GEMMs)
   kPointerSlot = 5,     // per-pixel input pointers (indirect_gemm)
-  kPoolBandSlot = 6,    // input rows with a column stride gathered for max-pooling
+  kWeightSlot = 6,      // weights packed for one run (held by the calling thread)
+  kPoolBandSlot = 7,    // input rows with a column stride gathered for max-pooling
   kScratchSlots
 };
 void* scratch(int slot, size_t bytes);

@@ -160,7 +160,12 @@ class Pool {
 #if defined(__x86_64__)
         __builtin_ia32_pause();
 #endif
-        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) break;
+        if ((i & 63) == 63) {
+          // Give the core away now and then: on a busy or small machine the
+          // thread we wait for may be queued behind this one.
+          std::this_thread::yield();
+          if (std::chrono::steady_clock::now() > until) break;
+        }
       }
       std::shared_ptr<Job> job;
       {

@@ -355,9 +355,21 @@ template <class T>
 typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const TensorView* w, const TensorView* b,
                                                     BoundStorage& storage) const {
   if (!transposed()) return bind_rows(d_, w, b, storage);
-  LK_CHECK(w != nullptr, "weight: missing");
-  storage.packed = pack(*w, b);
-  return bind(storage.packed);
+  // Panels of W^T for this run, packed into the calling thread's scratch
+  // (reused across calls: no allocation, no fresh pages) from rows.
+  const Weights rows = bind_rows(d_, w, b, storage);
+  const int64_t K = d_.K, Kg = d_.Kg(), CRS = d_.Cg() * d_.R * d_.S, nr = uk_.nr;
+  const int64_t group_stride = round_up(Kg, nr) * CRS;
+  T* panels = scratch_array<T>(kWeightSlot, static_cast<size_t>(d_.groups * group_stride + K + nr));
+  for (int64_t g = 0; g < d_.groups; ++g)  // B(crs, k) = W[g*Kg + k][crs]
+    pack_b_panels(rows.w + g * Kg * CRS, int64_t{1}, CRS, CRS, Kg, static_cast<int>(nr), panels + g * group_stride);
+  T* bias = nullptr;
+  if (rows.bias) {  // read a whole panel at a time: padded
+    bias = panels + d_.groups * group_stride;
+    std::copy(rows.bias, rows.bias + K, bias);
+    std::fill(bias + K, bias + K + nr, T(0));
+  }
+  return {panels, 0, bias};
 }
 
 template <class T>

@@ -78,7 +78,6 @@ class Conv2dPlan {
   };
   struct BoundStorage {  // copies made when the caller's weights cannot be read in place
     AlignedPtr<T> weights, bias;
-    PackedConvWeights<T> packed;
   };
 
   // weight: K x C/groups x R x S, any strides; bias: K entries or null.

@@ -34,6 +34,20 @@ void pack_a_panels(const T* src, int64_t rs, int64_t cs, int64_t m, int64_t k, i
 // of k x nr (k-major), columns past n zero. Panel stride: k * nr.
 template <class T>
 void pack_b_panels(const T* src, int64_t rs, int64_t cs, int64_t k, int64_t n, int nr, T* dst) {
+  if (rs == 1 && cs != 1) {  // a transpose: read each source column (a row in memory) contiguously
+    for (int64_t j0 = 0; j0 < n; j0 += nr, dst += k * nr) {
+      const int64_t cols = std::min<int64_t>(nr, n - j0);
+      for (int64_t j = 0; j < nr; ++j) {
+        if (j < cols) {
+          const T* s = src + (j0 + j) * cs;
+          for (int64_t p = 0; p < k; ++p) dst[p * nr + j] = s[p];
+        } else {
+          for (int64_t p = 0; p < k; ++p) dst[p * nr + j] = T(0);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t j0 = 0; j0 < n; j0 += nr) {
     const int64_t cols = std::min<int64_t>(nr, n - j0);
     for (int64_t p = 0; p < k; ++p) {

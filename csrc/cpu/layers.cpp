@@ -133,7 +133,7 @@ LinearDesc LinearLayer<T>::desc_for(int64_t rows) const {
 template <class T>
 void LinearLayer<T>::run(const TensorView& x, T* y) const {
   LK_CHECK(x.ndim == 2 && x.shape[1] == K_, "input: expected ", K_, " features in the last dimension");
-  auto plan = plan_linear<T>(desc_for(x.shape[0]));
+  auto plan = plan_linear<T>(desc_for(x.shape[0]), true);
   const PackedLinearWeights<T>* packed;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -151,7 +151,7 @@ void LinearLayer<T>::run(const TensorView& x, T* y) const {
 
 template <class T>
 std::string LinearLayer<T>::describe(int64_t rows) const {
-  return plan_linear<T>(desc_for(rows))->describe();
+  return plan_linear<T>(desc_for(rows), true)->describe();
 }
 
 template class Conv2dLayer<float>;

@@ -14,14 +14,24 @@ constexpr double kDotEfficiency = 0.5;  // the dot kernel against the GEMM micro
 }  // namespace
 
 template <class T>
-LinearPlan<T>::LinearPlan(const LinearDesc& desc)
+LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
     : d_(desc), uk_(ukernels().gemm<T>()), dot_(ukernels().dot<T>()) {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
   LK_CHECK(M >= 0 && K >= 0 && N >= 0, "input: sizes must be non-negative");
-  const int nr = uk_.nr, mr = uk_.mr;
   // Packing the weight costs as much as a few rows of the product, and a
   // handful of outputs would fill the microkernel's NR columns with padding.
-  algo_ = (M <= 8 || 2 * N <= nr) ? LinearAlgo::dot : LinearAlgo::gemm;
+  // Without a layer packing the weight once, the transposed GEMM packs the
+  // input instead, when that is the smaller operand.
+  algo_ = (M <= 8 || 2 * N <= uk_.nr) ? LinearAlgo::dot
+          : (!prepacked && M < N)   ? LinearAlgo::gemm_t
+                                    : LinearAlgo::gemm;
+  if (algo_ == LinearAlgo::gemm_t) {  // rows: features, columns: input rows; the shape padding M least
+    const UkernelTable& t = ukernels();
+    if (round_up(M, t.gemm<T>(1).nr) * round_up(N, t.gemm<T>(1).mr) <
+        round_up(M, t.gemm<T>(0).nr) * round_up(N, t.gemm<T>(0).mr))
+      uk_ = t.gemm<T>(1);
+  }
+  const int nr = uk_.nr, mr = uk_.mr;
 
   // The cost model: the dot kernel streams the weights and reaches a
   // fraction of the GEMM rate (loads feed its FMAs); the GEMM runs near the
@@ -29,8 +39,9 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc)
   // second thread pays the hand-over. The thread count minimises the time.
   const MachineModel& model = machine_model();
   const double rate = model.gemm_flops[sizeof(T) == 8][0];
-  const double flops = algo_ == LinearAlgo::dot ? 2.0 * M * K * N / kDotEfficiency
-                                                : 2.0 * round_up(M, mr) * K * round_up(N, nr);
+  const double flops = algo_ == LinearAlgo::dot      ? 2.0 * M * K * N / kDotEfficiency
+                       : algo_ == LinearAlgo::gemm_t ? 2.0 * round_up(N, mr) * K * round_up(M, nr)
+                                                     : 2.0 * round_up(M, mr) * K * round_up(N, nr);
   const double bytes = static_cast<double>(sizeof(T)) * (M * K + N * K + M * N);
   auto predict = [&](int t) {
     return std::max(flops / (rate * t), bytes / (model.bandwidth * std::min(t, 2))) + (t > 1 ? model.wake_s : 0);
@@ -47,9 +58,19 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc)
     nc_ = std::max<int64_t>(1, std::min<int64_t>(N, round_up(ceil_div(N, ceil_div(want, row_blocks)), 4)));
     return;
   }
-  const int64_t Np = round_up(N, nr);
   const int64_t nkb = K <= 1024 ? 1 : ceil_div(K, 512);
   kc_ = std::max<int64_t>(1, ceil_div(K, nkb));
+  if (algo_ == LinearAlgo::gemm_t) {  // mc_: features per task, nc_: input rows per task
+    // Split the input rows among the threads first: each task packs its rows
+    // once, while a split of the features would pack them again per block.
+    nc_ = std::min(std::max<int64_t>(nr, round_up(ceil_div(M, threads_), nr)), int64_t{8} * nr);
+    const int64_t row_blocks = ceil_div(M, nc_);
+    mc_ = round_up(N, mr);
+    if (row_blocks < threads_) mc_ = std::max<int64_t>(mr, round_up(ceil_div(N, ceil_div(threads_, row_blocks)), mr));
+    workspace_ = threads_ * (kc_ * nc_ + mc_ * nc_) * static_cast<int64_t>(sizeof(T));
+    return;
+  }
+  const int64_t Np = round_up(N, nr);
   mc_ = std::max<int64_t>(mr, std::min(round_up(M, mr), int64_t{16} * mr));
   nc_ = std::max<int64_t>(nr, std::min(Np, (256 * 1024 / (kc_ * static_cast<int64_t>(sizeof(T)))) / nr * nr));
   const int64_t mblocks = ceil_div(std::max<int64_t>(M, 1), mc_);
@@ -64,7 +85,7 @@ PackedLinearWeights<T> LinearPlan<T>::pack(const TensorView& w, const TensorView
   LK_CHECK(w.ndim == 2 && w.shape[0] == N && w.shape[1] == K, "weight: shape does not match the plan");
   LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
   PackedLinearWeights<T> p;
-  const bool panels = algo_ == LinearAlgo::gemm;
+  const bool panels = algo_ == LinearAlgo::gemm;  // else rows, as dot and gemm_t read them
   const int64_t Np = panels ? round_up(N, uk_.nr) : N;
   p.w = aligned_alloc_array<T>(Np * K);
   if (panels) {
@@ -94,7 +115,8 @@ typename LinearPlan<T>::Weights LinearPlan<T>::bind(const TensorView* w, const T
   LK_CHECK(w != nullptr && w->ndim == 2 && w->shape[0] == d_.N && w->shape[1] == d_.K,
            "weight: shape does not match the plan");
   LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
-  if (algo_ == LinearAlgo::dot && w->strides[1] == 1 && (b == nullptr || b->strides[0] == 1))
+  // Rows in place need a real row stride: the GEMM takes a stride of 0 for packed panels.
+  if (algo_ != LinearAlgo::gemm && w->strides[1] == 1 && w->strides[0] != 0 && (b == nullptr || b->strides[0] == 1))
     return {w->ptr<T>(), w->strides[0], b ? b->ptr<T>() : nullptr};
   storage.packed = pack(*w, b);
   return bind(storage.packed);
@@ -116,6 +138,8 @@ void LinearPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
   }
   if (algo_ == LinearAlgo::dot)
     run_dot(x, wt, y);
+  else if (algo_ == LinearAlgo::gemm_t)
+    run_gemm_t(x, wt, y);
   else
     run_gemm(x, wt, y);
 }
@@ -141,6 +165,34 @@ void LinearPlan<T>::run_dot(const TensorView& x, const Weights& wt, T* y) const 
     }
     dot_.fn(K, xi, ldx, static_cast<int>(rows), wt.w + j0 * wt.ldw, wt.ldw, n, y + i0 * N + j0, N,
             wt.bias ? wt.bias + j0 : nullptr, relu);
+  });
+}
+
+template <class T>
+void LinearPlan<T>::run_gemm_t(const TensorView& x, const Weights& wt, T* y) const {
+  const int64_t M = d_.M, K = d_.K, N = d_.N;
+  const int nr = uk_.nr;
+  const int64_t fblocks = ceil_div(N, mc_), rblocks = ceil_div(M, nc_);
+  const bool relu = d_.act == Activation::relu;
+  const T* xp = x.ptr<T>();
+  parallel_for(fblocks * rblocks, threads_, [&](int64_t task) {
+    const int64_t i0 = (task % fblocks) * mc_, m = std::min(mc_, N - i0);  // features
+    const int64_t j0 = (task / fblocks) * nc_, n = std::min(nc_, M - j0);  // input rows
+    const int64_t ldt = round_up(n, nr);
+    T* B = scratch_array<T>(kPackSlot, static_cast<size_t>(kc_ * ldt));
+    T* tile = scratch_array<T>(kTileSlot, static_cast<size_t>(m * ldt));  // features x rows
+    for (int64_t pc = 0; pc < K; pc += kc_) {
+      const int64_t kc = std::min(kc_, K - pc);
+      // B(k, j) = x[j0 + j][pc + k]
+      pack_b_panels(xp + j0 * x.strides[0] + pc * x.strides[1], x.strides[1], x.strides[0], kc, n, nr, B);
+      GemmEpilogue<T> ep;
+      ep.bias = (pc == 0 && wt.bias) ? wt.bias + i0 : nullptr;
+      ep.bias_per_row = true;
+      ep.accumulate = pc > 0;
+      ep.relu = relu && pc + kc == K;
+      macro_kernel(uk_, m, n, kc, wt.w + i0 * wt.ldw + pc, int64_t{0}, wt.ldw, B, kc * nr, tile, ldt, ep);
+    }
+    store_transposed(tile, ldt, m, n, y + j0 * N + i0, N);
   });
 }
 
@@ -175,6 +227,8 @@ std::string LinearPlan<T>::describe() const {
   std::string s = cat("linear ", dtype_name(dtype_of<T>()));
   if (algo_ == LinearAlgo::dot)
     s += cat(" algo=dot ukernel=", dot_.name, " nc=", nc_);
+  else if (algo_ == LinearAlgo::gemm_t)
+    s += cat(" algo=gemm_t ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
   else
     s += cat(" algo=gemm ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
   return s + cat(" threads=", threads_, " predicted_us=", predicted_s_ * 1e6, " workspace_bytes=", workspace_);

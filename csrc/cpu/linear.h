@@ -10,8 +10,10 @@
 namespace lk::cpu {
 
 enum class LinearAlgo {
-  gemm,  // weight packed into the GEMM microkernel's B panels
-  dot,   // few input rows or few outputs: dot products against weight rows in place
+  gemm,    // weight packed into the GEMM microkernel's B panels
+  gemm_t,  // transposed (y^T = W x^T): the weight read in place as the GEMM's rows, the
+           // input packed instead; for calls whose weight nobody packed in advance
+  dot,     // few input rows or few outputs: dot products against weight rows in place
 };
 
 // Weights packed once by LinearPlan::pack, for callers that run many times.
@@ -25,7 +27,8 @@ struct PackedLinearWeights {
 template <class T>
 class LinearPlan {
  public:
-  explicit LinearPlan(const LinearDesc& desc);
+  // prepacked: the caller (a layer) packs weights once for the plan it gets.
+  LinearPlan(const LinearDesc& desc, bool prepacked);
 
   struct Weights {
     const T* w;     // as in PackedLinearWeights
@@ -54,6 +57,7 @@ class LinearPlan {
  private:
   void run_gemm(const TensorView& x, const Weights& wt, T* y) const;
   void run_dot(const TensorView& x, const Weights& wt, T* y) const;
+  void run_gemm_t(const TensorView& x, const Weights& wt, T* y) const;
 
   LinearDesc d_;
   LinearAlgo algo_;

@@ -36,6 +36,6 @@ std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2
                                                                      ConvRestrict only = {});
 
 template <class T>
-std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d);
+std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d, bool prepacked);
 
 }  // namespace lk::cpu
