@@ -267,7 +267,8 @@ def chain(first, rest):
 
 
 class LeptonImpl:
-    """lepton-kernels itself: one public functional call per layer, fresh outputs."""
+    """lepton-kernels itself: one layer object per op (weights packed once, as
+    ONNX Runtime packs them when its session is made), fresh outputs."""
 
     name = "lepton"
 
@@ -281,14 +282,12 @@ class LeptonImpl:
     @staticmethod
     def _step(layer, shape, p):
         if isinstance(layer, Conv2d):
-            return partial(lk.conv2d, weight=p["weight"], bias=p["bias"], stride=layer.stride,
-                           padding=layer.padding, groups=layer.groups,
-                           activation="relu" if layer.relu else None)
-        if isinstance(layer, MaxPool2d):
-            return partial(lk.max_pool2d, kernel_size=layer.kernel, stride=layer.step, padding=layer.padding)
-        if isinstance(layer, Linear):
-            linear = partial(lk.linear, weight=p["weight"], bias=p["bias"],
+            return lk.Conv2d(p["weight"], p["bias"], stride=layer.stride, padding=layer.padding, groups=layer.groups,
                              activation="relu" if layer.relu else None)
+        if isinstance(layer, MaxPool2d):
+            return lk.MaxPool2d(layer.kernel, stride=layer.step, padding=layer.padding)
+        if isinstance(layer, Linear):
+            linear = lk.Linear(p["weight"], p["bias"], activation="relu" if layer.relu else None)
             if len(shape) == 2:
                 return linear
             return lambda x: linear(x.reshape(x.shape[0], -1))
@@ -297,13 +296,12 @@ class LeptonImpl:
     def prepare(self, inst: Instance) -> Prepared:
         if inst.workload.fused:
             (conv, _, p), (pool, _, _) = inst.steps()
-            return Prepared(partial(lk.conv2d_max_pool2d, inst.x, p["weight"], p["bias"], stride=conv.stride,
-                                    padding=conv.padding, groups=conv.groups,
-                                    activation="relu" if conv.relu else None, kernel_size=pool.kernel,
-                                    pool_stride=pool.step, pool_padding=pool.padding))
+            fused = lk.Conv2dMaxPool2d(p["weight"], p["bias"], stride=conv.stride, padding=conv.padding,
+                                       groups=conv.groups, activation="relu" if conv.relu else None,
+                                       kernel_size=pool.kernel, pool_stride=pool.step, pool_padding=pool.padding)
+            return Prepared(partial(fused, inst.x))
         steps = [self._step(layer, shape, p) for layer, shape, p in inst.steps()]
-        x = inst.x
-        return Prepared(chain(partial(steps[0], x), steps[1:]))
+        return Prepared(chain(partial(steps[0], inst.x), steps[1:]))
 
 
 LEPTON = LeptonImpl()
