@@ -160,20 +160,19 @@ class Pool {
 #if defined(__x86_64__)
         __builtin_ia32_pause();
 #endif
-        if ((i & 63) == 63) {
-          // Give the core away now and then: on a busy or small machine the
-          // thread we wait for may be queued behind this one.
-          std::this_thread::yield();
-          if (std::chrono::steady_clock::now() > until) break;
-        }
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) break;
       }
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> q(queue_mu_);
         if (queue_.empty() && !stopping_) {
           ++sleepers_;
-          queue_cv_.wait(q, [this] { return stopping_ || !queue_.empty(); });
+          queue_cv_.wait(q);
           --sleepers_;
+          // Woken for a job that the caller has already finished alone (a
+          // wake-up can take longer than a short job): spin again, so as to
+          // be awake for the next call of the stream.
+          if (queue_.empty() && !stopping_) continue;
         }
         if (stopping_) return;
         job = queue_.front();
