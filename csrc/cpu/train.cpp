@@ -100,7 +100,8 @@ int64_t cross_entropy_rows(int64_t N, int64_t C, const T* x, const int64_t* targ
       }
       double mx, sum;
       row_stats(x + i * C, C, mx, sum);
-      loss[i] = mx + std::log(sum) - static_cast<double>(x[i * C + target[i]]);
+      // (max - x_t) first: exact for moderate logits, where max + log(sum) - x_t would cancel.
+      loss[i] = (mx - static_cast<double>(x[i * C + target[i]])) + std::log(sum);
     }
   });
   int64_t counted = 0;
