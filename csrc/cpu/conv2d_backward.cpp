@@ -16,6 +16,7 @@
 #include "core/thread_pool.h"
 #include "cpu/backward.h"
 #include "cpu/gemm_strided.h"
+#include "cpu/ukernels/train_ukernels.h"
 
 namespace lk::cpu {
 
@@ -100,6 +101,19 @@ class ConvBackward {
     // grad_weight as Kg x CgRS (A: grad_out in place) or its transpose (A:
     // col in place), whichever leaves the microkernel fewer padded lanes.
     transposed_ = gemm_padded_area<T>(CgRS_, Kg_) < gemm_padded_area<T>(Kg_, CgRS_);
+    uk_ = &gemm_shape_for<T>(CgRS_, Kg_);
+  }
+
+  // Image n's pooled gradient (K x M), masked by the activation: in place,
+  // or through ReLU's backward (the vectorised kernel) into kInputBandSlot.
+  const T* masked_pooled(int64_t n) const {
+    const int64_t K = d_.K, M = src_.pooled_plane;
+    const T* g = src_.pooled_grad + n * K * M;
+    if (!src_.relu) return g;
+    const T* out = src_.pooled_out + n * K * M;
+    T* mg = scratch_array<T>(kInputBandSlot, static_cast<size_t>(K * M));
+    train_ukernels().relu_backward<T>()(K * M, g, out, mg);
+    return mg;
   }
 
   // dL/d(conv output) of image n (K x PQ): in place, or scattered into buf.
@@ -108,47 +122,118 @@ class ConvBackward {
     if (src_.grad) return src_.grad + n * K * PQ;
     std::fill(buf, buf + K * PQ, T(0));
     const int64_t M = src_.pooled_plane;
+    const T* mg = masked_pooled(n);
+    const int64_t* idx = src_.indices + n * K * M;
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t e0 = (n * K + k) * M;
-      const T* g = src_.pooled_grad + e0;
-      const int64_t* idx = src_.indices + e0;
-      const T* out = src_.pooled_out ? src_.pooled_out + e0 : nullptr;
       T* b = buf + k * PQ;
-      for (int64_t e = 0; e < M; ++e) {
+      for (int64_t e = k * M; e < (k + 1) * M; ++e) {
         const int64_t i = idx[e];
-        if (i < 0 || i >= PQ)
-          throw std::invalid_argument(cat("indices: ", i, " is out of range for a convolution output plane of ", PQ,
-                                          " elements"));
-        if (src_.relu && out[e] <= T(0)) continue;
-        b[i] += g[e];
+        check_index(i);
+        b[i] += mg[e];
       }
     }
     return buf;
   }
 
-  // grad_out of image n (gy: K x PQ) added into the partial sums gw (layout
-  // per transposed_) and gb.
-  void weight_grad_image(const T* xn, const T* gy, T* gw, double* gb) const {
-    if (gb)
-      for (int64_t k = 0; k < d_.K; ++k) {
-        double s = 0;
-        const T* g = gy + k * PQ_;
-        for (int64_t p = 0; p < PQ_; ++p) s += g[p];
-        gb[k] += s;
+  // Sums of `rows` rows of `len` entries, added into gb: eight running
+  // sums per row, independent chains of double additions.
+  static void add_row_sums(const T* a, int64_t rows, int64_t len, double* gb) {
+    for (int64_t k = 0; k < rows; ++k) {
+      double acc[8] = {};
+      const T* g = a + k * len;
+      int64_t p = 0;
+      for (; p + 8 <= len; p += 8)
+        for (int u = 0; u < 8; ++u) acc[u] += g[p + u];
+      for (; p < len; ++p) acc[0] += g[p];
+      gb[k] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+  }
+
+  // Group g's output gradient of image n transposed into the microkernel's
+  // B panels (pixels x Kg channels, NR channels per panel, PQ * NR apart):
+  // from gy (K x PQ), or scattered straight from the masked pooled gradient.
+  T* grad_panels(int64_t n, int64_t g, const T* gy, const T* pooled) const {
+    const int nr = uk_->nr;
+    const int64_t panels = ceil_div(Kg_, nr), stride = PQ_ * nr;
+    // kPoolBandSlot: no pooling runs inside a backward task.
+    T* b = scratch_array<T>(kPoolBandSlot, static_cast<size_t>(panels * stride));
+    if (gy != nullptr) {
+      constexpr int64_t kRows = 16;  // pixels per pass: the panel rows written stay in a few cache lines
+      for (int64_t pb = 0; pb < panels; ++pb) {
+        T* dst = b + pb * stride;
+        for (int64_t p0 = 0; p0 < PQ_; p0 += kRows) {
+          const int64_t p1 = std::min(PQ_, p0 + kRows);
+          for (int64_t j = 0; j < nr; ++j) {
+            const int64_t k = pb * nr + j;
+            if (k < Kg_) {
+              const T* src = gy + (g * Kg_ + k) * PQ_;
+              for (int64_t p = p0; p < p1; ++p) dst[p * nr + j] = src[p];
+            } else {
+              for (int64_t p = p0; p < p1; ++p) dst[p * nr + j] = T(0);
+            }
+          }
+        }
       }
+      return b;
+    }
+    std::fill(b, b + panels * stride, T(0));
+    // Pooled element e of every channel lands in the same window of the
+    // plane: a few pooled elements at a time for all channels keep the panel
+    // rows they touch in L1 (the whole panel spans L2).
+    const int64_t M = src_.pooled_plane, K = d_.K;
+    const T* mg = pooled + g * Kg_ * M;
+    const int64_t* idx = src_.indices + (n * K + g * Kg_) * M;
+    constexpr int64_t kBlock = 16;
+    for (int64_t e0 = 0; e0 < M; e0 += kBlock) {
+      const int64_t e1 = std::min(M, e0 + kBlock);
+      for (int64_t kk = 0; kk < Kg_; ++kk) {
+        T* dst = b + (kk / nr) * stride + kk % nr;
+        const int64_t* ik = idx + kk * M;
+        const T* gk = mg + kk * M;
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t i = ik[e];
+          check_index(i);
+          dst[i * nr] += gk[e];
+        }
+      }
+    }
+    return b;
+  }
+
+  void check_index(int64_t i) const {
+    if (i < 0 || i >= PQ_)
+      throw std::invalid_argument(
+          cat("indices: ", i, " is out of range for a convolution output plane of ", PQ_, " elements"));
+  }
+
+  // Image n's contribution to the partial sums gw (layout per transposed_)
+  // and gb. gy: its output gradient (K x PQ), or null to read the pooled
+  // source directly (transposed_ only).
+  void weight_grad_image(int64_t n, const T* xn, const T* gy, T* gw, double* gb) const {
+    const T* pooled = gy ? nullptr : masked_pooled(n);
+    if (gb) {
+      if (gy)
+        add_row_sums(gy, d_.K, PQ_, gb);
+      else
+        add_row_sums(pooled, d_.K, src_.pooled_plane, gb);
+    }
     if (!gw) return;
     T* col = scratch_array<T>(kImageSlot, static_cast<size_t>(CgRS_ * L_));
     for (int64_t g = 0; g < G_; ++g) {
       const T* xg = xn + g * Cg_ * d_.H * d_.W;
-      const T* gyg = gy + g * Kg_ * PQ_;
       T* gwg = gw + g * Kg_ * CgRS_;
+      const T* bp = transposed_ ? grad_panels(n, g, gy, pooled) : nullptr;
+      const T* gyg = gy ? gy + g * Kg_ * PQ_ : nullptr;
       for (int64_t j0 = 0; j0 < PQ_; j0 += L_) {
         const int64_t L = std::min(L_, PQ_ - j0);
         im2col_block(d_, xg, 0, Cg_, j0, j0 + L, col, L);
-        if (transposed_)  // (CgRS x L) * (L x Kg)
-          gemm_strided<T>(CgRS_, Kg_, L, col, L, 1, gyg + j0, 1, PQ_, gwg, Kg_, true, 1);
-        else  // (Kg x L) * (L x CgRS)
+        if (transposed_) {  // (CgRS x L) * (L x Kg): col's rows in place, the gradient's panels
+          GemmEpilogue<T> ep;
+          ep.accumulate = true;
+          macro_kernel(*uk_, CgRS_, Kg_, L, col, int64_t{0}, L, bp + j0 * uk_->nr, PQ_ * uk_->nr, gwg, Kg_, ep);
+        } else {  // (Kg x L) * (L x CgRS)
           gemm_strided<T>(Kg_, CgRS_, L, gyg + j0, PQ_, 1, col, 1, L, gwg, CgRS_, true, 1);
+        }
       }
     }
   }
@@ -196,9 +281,12 @@ class ConvBackward {
         const int64_t n0 = N * chunk / chunks, n1 = N * (chunk + 1) / chunks;
         T* buf = scatter ? scratch_array<T>(kFusedBandSlot, static_cast<size_t>(K * PQ_)) : nullptr;
         for (int64_t n = n0; n < n1; ++n) {
-          const T* gy = grad_image(n, buf);
+          // A pooled gradient goes straight into the GEMM's panels when
+          // nothing else needs it at full size.
+          const bool direct = scatter && transposed_ && !gx_per_image;
+          const T* gy = direct ? nullptr : grad_image(n, buf);
           if (want_wb)
-            weight_grad_image(x_ + n * CHW, gy, gw ? part_w.data() + chunk * wsize : nullptr,
+            weight_grad_image(n, x_ + n * CHW, gy, gw ? part_w.data() + chunk * wsize : nullptr,
                               gb ? part_b.data() + chunk * K : nullptr);
           if (gx_per_image)
             for (int64_t g = 0; g < G_; ++g) input_grad(gy, g, 0, Cg_, gx + n * CHW);
@@ -246,6 +334,7 @@ class ConvBackward {
   const T* w_;
   int64_t G_, Kg_, Cg_, RS_, CgRS_, PQ_, L_;
   bool transposed_;
+  const GemmUkernel<T>* uk_;  // the transposed grad_weight GEMM's
 };
 
 }  // namespace
