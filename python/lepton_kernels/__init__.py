@@ -6,6 +6,16 @@
 """
 
 from ._core import __version__
+from .backward import (
+    adam_step,
+    conv2d_backward,
+    conv2d_max_pool2d_backward,
+    cross_entropy,
+    cross_entropy_backward,
+    linear_backward,
+    max_pool2d_backward,
+    relu_backward,
+)
 from .cache import CacheInfo, cache_clear, cache_info, set_cache_capacity
 from .config import (
     get_config,
@@ -47,4 +57,12 @@ __all__ = [
     "explain",
     "get_config",
     "show_config",
+    "conv2d_backward",
+    "conv2d_max_pool2d_backward",
+    "max_pool2d_backward",
+    "linear_backward",
+    "relu_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "adam_step",
 ]
