@@ -115,12 +115,13 @@ class Network {
       throw py::type_error(cat("input: expected dtype float32 (the network's weights), got ", dtype_name(x.view.dtype)));
     LK_CHECK(net_->strided_input() || x.view.is_contiguous(), "input: must be C-contiguous for this network");
     const std::vector<int64_t> in_shape(x.view.shape, x.view.shape + x.view.ndim);
-    const std::vector<int64_t> shape = net_->output_shape(in_shape);
+    const auto plan = net_->plan_for(in_shape);
+    const std::vector<int64_t>& shape = cpu::Network::output_shape(*plan);
     auto y = output_array<float>(out, std::vector<py::ssize_t>(shape.begin(), shape.end()));
     float* yp = y.mutable_data();
     {
       py::gil_scoped_release release;
-      net_->run(x.view, yp);
+      cpu::Network::run(*plan, x.view, yp);
     }
     return y;
   }

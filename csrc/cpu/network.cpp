@@ -314,6 +314,7 @@ class NetPlan {
     std::shared_ptr<const Conv2dMaxPool2dPlan<float>> conv_pool;
     PackedConvWeights<float> cpacked;
     Conv2dPlan<float>::Weights cw{};
+    int64_t pooled_rows_per_band = 0;  // conv_pool run image by image: rows pooled per band (0: the plan's run)
     // linear
     std::shared_ptr<const LinearPlan<float>> linear;
     PackedLinearWeights<float> lpacked;
@@ -323,6 +324,7 @@ class NetPlan {
   void plan_stage(Planned& p, int64_t images);
   void run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   void run_direct(const Planned& p, const TensorView& in, float* out, int64_t images) const;
+  void run_conv_pool_bands(const Planned& p, const TensorView& in, float* out) const;
   TensorView view(const float* data, const Shape& per_image, int64_t images) const;
 
   Shape in_batched_, out_batched_;
@@ -443,6 +445,13 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
         p.conv_pool = plan_conv2d_max_pool2d<float>(d, *s.pool, true, s.layer->only);
         cp = &p.conv_pool->conv();
         p.plan = p.conv_pool->describe();
+        if (images == 1 && tile_) {
+          // Image by image on one thread: bands as tall as a quarter of L2
+          // allows (the pool plan's own bands are cut for several threads).
+          const int64_t row_bytes = d.K * s.pool->stride_h * d.Q() * 4;
+          p.pooled_rows_per_band = std::clamp<int64_t>(256 * 1024 / std::max<int64_t>(row_bytes, 1), 1, s.out[1]);
+          p.plan += cat(" (image by image: pooled_rows_per_band=", p.pooled_rows_per_band, ")");
+        }
       } else {
         p.conv = plan_conv2d<float>(d, true, nullptr, s.layer->only);
         cp = p.conv.get();
@@ -572,6 +581,24 @@ void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_
   parallel_for(images * bands, p.threads, task);
 }
 
+// One image, on the calling thread: bands of convolution rows computed into
+// a buffer that stays in L2 and pooled at once.
+void NetPlan::run_conv_pool_bands(const Planned& p, const TensorView& x, float* y) const {
+  const Pool2dDesc& pool = *p.s.pool;
+  const Conv2dPlan<float>& conv = p.conv_pool->conv();
+  const int64_t K = p.s.conv.K, CP = pool.H, CQ = pool.W, P = pool.P(), Q = pool.Q();
+  for (int64_t p0 = 0; p0 < P; p0 += p.pooled_rows_per_band) {
+    const int64_t p1 = std::min(P, p0 + p.pooled_rows_per_band);
+    const int64_t r0 = std::max<int64_t>(0, p0 * pool.stride_h - pool.pad_h);
+    const int64_t r1 = std::min(CP, (p1 - 1) * pool.stride_h - pool.pad_h + (pool.kh - 1) * pool.dil_h + 1);
+    const int64_t band = std::max<int64_t>(0, r1 - r0) * CQ;
+    float* buf = scratch_array<float>(kFusedBandSlot, static_cast<size_t>(K * band));
+    conv.run_rows(x, p.cw, 0, r0, r1, buf, band);
+    for (int64_t k = 0; k < K; ++k)
+      max_pool_rows(pool, buf + k * band, r0, CQ, int64_t{1}, p0, p1, y + (k * P + p0) * Q, nullptr);
+  }
+}
+
 void NetPlan::run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const {
   const Stage& s = p.s;
   switch (s.kind) {
@@ -582,7 +609,10 @@ void NetPlan::run_stage(const Planned& p, const TensorView& in, float* out, int6
       p.conv->run(in, p.cw, out);
       return;
     case StageKind::conv_pool:
-      p.conv_pool->run(in, p.cw, out);
+      if (p.pooled_rows_per_band > 0)
+        run_conv_pool_bands(p, in, out);
+      else
+        p.conv_pool->run(in, p.cw, out);
       return;
     case StageKind::pool: {
       Pool2dDesc d = *s.pool;
@@ -714,25 +744,35 @@ std::shared_ptr<NetPlan> Network::plan_for(const std::vector<int64_t>& in) const
   key.push_back(st.memory_budget);
   key.push_back(weight_bits);
   std::lock_guard<std::mutex> lock(mu_);
+  if (last_plan_ && key == last_key_) return last_plan_;
   auto it = plans_.find(key);
-  if (it != plans_.end()) return it->second;
+  if (it != plans_.end()) {
+    last_key_ = key, last_plan_ = it->second;
+    return it->second;
+  }
   auto plan = std::make_shared<NetPlan>(layers_, in);
   constexpr size_t kMaxPlans = 16;  // batch sizes and settings kept per network
   if (plans_.size() >= kMaxPlans) plans_.erase(plans_.begin());
   plans_.emplace(key, plan);
   ++plans_made_;
+  last_key_ = key, last_plan_ = plan;
   return plan;
 }
+
+const std::vector<int64_t>& Network::output_shape(const NetPlan& plan) { return plan.out_shape(); }
 
 std::vector<int64_t> Network::output_shape(const std::vector<int64_t>& in) const {
   return plan_for(in)->out_shape();
 }
 
+void Network::run(NetPlan& plan, const TensorView& x, float* y) {
+  std::lock_guard<std::mutex> lock(plan.mu);
+  plan.run(x, y);
+}
+
 void Network::run(const TensorView& x, float* y) const {
   const std::vector<int64_t> shape(x.shape, x.shape + x.ndim);
-  auto plan = plan_for(shape);
-  std::lock_guard<std::mutex> lock(plan->mu);
-  plan->run(x, y);
+  run(*plan_for(shape), x, y);
 }
 
 std::string Network::describe(const std::vector<int64_t>& in) const { return plan_for(in)->describe(); }

@@ -54,11 +54,15 @@ class Network {
   explicit Network(std::vector<NetLayerSpec> layers);
   ~Network();
 
-  // The output's shape for a batched input shape (validating the chain).
+  // The plan for a batched input shape (made on first use, validating the
+  // chain), and the output's shape it produces.
+  std::shared_ptr<NetPlan> plan_for(const std::vector<int64_t>& in) const;
+  static const std::vector<int64_t>& output_shape(const NetPlan& plan);
   std::vector<int64_t> output_shape(const std::vector<int64_t>& in) const;
-  // x: the batched input, any strides when the first stage is spatial, else
-  // contiguous; y: the output, contiguous. Runs concurrent calls one at a
-  // time per plan (the plan's arena is shared).
+  // x: the batched input of the plan's shape, any strides when the first
+  // stage is spatial, else contiguous; y: the output, contiguous. Concurrent
+  // calls of one plan run one at a time (the plan's arena is shared).
+  static void run(NetPlan& plan, const TensorView& x, float* y);
   void run(const TensorView& x, float* y) const;
   std::string describe(const std::vector<int64_t>& in) const;
   int64_t arena_bytes(const std::vector<int64_t>& in) const;
@@ -66,12 +70,12 @@ class Network {
   int64_t plans_made() const;
 
  private:
-  std::shared_ptr<NetPlan> plan_for(const std::vector<int64_t>& in) const;
-
   std::vector<NetLayerSpec> layers_;
   mutable std::mutex mu_;
   mutable std::map<std::vector<int64_t>, std::shared_ptr<NetPlan>> plans_;
   mutable int64_t plans_made_ = 0;
+  mutable std::vector<int64_t> last_key_;  // the plan of the last call: most calls repeat it
+  mutable std::shared_ptr<NetPlan> last_plan_;
 };
 
 // Arenas allocated by every network of the process since it started (one

@@ -301,10 +301,10 @@ class Sequential:
 
     def __call__(self, input, *, out=None):
         net = self._net
-        if (out is None and self._cache is None and type(input) is np.ndarray and input.dtype == np.float32
-                and input.ndim == self._batched_rank and (self._strided or input.flags.c_contiguous)):
+        if (out is None and self._cache is None and type(input) is np.ndarray and input.ndim == self._batched_rank
+                and (self._strided or input.flags.c_contiguous)):
             self._last_shape = input.shape
-            return net(input)  # the fast path: the core checks the rest
+            return net(input)  # the fast path: the core checks the rest (dtype included)
         check_array(input, "input")
         if input.dtype != np.float32:
             raise TypeError(f"input: expected dtype float32 (the network's weights), got {input.dtype}")
