@@ -510,3 +510,43 @@ def test_modules_standalone(rng):
     x2 = x.reshape(3, 20)
     ref.assert_softmax_close(outer(x2), np.maximum(x2, 0), 1, log=False)
     assert "Softmax(dim=1)" in repr(outer)
+
+
+def test_memory_budget_moves_to_tile_mode(rng, restore_threads):
+    lk.set_num_threads(2)
+    net = cifar(rng)
+    seq = net.sequential()
+    assert "mode: layer" in seq.describe((3, 3, 32, 32))
+    before = lk.get_scheduler()
+    lk.set_scheduler(memory_budget=4096)
+    try:
+        d = seq.describe((3, 3, 32, 32))
+        assert "mode: tile" in d and "memory budget" in d, d
+        x = _input(rng, net, 3)
+        net.check(seq(x), x)
+    finally:
+        lk.set_scheduler(memory_budget=before["memory_budget"])
+
+
+def test_concurrent_calls(rng):
+    import threading
+
+    net = mnist(rng)
+    seq = net.sequential()
+    xs = [_input(rng, net, n) for n in (1, 8, 8, 3)]
+    expected = [seq(x) for x in xs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(30):
+                np.testing.assert_array_equal(seq(xs[i]), expected[i])
+        except Exception as e:  # reported below: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
