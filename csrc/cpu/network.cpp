@@ -324,7 +324,7 @@ class NetPlan {
   void plan_stage(Planned& p, int64_t images);
   void run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   void run_direct(const Planned& p, const TensorView& in, float* out, int64_t images) const;
-  void run_conv_pool_bands(const Planned& p, const TensorView& in, float* out) const;
+  void run_conv_pool_bands(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   TensorView view(const float* data, const Shape& per_image, int64_t images) const;
 
   Shape in_batched_, out_batched_;
@@ -445,13 +445,14 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
         p.conv_pool = plan_conv2d_max_pool2d<float>(d, *s.pool, true, s.layer->only);
         cp = &p.conv_pool->conv();
         p.plan = p.conv_pool->describe();
-        if (images == 1 && tile_) {
-          // Image by image on one thread: bands as tall as a quarter of L2
-          // allows (the pool plan's own bands are cut for several threads).
-          const int64_t row_bytes = d.K * s.pool->stride_h * d.Q() * 4;
-          p.pooled_rows_per_band = std::clamp<int64_t>(256 * 1024 / std::max<int64_t>(row_bytes, 1), 1, s.out[1]);
-          p.plan += cat(" (image by image: pooled_rows_per_band=", p.pooled_rows_per_band, ")");
-        }
+        // Bands of pooled rows as tall as a quarter of L2 allows, and in layer
+        // mode enough of them for every thread (the pool plan's own bands are
+        // cut into four per thread: too short for the GEMM's pixel tiles).
+        const int64_t row_bytes = d.K * s.pool->stride_h * d.Q() * 4, P = s.out[1];
+        int64_t rows = std::clamp<int64_t>(256 * 1024 / std::max<int64_t>(row_bytes, 1), 1, P);
+        const int t = tile_ && images == 1 ? 1 : cp->threads();  // tile mode: one image per lane
+        if (t > 1 && images < t) rows = std::min(rows, ceil_div(P, ceil_div(t, images)));
+        p.pooled_rows_per_band = rows;
       } else {
         p.conv = plan_conv2d<float>(d, true, nullptr, s.layer->only);
         cp = p.conv.get();
@@ -469,6 +470,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       p.cw = cp->bind(p.cpacked);
       p.threads = cp->threads();
       p.predicted_s = cp->choice().time_s;
+      if (s.kind == StageKind::conv_pool) p.plan += cat(" pooled_rows_per_band=", p.pooled_rows_per_band);
       break;
     }
     case StageKind::linear: {
@@ -581,22 +583,24 @@ void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_
   parallel_for(images * bands, p.threads, task);
 }
 
-// One image, on the calling thread: bands of convolution rows computed into
-// a buffer that stays in L2 and pooled at once.
-void NetPlan::run_conv_pool_bands(const Planned& p, const TensorView& x, float* y) const {
+// Bands of convolution rows computed into a buffer that stays in L2 and
+// pooled at once: the full-resolution convolution output is never stored.
+void NetPlan::run_conv_pool_bands(const Planned& p, const TensorView& x, float* y, int64_t images) const {
   const Pool2dDesc& pool = *p.s.pool;
   const Conv2dPlan<float>& conv = p.conv_pool->conv();
   const int64_t K = p.s.conv.K, CP = pool.H, CQ = pool.W, P = pool.P(), Q = pool.Q();
-  for (int64_t p0 = 0; p0 < P; p0 += p.pooled_rows_per_band) {
+  const int64_t bands = ceil_div(P, p.pooled_rows_per_band);
+  parallel_for(images * bands, p.threads, [&](int64_t task) {
+    const int64_t n = task / bands, p0 = (task % bands) * p.pooled_rows_per_band;
     const int64_t p1 = std::min(P, p0 + p.pooled_rows_per_band);
     const int64_t r0 = std::max<int64_t>(0, p0 * pool.stride_h - pool.pad_h);
     const int64_t r1 = std::min(CP, (p1 - 1) * pool.stride_h - pool.pad_h + (pool.kh - 1) * pool.dil_h + 1);
     const int64_t band = std::max<int64_t>(0, r1 - r0) * CQ;
     float* buf = scratch_array<float>(kFusedBandSlot, static_cast<size_t>(K * band));
-    conv.run_rows(x, p.cw, 0, r0, r1, buf, band);
+    conv.run_rows(x, p.cw, n, r0, r1, buf, band);
     for (int64_t k = 0; k < K; ++k)
-      max_pool_rows(pool, buf + k * band, r0, CQ, int64_t{1}, p0, p1, y + (k * P + p0) * Q, nullptr);
-  }
+      max_pool_rows(pool, buf + k * band, r0, CQ, int64_t{1}, p0, p1, y + ((n * K + k) * P + p0) * Q, nullptr);
+  });
 }
 
 void NetPlan::run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const {
@@ -609,10 +613,7 @@ void NetPlan::run_stage(const Planned& p, const TensorView& in, float* out, int6
       p.conv->run(in, p.cw, out);
       return;
     case StageKind::conv_pool:
-      if (p.pooled_rows_per_band > 0)
-        run_conv_pool_bands(p, in, out);
-      else
-        p.conv_pool->run(in, p.cw, out);
+      run_conv_pool_bands(p, in, out, images);
       return;
     case StageKind::pool: {
       Pool2dDesc d = *s.pool;
