@@ -30,6 +30,7 @@ from .config import (
 from .explain import explain
 from .functional import conv2d, conv2d_max_pool2d, linear, log_softmax, max_pool2d, relu, softmax
 from .layers import Conv2d, Conv2dMaxPool2d, Linear, MaxPool2d
+from .network import Dropout, Flatten, LogSoftmax, ReLU, ResultCacheInfo, Sequential, Softmax
 
 __all__ = [
     "__version__",
@@ -44,6 +45,13 @@ __all__ = [
     "Conv2dMaxPool2d",
     "Linear",
     "MaxPool2d",
+    "Sequential",
+    "ReLU",
+    "Flatten",
+    "Softmax",
+    "LogSoftmax",
+    "Dropout",
+    "ResultCacheInfo",
     "cache_info",
     "cache_clear",
     "set_cache_capacity",
