@@ -20,6 +20,7 @@ from .config import (
 from .explain import explain
 from .functional import conv2d, conv2d_max_pool2d, linear, log_softmax, max_pool2d, relu, softmax
 from .layers import Conv2d, Conv2dMaxPool2d, Linear, MaxPool2d
+from .models import Graph, UnsupportedOperatorError, load_model, save_model
 
 __all__ = [
     "__version__",
@@ -34,6 +35,10 @@ __all__ = [
     "Conv2dMaxPool2d",
     "Linear",
     "MaxPool2d",
+    "Graph",
+    "UnsupportedOperatorError",
+    "load_model",
+    "save_model",
     "cache_info",
     "cache_clear",
     "set_cache_capacity",
