@@ -96,17 +96,39 @@ def _fold_constants(nodes, params, keep):
 
 
 def _remove_identities(nodes, outputs):
-    """Identity / Dropout: their consumers read the input directly."""
+    """Identity / Dropout: their consumers read the input directly; an Identity that only renames a
+    node's result to a graph output gives that node the output's name."""
+    uses = _consumers(nodes)
+    for n in nodes:  # a Dropout mask nobody reads is no output at all
+        if n.op == "Dropout" and len(n.outputs) > 1 and n.outputs[1] not in outputs and not uses.get(n.outputs[1]):
+            n.outputs = n.outputs[:1]
+    producers = {o: n for n in nodes for o in n.outputs if o}
     rename = {}
+    drop = set()
+    for n in nodes:
+        if n.op not in ("Identity", "Dropout") or len(n.outputs) != 1:
+            continue
+        src, dst = n.inputs[0], n.outputs[0]
+        if dst not in outputs:
+            rename[dst] = src
+            drop.add(id(n))
+        elif src in producers and src not in outputs and len(uses.get(src, ())) == 1:
+            p = producers[src]
+            p.outputs = [dst if o == src else o for o in p.outputs]
+            drop.add(id(n))
     out = []
     for n in nodes:
-        n.inputs = [rename.get(i, i) for i in n.inputs]
-        if n.op in ("Identity", "Dropout") and n.outputs[0] not in outputs and (
-                len(n.outputs) == 1 or not n.outputs[1]):
-            rename[n.outputs[0]] = n.inputs[0]
+        if id(n) in drop:
             continue
+        n.inputs = [_follow(rename, i) for i in n.inputs]
         out.append(n)
     return out
+
+
+def _follow(rename, name):
+    while name in rename:
+        name = rename[name]
+    return name
 
 
 def _single_use(name, uses, outputs):
@@ -138,6 +160,77 @@ def _fold_batch_norm(nodes, params, outputs):
         n.outputs = list(bn.outputs)
         drop.add(id(bn))
     return [n for n in nodes if id(n) not in drop]
+
+
+def _shape_expr(name, producers, params, shapes):
+    """The value `name` (a 1-D int64 shape) as a list of entries, each an int or ("dim", value, axis), or None
+    when it is not known at load time. Follows Shape / Gather / Unsqueeze / Concat / Cast chains."""
+    if name in params:
+        v = params[name]
+        return [int(a) for a in v.reshape(-1)] if v.dtype.kind in "iu" and v.ndim <= 1 else None
+    n = producers.get(name)
+    if n is None:
+        return None
+    if n.op == "Shape":
+        src = n.inputs[0]
+        rank = len(shapes[src]) if src in shapes else None
+        if rank is None:
+            return None
+        dims = [("dim", src, i) for i in range(rank)]
+        known = shapes[src]
+        dims = [known[i] if isinstance(known[i], int) else d for i, d in enumerate(dims)]
+        return dims[n.attrs.get("start", 0):n.attrs.get("end")]
+    if n.op == "Cast":
+        return _shape_expr(n.inputs[0], producers, params, shapes)
+    if n.op == "Gather" and int(n.attrs.get("axis", 0)) == 0 and n.inputs[1] in params:
+        src = _shape_expr(n.inputs[0], producers, params, shapes)
+        idx = params[n.inputs[1]]
+        if src is None or idx.ndim > 1:
+            return None
+        return [src[int(i)] for i in idx.reshape(-1)]
+    if n.op == "Unsqueeze" and len(n.inputs) > 1 and n.inputs[1] in params:
+        src = _shape_expr(n.inputs[0], producers, params, shapes)
+        return src if src is not None and len(src) == 1 else None
+    if n.op == "Concat" and int(n.attrs.get("axis", 0)) in (0, -1):
+        parts = [_shape_expr(i, producers, params, shapes) for i in n.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    return None
+
+
+def _resolve_reshapes(nodes, params, shapes):
+    """Reshape targets computed from the input's own shape (``x.view(x.size(0), -1)``) become constants
+    (0 copies a dimension), and Reshape to (batch, -1) becomes Flatten(axis=1)."""
+    producers = {o: n for n in nodes for o in n.outputs if o}
+    for n in nodes:
+        if n.op != "Reshape" or len(n.inputs) < 2 or int(n.attrs.get("allowzero", 0)):
+            continue
+        if n.inputs[1] not in params:
+            expr = _shape_expr(n.inputs[1], producers, params, shapes)
+            if expr is None:
+                continue
+            target = []
+            for pos, e in enumerate(expr):
+                if isinstance(e, int):
+                    target.append(e)
+                elif e[1] == n.inputs[0] and e[2] == pos:
+                    target.append(0)
+                else:
+                    break
+            else:
+                cname = n.outputs[0] + "::shape"
+                params[cname] = np.asarray(target, np.int64)
+                n.inputs = [n.inputs[0], cname]
+        if n.inputs[1] not in params:
+            continue
+        target = [int(v) for v in params[n.inputs[1]].reshape(-1)]
+        src = shapes.get(n.inputs[0])
+        flat = target == [0, -1]
+        if not flat and src is not None and len(target) == 2 and all(isinstance(d, int) for d in src[1:]):
+            rest = int(np.prod(src[1:], dtype=np.int64))
+            flat = target in ([-1, rest], [0, rest]) or (isinstance(src[0], int) and target in ([src[0], -1],
+                                                                                               [src[0], rest]))
+        if flat:
+            n.op, n.attrs, n.inputs = "Flatten", {"axis": 1}, [n.inputs[0]]
 
 
 def _bias_vector(c, n):
@@ -251,10 +344,12 @@ def _prune(nodes, params, outputs):
     return keep[::-1]
 
 
-def simplify(nodes, params, inputs, outputs):
-    """The graph's simplification passes, in order (see the module's docstring)."""
+def simplify(nodes, params, inputs, outputs, shapes=None):
+    """The graph's simplification passes, in order (see the module's docstring). `shapes` maps value
+    names to what is known of their shapes (ints, None for unknown dimensions)."""
     outs = set(outputs)
     nodes = _fold_constants(nodes, params, outs | set(inputs))
+    _resolve_reshapes(nodes, params, shapes or {})
     nodes = _remove_identities(nodes, outs)
     nodes = _fold_batch_norm(nodes, params, outs)
     nodes = _to_linear(nodes, params, outs)
@@ -301,7 +396,8 @@ class Graph:
     several. Inputs are converted to the dtype the model declares.
     """
 
-    def __init__(self, nodes, inputs, outputs, params=None, *, metadata=None, simplify_graph=True):
+    def __init__(self, nodes, inputs, outputs, params=None, *, metadata=None, simplify_graph=True,
+                 value_shapes=None):
         self.inputs = [i if isinstance(i, TensorInfo) else TensorInfo(str(i), None, np.dtype(np.float32))
                        for i in inputs]
         self.outputs = [str(o) for o in outputs]
@@ -316,7 +412,9 @@ class Graph:
         nodes = [Node(n.op, list(n.inputs), list(n.outputs), dict(n.attrs), n.name) for n in nodes]
         nodes = _toposort(nodes, set(names) | set(params))
         if simplify_graph:
-            nodes = simplify(nodes, params, names, self.outputs)
+            shapes = {i.name: i.shape for i in self.inputs if i.shape is not None}
+            shapes.update(value_shapes or {})
+            nodes = simplify(nodes, params, names, self.outputs, shapes)
         for o in self.outputs:
             if o not in params and o not in names and not any(o in n.outputs for n in nodes):
                 raise ValueError(f"outputs: {o!r} is produced by no node")
@@ -435,7 +533,7 @@ class Graph:
 
 def _check_input(x, info):
     if not isinstance(x, np.ndarray):
-        if isinstance(x, (list, tuple, int, float)):
+        if isinstance(x, (list, tuple, int, float, np.generic)):
             x = np.asarray(x)
         else:
             raise TypeError(f"{info.name}: expected a numpy.ndarray, got {type(x).__name__}")

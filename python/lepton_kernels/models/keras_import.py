@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -99,12 +100,37 @@ def load_keras(path) -> Graph:
     weights = {}
     if weights_blob is not None:
         with h5py.File(io.BytesIO(weights_blob), "r") as f:
-            if "layers" in f:
-                for lname, grp in f["layers"].items():
-                    if "vars" in grp:
-                        v = grp["vars"]
-                        weights[lname] = [np.asarray(v[str(i)]) for i in range(len(v))]
+            group = f["layers"] if "layers" in f else {}
+            for lc, key in zip(_tracked(layers), _weight_keys(_tracked(layers))):
+                lname = lc.get("config", {}).get("name", "")
+                grp = group.get(key) if key in group else group.get(lname)
+                if grp is not None and "vars" in grp:
+                    v = grp["vars"]
+                    weights[lname] = [np.asarray(v[str(i)]) for i in range(len(v))]
     return _convert(config, layers, weights, str(path))
+
+
+def _tracked(layers):
+    return [lc for lc in layers if lc["class_name"] != "InputLayer"]
+
+
+def _snake(name):
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _weight_keys(layers):
+    """Where Keras 3 stores each layer's variables: ``layers/<class in snake case>[_<k>]``, numbered by
+    class in the order of the layers (not by the layers' own names)."""
+    seen = {}
+    keys = []
+    for lc in layers:
+        base = _snake(lc["class_name"])
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        keys.append(base if k == 0 else f"{base}_{k}")
+    return keys
 
 
 def _input_shape(config, layers):

@@ -97,13 +97,23 @@ def load_onnx(source) -> Graph:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             opset = int(imp.version)
+    shapes = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape"):
+                shapes[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") else None
+                                        for d in tt.shape.dim)
+    except Exception:  # shape inference is a hint only: models it cannot follow still load
+        pass
     g = model.graph
-    return _convert_graph(onnx, numpy_helper, g, opset, where, metadata={
+    return _convert_graph(onnx, numpy_helper, g, opset, where, shapes, metadata={
         "source": "onnx", "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "opset": opset, **{p.key: p.value for p in model.metadata_props}})
 
 
-def _convert_graph(onnx, numpy_helper, g, opset, where, metadata):
+def _convert_graph(onnx, numpy_helper, g, opset, where, shapes, metadata):
     params = {}
     for t in g.initializer:
         params[t.name] = numpy_helper.to_array(t)
@@ -148,7 +158,7 @@ def _convert_graph(onnx, numpy_helper, g, opset, where, metadata):
             continue
         op, ins, outs, attrs = _upgrade(onnx, op, ins, outs, attrs, opset, lambda v: const(v, label))
         nodes.append(Node(op, ins, outs, attrs, label))
-    return Graph(nodes, inputs, [o.name for o in g.output], params, metadata=metadata)
+    return Graph(nodes, inputs, [o.name for o in g.output], params, metadata=metadata, value_shapes=shapes)
 
 
 def _constant_value(onnx, numpy_helper, attrs, label):

@@ -558,7 +558,11 @@ def build_clip(attrs, consts):
 
 @op("PRelu")
 def build_prelu(attrs, consts):
-    return lambda x, slope: (np.where(x >= 0, x, x * slope).astype(x.dtype),)
+    def run(x, slope):
+        if slope.ndim == 1 and x.ndim > 2 and slope.shape[0] == x.shape[1] and slope.shape[0] != x.shape[-1]:
+            slope = slope.reshape((-1,) + (1,) * (x.ndim - 2))  # opset < 7: the slope is per channel
+        return (np.where(x >= 0, x, x * slope).astype(x.dtype),)
+    return run
 
 
 # --------------------------------------------------------------------------- element-wise binary and variadic
@@ -646,7 +650,7 @@ def build_flatten(attrs, consts):
     axis = int(attrs.get("axis", 1))
 
     def run(x):
-        a = axis % (x.ndim + 1) if axis < 0 else axis
+        a = axis + x.ndim if axis < 0 else axis
         if not 0 <= a <= x.ndim:
             raise OpError(f"Flatten: axis {axis} is out of range for {x.ndim} dimensions")
         lead = int(np.prod(x.shape[:a], dtype=np.int64))
