@@ -86,7 +86,8 @@ def _fold_constants(nodes, params, keep):
         if (n.op not in NONDETERMINISTIC and n.op in OPS and all(not i or i in params for i in n.inputs)
                 and not any(o in keep for o in n.outputs if o)):
             consts = [params[i] if i else None for i in n.inputs]
-            res = _build(n, consts)(*consts)
+            with np.errstate(all="ignore"):
+                res = _build(n, consts)(*consts)
             for name, v in zip(n.outputs, res):
                 if name and v is not None:
                     params[name] = np.asarray(v)
@@ -478,16 +479,18 @@ class Graph:
     def run(self, *args, **kwargs) -> dict[str, np.ndarray]:
         """Run the graph; the outputs by name."""
         values = self._feed(args, kwargs)
-        for run, ins, outs, node, frees in self._program:
-            try:
-                res = run(*[values[s] if s >= 0 else None for s in ins])
-            except OpError as e:
-                raise ValueError(f"node {node.name!r} ({node.op}): {e}") from None
-            for s, v in zip(outs, res):
-                if s >= 0:
-                    values[s] = v
-            for s in frees:
-                values[s] = None
+        # IEEE semantics, as in every runtime: sqrt(-1) is NaN, exp(1000) is inf, without a warning.
+        with np.errstate(all="ignore"):
+            for run, ins, outs, node, frees in self._program:
+                try:
+                    res = run(*[values[s] if s >= 0 else None for s in ins])
+                except OpError as e:
+                    raise ValueError(f"node {node.name!r} ({node.op}): {e}") from None
+                for s, v in zip(outs, res):
+                    if s >= 0:
+                        values[s] = v
+                for s in frees:
+                    values[s] = None
         return {o: values[s] for o, s in zip(self.outputs, self._output_slots)}
 
     def __call__(self, *args, **kwargs):
