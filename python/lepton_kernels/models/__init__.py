@@ -85,16 +85,18 @@ def _maybe_sequential(graph):
     return to_sequential(graph)
 
 
-def save_model(model, path) -> None:
+def save_model(model, path, *, metadata=None) -> None:
     """Write `model` (an lk.Graph or lk.Sequential) to `path` as one lepton model file (.lk or .npz).
 
-    ``lk.load_model(path)`` reads it back; the file holds only plain arrays and JSON.
+    ``lk.load_model(path)`` reads it back; the file holds only plain arrays and JSON. `metadata` (a dict
+    of JSON values) is stored with the model's own, e.g. ``{"labels": [...], "mean": [...], "std": [...]}``
+    for ``python -m lepton_kernels predict``.
     """
     from .sequential import graph_of
     graph = graph_of(model)
     if graph is None:
         raise TypeError(f"model: expected an lk.Graph or lk.Sequential, got {type(model).__name__}")
-    save_graph(graph, path)
+    save_graph(graph, path, metadata=metadata)
 
 
 __all__ += ["is_native"]

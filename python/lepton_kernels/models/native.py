@@ -49,7 +49,7 @@ def _from_json(v, data):
     return v
 
 
-def save_graph(graph: Graph, path, kind="graph", extra=None):
+def save_graph(graph: Graph, path, kind="graph", extra=None, metadata=None):
     arrays = []
     names = list(graph.params)
     arch = {
@@ -62,7 +62,7 @@ def save_graph(graph: Graph, path, kind="graph", extra=None):
         "nodes": [{"op": n.op, "name": n.name, "inputs": n.inputs, "outputs": n.outputs,
                    "attrs": _jsonable(n.attrs, arrays)} for n in graph.nodes],
         "params": names,
-        "metadata": _jsonable(graph.metadata, arrays),
+        "metadata": _jsonable({**graph.metadata, **(metadata or {})}, arrays),
     }
     if extra:
         arch.update(extra)
