@@ -24,7 +24,7 @@ H = W = 8
 CLASSES = 4
 
 
-def make_model(rng, channels=1, layout="nchw", hw=(H, W), softmax=True):
+def make_model(rng, channels=1, layout="nchw", hw=(H, W), softmax=True, batch=None):
     """conv 3x3 (pad 1) + relu -> flatten -> linear -> [softmax]; NHWC models transpose first."""
     C = channels
     w = rng.standard_normal((2, C, 3, 3)).astype(np.float32)
@@ -44,7 +44,7 @@ def make_model(rng, channels=1, layout="nchw", hw=(H, W), softmax=True):
     nodes.append(Node("Linear", ["f", "wl"], ["l" if softmax else "y"]))
     if softmax:
         nodes.append(Node("Softmax", ["l"], ["y"], {"axis": 1}))
-    shape = (None, C) + tuple(hw) if layout == "nchw" else (None,) + tuple(hw) + (C,)
+    shape = (batch, C) + tuple(hw) if layout == "nchw" else (batch,) + tuple(hw) + (C,)
     return lk.Graph(nodes, [TensorInfo("x", shape, np.dtype(np.float32))], ["y"], {"w": w, "wl": wl},
                     metadata={"layout": layout})
 
@@ -140,6 +140,22 @@ def test_size_flag_for_models_without_fixed_size(tmp_path, rng, capsys):
     for p in images:
         probs = expected(model, p, 1, [0.0], [1.0], hw=(6, 7))
         assert got[str(p)][0][1] == pytest.approx(probs.max(), abs=6e-5)
+
+
+def test_model_with_fixed_batch_size(tmp_path, rng, capsys):
+    """A model exported for batches of exactly 2 still classifies 3 images (the last batch padded)."""
+    model = make_model(rng, batch=2)
+    path = tmp_path / "m.lk"
+    lk.save_model(model, path)
+    images = write_images(tmp_path, rng, 3)
+    assert main(["predict", str(path), *map(str, images), "--batch-size", "16", "--top", "1"]) == 0
+    got = parse(capsys.readouterr().out)
+    assert list(got) == [str(p) for p in images]
+    for p in images:
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("L").resize((W, H), Image.BILINEAR), np.float32) / 255.0
+        probs = model(np.stack([a[None], a[None]]))[0]
+        assert got[str(p)][0][1] == pytest.approx(float(probs.max()), abs=6e-5)
 
 
 def test_failures(tmp_path, rng, capsys):

@@ -138,6 +138,10 @@ def predict(model, images, *, labels=None, top=5, size=None, grayscale=False, me
     if np.any(std == 0):
         raise ValueError("std: values must be non-zero")
     names = labels if labels is not None else _meta_list(meta, "labels")
+    shape = getattr(model, "input_shape", None)
+    fixed = shape[0] if shape is not None and len(shape) == 4 and isinstance(shape[0], int) else None
+    if fixed:  # the model takes exactly this many images per call: batches of that size, the last one padded
+        batch_size = fixed
     _pillow()
     results = []
     bar = _progress(len(images), "predict")
@@ -151,13 +155,16 @@ def predict(model, images, *, labels=None, top=5, size=None, grayscale=False, me
                 except Exception as e:  # unreadable, truncated, not an image, missing: skip it
                     errors(p, f"{type(e).__name__}: {e}")
             if arrays:
+                n = len(arrays)
+                if fixed:
+                    arrays += [arrays[-1]] * (fixed - n)
                 x = np.stack(arrays)
                 if layout != "nhwc":
                     x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
                 y = model(x)
                 if isinstance(y, tuple):
                     y = y[0]
-                probs = _probabilities(y)
+                probs = _probabilities(y)[:n]
                 k = min(top, probs.shape[1])
                 for p, row in zip(paths, probs):
                     order = np.argsort(-row, kind="stable")[:k]

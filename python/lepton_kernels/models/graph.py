@@ -460,6 +460,11 @@ class Graph:
 
     # -- running
     def _feed(self, args, kwargs):
+        if not kwargs and len(args) == len(self.inputs):
+            values = list(self._init)
+            for info, s, x in zip(self.inputs, self._input_slots, args):
+                values[s] = _check_input(x, info)
+            return values
         if len(args) > len(self.inputs):
             raise TypeError(f"the model takes {len(self.inputs)} input(s), got {len(args)}")
         feeds = dict(zip((i.name for i in self.inputs), args))
@@ -484,8 +489,10 @@ class Graph:
             for run, ins, outs, node, frees in self._program:
                 try:
                     res = run(*[values[s] if s >= 0 else None for s in ins])
-                except OpError as e:
-                    raise ValueError(f"node {node.name!r} ({node.op}): {e}") from None
+                except (OpError, ValueError, TypeError) as e:
+                    # Which node of the model failed, and why (e.g. a shape the model does not accept).
+                    kind = TypeError if isinstance(e, TypeError) else ValueError
+                    raise kind(f"node {node.name!r} ({node.op}): {e}") from e
                 for s, v in zip(outs, res):
                     if s >= 0:
                         values[s] = v
@@ -535,6 +542,9 @@ class Graph:
 
 
 def _check_input(x, info):
+    if type(x) is np.ndarray and x.dtype == info.dtype and info.shape is not None and x.ndim == len(info.shape) \
+            and all(w is None or w == g for w, g in zip(info.shape, x.shape)):
+        return x
     if not isinstance(x, np.ndarray):
         if isinstance(x, (list, tuple, int, float, np.generic)):
             x = np.asarray(x)

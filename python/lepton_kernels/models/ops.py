@@ -180,6 +180,10 @@ class _ConvKernel:
         self.activation = attrs.get("activation") or "none"
         self.pool = attrs.get("pool")
         self.layers = {}
+        # Padding fixed by the attributes (not auto_pad=SAME_*): the float32 layer is made once, here.
+        self.fast = None
+        if self.nd == 2 and not _is_auto(attrs):
+            self.fast = self.layer(np.dtype(np.float32), self._pads([0, 0]))
 
     def _pads(self, sizes):
         return spatial_pads(self.attrs, sizes, self.kernel, self.strides, self.dilations)
@@ -207,6 +211,8 @@ class _ConvKernel:
         return layer
 
     def __call__(self, x, *_):
+        if self.fast is not None and x.dtype == np.float32 and x.ndim == 4:
+            return (self.fast(x),)
         if x.ndim != self.nd + 2:
             raise OpError(f"Conv: expected a {self.nd + 2}-D input for a {self.nd}-D convolution, got shape "
                           f"{x.shape}")
@@ -355,8 +361,15 @@ class _LinearKernel:
     def __init__(self, weight, bias, activation):
         self.weight, self.bias, self.activation = weight, bias, activation or "none"
         self.layers = {}
+        self.fast = None
+        if weight.dtype == np.float32:
+            self.fast = self.layers[weight.dtype] = _core.LinearLayer(
+                np.ascontiguousarray(weight), None if bias is None else np.ascontiguousarray(bias, np.float32),
+                self.activation)
 
     def __call__(self, x, *_):
+        if self.fast is not None and x.dtype == np.float32 and x.ndim == 2 and x.shape[0]:
+            return (self.fast(x),)
         cd = _compute_dtype(x.dtype)
         if cd is None:
             raise OpError(f"Linear: unsupported input dtype {x.dtype}")
@@ -450,6 +463,8 @@ def _softmax_builder(log):
         legacy = bool(attrs.get("coerce_2d", 0))  # opset < 13: softmax over all dims from `axis` on
 
         def run(x):
+            if x.ndim == 2 and axis in (1, -1) and x.dtype in FAST and x.flags.c_contiguous and x.size:
+                return (_core.softmax(x, x.shape[0], x.shape[1], 1, log, None),)  # checked here: straight in
             a = axis % max(x.ndim, 1)
             shape = x.shape
             if legacy and a != x.ndim - 1:
@@ -650,6 +665,8 @@ def build_flatten(attrs, consts):
     axis = int(attrs.get("axis", 1))
 
     def run(x):
+        if axis == 1 and x.ndim >= 2 and x.shape[0]:
+            return (x.reshape(x.shape[0], -1),)
         a = axis + x.ndim if axis < 0 else axis
         if not 0 <= a <= x.ndim:
             raise OpError(f"Flatten: axis {axis} is out of range for {x.ndim} dimensions")
