@@ -334,11 +334,11 @@ def test_describe(rng, restore_threads):
     # Filters not a multiple of 16: the GEMM convolution with pooling fused band by band.
     gemm = Net(rng, (3, 12, 12), [("conv", dict(k=24, padding=1)), ("relu", {}), ("pool", dict(kernel=2, stride=2)),
                                   ("flatten", {}), ("linear", dict(n=5))])
-    seq = gemm.sequential()
-    d = seq.describe((2, 3, 12, 12))
+    gseq = gemm.sequential()
+    d = gseq.describe((2, 3, 12, 12))
     assert "[layers 0-2] conv2d+max_pool2d+relu" in d and "pooled_rows_per_band=" in d, d
     x = _input(rng, gemm, 2)
-    gemm.check(seq(x), x)
+    gemm.check(gseq(x), x)
     assert seq.arena_bytes((64, 1, 28, 28)) > 0
 
 
