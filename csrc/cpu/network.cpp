@@ -657,13 +657,13 @@ void NetPlan::run(const TensorView& x, float* y) {
   float* batch[2] = {arena_.get() + 2 * lanes_ * lane_elems_, arena_.get() + 2 * lanes_ * lane_elems_ + batch_elems_};
   size_t i = 0;
   if (tile_) {
-    // Each lane takes a contiguous share of the images and sends each one
-    // through every spatial stage before starting the next.
-    const Shape in0(in_batched_.begin() + 1, in_batched_.end());
+    // Each lane (one per thread, with its own buffers) takes the next image
+    // and sends it through every spatial stage before taking another: a lane
+    // whose thread starts late, or is slowed by other work, takes fewer.
+    std::atomic<int64_t> next{0};
     parallel_for(lanes_, lanes_, [&](int64_t lane) {
       float* buf[2] = {lane_base + 2 * lane * lane_elems_, lane_base + (2 * lane + 1) * lane_elems_};
-      const int64_t n0 = N_ * lane / lanes_, n1 = N_ * (lane + 1) / lanes_;
-      for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t n; (n = next.fetch_add(1, std::memory_order_relaxed)) < N_;) {
         TensorView in = x;
         in.shape[0] = 1;
         in.data = const_cast<float*>(x.ptr<float>() + n * x.strides[0]);
@@ -696,8 +696,9 @@ std::string NetPlan::describe() const {
                       " with N=", N_, " -> output ", shape_str(Shape(out_batched_.begin() + 1, out_batched_.end()), true),
                       ", float32, isa=", isa_name(active_isa()), ", threads=", threads_, "\n");
   if (tile_)
-    s += cat("  mode: tile (stages 0-", spatial_ - 1, " run image by image; ", lanes_, " lanes of ",
-             ceil_div(N_, lanes_), " images, one per thread; ", mode_why_, ")\n");
+    s += cat("  mode: tile (stages 0-", spatial_ - 1, " run image by image; ", lanes_,
+             " lanes, one per thread, taking the next image as they finish one, about ", ceil_div(N_, lanes_),
+             " images each; ", mode_why_, ")\n");
   else
     s += cat("  mode: layer (each stage over the whole batch, split across threads; ", mode_why_, ")\n");
   for (size_t i = 0; i < stages_.size(); ++i) {
