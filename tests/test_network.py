@@ -558,3 +558,16 @@ def test_concurrent_calls(rng):
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_degenerate_linear_shapes(rng):
+    # in_features 0 (the bias alone), rows of several dimensions, a single feature.
+    b = _uniform(rng, (4,), 1)
+    seq = lk.Sequential([lk.Linear(np.zeros((4, 0), np.float32), b, activation="relu")])
+    np.testing.assert_array_equal(seq(np.zeros((3, 0), np.float32)), np.broadcast_to(np.maximum(b, 0), (3, 4)))
+    net = Net(rng, (5, 7), [("linear", dict(n=3, relu=True)), ("linear", dict(n=2))])
+    x = rng.standard_normal((4, 5, 7)).astype(np.float32)
+    net.check(net.sequential()(x), x)
+    net = Net(rng, (1,), [("linear", dict(n=1))])
+    x = rng.standard_normal((6, 1)).astype(np.float32)
+    net.check(net.sequential()(x), x)

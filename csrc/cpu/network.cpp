@@ -638,7 +638,7 @@ void NetPlan::run_stage(const Planned& p, const TensorView& in, float* out, int6
       softmax<float>(in.ptr<float>(), out, images * s.outer, s.dim, s.inner, s.log);
       return;
     case StageKind::linear: {
-      const int64_t K = s.in.back(), M = images * numel(s.in) / std::max<int64_t>(K, 1), Nout = s.out.back();
+      const int64_t K = s.in.back(), M = images * numel(Shape(s.in.begin(), s.in.end() - 1)), Nout = s.out.back();
       TensorView x2;
       x2.data = in.data;
       x2.ndim = 2, x2.shape[0] = M, x2.shape[1] = K, x2.strides[0] = K, x2.strides[1] = 1;
