@@ -195,6 +195,12 @@ def _chain_modules(graph):
         prev = n.outputs[0]
     if prev != graph.outputs[0] or not modules:
         return None
+    # The network takes batches of images (4-D) when it starts with a convolution or pooling, of
+    # feature rows (2-D) when it starts with a linear layer.
+    first = next((m for m in modules if not isinstance(m, ReLU)), None)
+    want = 4 if isinstance(first, (Conv2d, Conv2dMaxPool2d, MaxPool2d)) else 2 if isinstance(first, Linear) else None
+    if want is None or shape is None or len(shape) != want:
+        return None
     return modules
 
 
