@@ -35,6 +35,11 @@ def ort_run(model, feeds):
     return sess.run(None, feeds)
 
 
+def ops_of(model):
+    """The op types a loaded model runs (an lk.Sequential made from a chain keeps the graph it came from)."""
+    return [n.op for n in getattr(model, "graph", model).nodes]
+
+
 def rel_err(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
@@ -145,9 +150,13 @@ def test_torch_seed_network(rng):
     x = randn(rng, 5, 1, 28, 28)
     blob = export(seed_net(), x)
     g = assert_matches_ort(blob, {"x": x})
-    # conv -> relu -> max-pool run as one fused pass, flatten + linear + softmax after it.
-    assert [n.op for n in g.nodes] == ["Conv", "Flatten", "Linear", "Softmax"]
-    assert g.nodes[0].attrs["activation"] == "relu" and g.nodes[0].attrs["pool"]["kernel_shape"] == [2, 2]
+    # conv -> relu -> max-pool run as one fused pass, flatten + linear + softmax after it: a chain that
+    # runs as one lk.Sequential.
+    assert ops_of(g) == ["Conv", "Flatten", "Linear", "Softmax"]
+    conv = g.graph.nodes[0]
+    assert conv.attrs["activation"] == "relu" and conv.attrs["pool"]["kernel_shape"] == [2, 2]
+    assert isinstance(g, lk.Sequential)
+    assert [type(m).__name__ for m in g.layers] == ["Conv2dMaxPool2d", "Flatten", "Linear", "Softmax"]
     assert g.input_shape == (None, 1, 28, 28)
     # Other batch sizes through the same graph, including 1.
     for n in (1, 3):
@@ -163,7 +172,8 @@ def test_torch_residual_network(rng, opset):
     kw = {} if opset is None else {"opset_version": opset}
     blob = export(residual_net(), x, **kw)
     g = assert_matches_ort(blob, {"x": x})
-    ops = [n.op for n in g.nodes]
+    ops = ops_of(g)
+    assert isinstance(g, lk.Graph)  # the residual Add: not a chain
     assert "BatchNormalization" not in ops, f"batch norm not folded into the convolutions: {ops}"
     assert "Dropout" not in ops and "Shape" not in ops and "Gather" not in ops, ops
     assert ops.count("Linear") == 2 and "Flatten" in ops, ops
@@ -261,8 +271,9 @@ def test_conv_relu_max_pool_fused(rng):
                               ceil_mode=1)]
     m = make_model(nodes, [vinfo("x", [None, 2, 15, 14])], [vinfo("y", None)], [init("w", w), init("b", b)])
     g = assert_matches_ort(m, {"x": x})
-    assert [n.op for n in g.nodes] == ["Conv"]
-    assert g.nodes[0].attrs["pool"]["ceil_mode"] == 1 and g.nodes[0].attrs["activation"] == "relu"
+    assert ops_of(g) == ["Conv"]
+    conv = getattr(g, "graph", g).nodes[0]
+    assert conv.attrs["pool"]["ceil_mode"] == 1 and conv.attrs["activation"] == "relu"
 
 
 GEMM_CASES = [
@@ -290,7 +301,7 @@ def test_gemm(rng, case, opset):
     g = assert_matches_ort(m, {"a": a})
     # Constant weights with a bias along the output features: one Linear node.
     if not attrs.get("transA") and (cshape is None or cshape in ((7,), (1, 7), ())):
-        assert [n.op for n in g.nodes] == ["Linear"]
+        assert ops_of(g) == ["Linear"]
 
 
 def test_gemm_with_runtime_weights(rng):
@@ -306,7 +317,7 @@ def test_matmul_add(rng, xshape):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
     m = make_model(nodes, [vinfo("x", list(xshape))], [vinfo("y", None)], [init("w", w), init("b", b)])
     g = assert_matches_ort(m, {"x": x})
-    assert [n.op for n in g.nodes] == ["Linear"]
+    assert ops_of(g) == ["Linear"]
 
 
 @pytest.mark.parametrize("opset", [11, 13])
@@ -345,7 +356,7 @@ def test_shape_ops_and_residual(rng, opset):
              init("shape", np.array([0, C, -1, 3], np.int64))]
     m = make_model(nodes, [vinfo("x", [2, C, 6, 6])], [vinfo("f", None), vinfo("g2", None)], inits, opset)
     g = assert_matches_ort(m, {"x": x})
-    assert {"Identity", "Dropout"}.isdisjoint(n.op for n in g.nodes)
+    assert {"Identity", "Dropout"}.isdisjoint(ops_of(g))
 
 
 def test_constant_subgraph_folded(rng):
@@ -365,7 +376,7 @@ def test_constant_subgraph_folded(rng):
     m = make_model(nodes, [vinfo("x", ["N", 2, 4, 4])], [vinfo("y", None)],
                    [init("ax", np.array([0], np.int64)), init("w", w)], 13)
     g = assert_matches_ort(m, {"x": x})
-    assert [n.op for n in g.nodes] == ["Flatten", "Linear"]
+    assert ops_of(g) == ["Flatten", "Linear"]
 
 
 def test_float64_model(rng):

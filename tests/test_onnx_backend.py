@@ -2,7 +2,8 @@
 
 Node tests for Conv, MaxPool, AveragePool, global pooling, Gemm, MatMul,
 Relu, Flatten, Reshape, Softmax / LogSoftmax (and their expanded function
-bodies), BatchNormalization, Add, Dropout and Identity; the models converted
+bodies), BatchNormalization, Add, Dropout and Identity, a few normalisations
+and activations of newer exports (NumPy); the models converted
 from PyTorch modules of those layers; the PyTorch operator models. Each test
 compares with the reference outputs that ship with onnx.
 
@@ -30,6 +31,8 @@ INCLUDE = re.compile(
     # node tests
     r"conv_|maxpool_|averagepool_|globalaveragepool|globalmaxpool|gemm_|matmul_|relu|flatten_|reshape_"
     r"|softmax_|logsoftmax_|batchnorm_|add|dropout_|identity"
+    # normalisations and activations of newer exports, run in NumPy
+    r"|instancenorm_|layer_normalization_|gelu_|sigmoid|tanh|leakyrelu|clip|hardswish|hardsigmoid"
     # models converted from torch.nn modules, and torch operators
     r"|(Conv[12]d|MaxPool[12]d|AvgPool[12]d|BatchNorm[12]d|Linear|ReLU|Softmax|LogSoftmax|log_softmax|softmax)"
     r"|operator_"
@@ -41,7 +44,6 @@ EXCLUDED = {
     "test_identity_opt_cpu": "optional-typed values, not tensors",
     "test_identity_sequence_cpu": "sequence-typed values, not tensors",
     "test_operator_convtranspose_cpu": "ConvTranspose (transposed convolution) is not a supported operator",
-    "test_operator_symbolic_override_cpu": "InstanceNormalization is not a supported operator",
 }
 
 

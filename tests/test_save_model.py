@@ -134,3 +134,58 @@ def test_unsupported_and_malformed_graphs():
         lk.Graph([Node("Relu", ["q"], ["y"])], ["x"], ["y"], {})
     with pytest.raises(ValueError, match="outputs"):
         lk.Graph([Node("Relu", ["x"], ["y"])], ["x"], ["z"], {})
+
+
+# --------------------------------------------------------------------------- lk.Sequential
+
+def seed_sequential(rng):
+    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    wl = (rng.standard_normal((10, 8 * 13 * 13)) * 0.05).astype(np.float32)
+    bl = rng.standard_normal(10).astype(np.float32)
+    return lk.Sequential([lk.Conv2dMaxPool2d(w, b), lk.Flatten(), lk.Dropout(0.5), lk.Linear(wl, bl),
+                          lk.Softmax(dim=1)]), (w, b, wl, bl)
+
+
+def seed_reference(x, w, b, wl, bl):
+    x, w, b, wl, bl = (a.astype(np.float64) for a in (x, w, b, wl, bl))
+    win = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))
+    h = np.maximum(np.einsum("nchwij,kcij->nkhw", win, w) + b[None, :, None, None], 0)
+    h = h[:, :, :26, :26].reshape(len(x), 8, 13, 2, 13, 2).max(axis=(3, 5))
+    z = h.reshape(len(x), -1) @ wl.T + bl
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_sequential_round_trip(rng, tmp_path):
+    net, weights = seed_sequential(rng)
+    path = tmp_path / "seed.lk"
+    lk.save_model(net, path, metadata={"labels": [str(i) for i in range(10)]})
+    loaded = lk.load_model(path)
+    assert isinstance(loaded, lk.Sequential)  # a chain: back as one network
+    assert [type(m).__name__ for m in loaded.layers] == ["Conv2dMaxPool2d", "Flatten", "Linear", "Softmax"]
+    x = rng.standard_normal((6, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x), net(x))
+    np.testing.assert_allclose(loaded(x), seed_reference(x, *weights), rtol=1e-5, atol=1e-7)
+    assert loaded.metadata["labels"][3] == "3"
+    assert loaded.input_shape == (None, None, None, None)
+    assert "Conv2d" in loaded.describe(x.shape) or "conv" in loaded.describe(x.shape).lower()
+    # float64 data is converted to float32, as for graphs
+    np.testing.assert_array_equal(loaded(x.astype(np.float64)), net(x))
+    # Saved again from the loaded network: same file content, same results.
+    lk.save_model(loaded, tmp_path / "again.lk")
+    np.testing.assert_array_equal(lk.load_model(tmp_path / "again.lk")(x), net(x))
+
+
+def test_graph_and_loaded_sequential_pickle(rng, tmp_path):
+    import pickle
+    g, _ = small_cnn(rng)
+    x = rng.standard_normal((2, 2, 10, 10)).astype(np.float32)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(g))(x), g(x))
+    net, _ = seed_sequential(rng)
+    lk.save_model(net, tmp_path / "s.lk")
+    loaded = lk.load_model(tmp_path / "s.lk")
+    again = pickle.loads(pickle.dumps(loaded))
+    xs = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(again(xs), loaded(xs))
+    assert again.metadata == loaded.metadata

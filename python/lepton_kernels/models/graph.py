@@ -537,8 +537,15 @@ class Graph:
         lines.append(f"  output {', '.join(self.outputs)}")
         return "\n".join(lines)
 
+    def __reduce__(self):  # the compiled program is rebuilt; the graph is already simplified
+        return _restore, (self.nodes, self.inputs, self.outputs, self.params, self.metadata)
+
     def __repr__(self):
         return f"<lk.Graph: {len(self.nodes)} nodes, inputs {[i.name for i in self.inputs]}, outputs {self.outputs}>"
+
+
+def _restore(nodes, inputs, outputs, params, metadata):
+    return Graph(nodes, inputs, outputs, params, metadata=metadata, simplify_graph=False)
 
 
 def _check_input(x, info):

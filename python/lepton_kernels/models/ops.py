@@ -517,6 +517,51 @@ def build_batch_norm(attrs, consts):
     return run
 
 
+@op("InstanceNormalization")
+def build_instance_norm(attrs, consts):
+    eps = float(attrs.get("epsilon", 1e-5))
+
+    def run(x, scale, bias):
+        x64 = x.astype(np.float64)
+        axes = tuple(range(2, x.ndim))
+        mean = x64.mean(axis=axes, keepdims=True)
+        var = x64.var(axis=axes, keepdims=True)
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        y = (x64 - mean) / np.sqrt(var + eps) * scale.reshape(shape) + bias.reshape(shape)
+        return (y.astype(x.dtype),)
+    return run
+
+
+@op("LayerNormalization")
+def build_layer_norm(attrs, consts):
+    eps = float(attrs.get("epsilon", 1e-5))
+    axis = int(attrs.get("axis", -1))
+
+    def run(x, scale, bias=None):
+        a = axis % x.ndim
+        x64 = x.astype(np.float64)
+        axes = tuple(range(a, x.ndim))
+        mean = x64.mean(axis=axes, keepdims=True)
+        inv = 1.0 / np.sqrt(x64.var(axis=axes, keepdims=True) + eps)
+        y = (x64 - mean) * inv * scale
+        if bias is not None:
+            y = y + bias
+        outs = (y.astype(x.dtype), mean.astype(np.float32), inv.astype(np.float32))
+        return outs[:attrs.get("__outputs__", 1)]
+    return run
+
+
+def _gelu(x, a):
+    x64 = x.astype(np.float64)
+    if a.get("approximate", "none") == "tanh":
+        return 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)))
+    return 0.5 * x64 * (1 + _erf(x64 / np.sqrt(2)))
+
+
+def _erf(x):
+    return np.vectorize(math.erf, otypes=[np.float64])(x) if x.size else x.astype(np.float64)
+
+
 def _unary(fn, keep_dtype=True):
     def build(attrs, consts):
         def run(x):
@@ -542,7 +587,8 @@ _UNARY = {
     "Reciprocal": lambda x, a: np.reciprocal(x),
     "Floor": lambda x, a: np.floor(x),
     "Ceil": lambda x, a: np.ceil(x),
-    "Erf": lambda x, a: np.vectorize(math.erf, otypes=[x.dtype])(x) if x.size else x,
+    "Erf": lambda x, a: _erf(x),
+    "Gelu": _gelu,
     "Softplus": lambda x, a: np.logaddexp(0, x),
     "Softsign": lambda x, a: x / (1 + np.abs(x)),
     "LeakyRelu": lambda x, a: np.where(x >= 0, x, x * np.asarray(a.get("alpha", 0.01), x.dtype)),
