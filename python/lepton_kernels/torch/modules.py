@@ -195,6 +195,11 @@ def _convert(m):
     return None
 
 
+def _identity(absorbed):
+    """The ``nn.Identity`` standing where ``absorbed`` was, in its train/eval mode."""
+    return nn.Identity().train(absorbed.training)
+
+
 def _fuse_sequential(seq: nn.Sequential) -> None:
     """Fuse runs of consecutive children: conv -> ReLU -> pool, conv -> pool -> ReLU, conv -> ReLU, linear -> ReLU.
 
@@ -215,12 +220,12 @@ def _fuse_sequential(seq: nn.Sequential) -> None:
         a, b, c = at(i), at(i + 1), at(i + 2)
         if _conv_ok(a) and free(a, b, c) and ((_relu_ok(b) and _pool_ok(c)) or (_pool_ok(b) and _relu_ok(c))):
             seq._modules[names[i]] = Conv2dReLUMaxPool2d.from_torch(a, c if _pool_ok(c) else b)
-            seq._modules[names[i + 1]] = nn.Identity()
-            seq._modules[names[i + 2]] = nn.Identity()
+            seq._modules[names[i + 1]] = _identity(b)
+            seq._modules[names[i + 2]] = _identity(c)
             i += 3
         elif (_conv_ok(a) or _linear_ok(a)) and free(a, b) and _relu_ok(b):
             seq._modules[names[i]] = (Conv2d if _conv_ok(a) else Linear).from_torch(a, relu=True)
-            seq._modules[names[i + 1]] = nn.Identity()
+            seq._modules[names[i + 1]] = _identity(b)
             i += 2
         else:
             i += 1
