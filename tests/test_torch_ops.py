@@ -378,6 +378,16 @@ def test_non_contiguous_inputs(seed):
     torch.testing.assert_close(w.grad.transpose(0, 3), w2.grad)
 
 
+def test_lazy_attribute():
+    import lepton_kernels as lk
+
+    assert lk.torch is lkt
+    assert {"conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_with_indices", "max_pool2d_backward",
+            "conv2d_relu_max_pool2d", "conv2d_relu_max_pool2d_with_indices", "conv2d_relu_max_pool2d_backward",
+            "linear", "linear_backward", "relu", "relu_backward", "cross_entropy",
+            "cross_entropy_backward"} <= set(dir(torch.ops.lepton))
+
+
 def test_errors():
     x = torch.randn(1, 2, 5, 5)
     w = torch.randn(3, 2, 3, 3)

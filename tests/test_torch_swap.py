@@ -268,3 +268,19 @@ def test_swap_is_idempotent_and_keeps_mode():
     assert [type(m) for m in model.modules()] == first
     assert not any(m.training for m in model.modules())
     assert "relu=True" in repr(model.features[0]) and "pool_kernel_size=(2, 2)" in repr(model.features[0])
+
+
+# Inductor itself (torch 2.13) calls a deprecated torch.jit API while compiling.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_swapped_model_compiles(seed):
+    torch.manual_seed(seed % 2**63)
+    model = LeNet()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(lkt.swap(model), fullgraph=True)
+    x, target = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    loss = F.cross_entropy(compiled(x), target)
+    F.cross_entropy(twin(x), target).backward()
+    loss.backward()
+    grads_close(model, twin, rtol=1e-3, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), twin(x), rtol=1e-4, atol=1e-5)
