@@ -6,6 +6,16 @@
 """
 
 from ._core import __version__
+from .backward import (
+    adam_step,
+    conv2d_backward,
+    conv2d_max_pool2d_backward,
+    cross_entropy,
+    cross_entropy_backward,
+    linear_backward,
+    max_pool2d_backward,
+    relu_backward,
+)
 from .cache import CacheInfo, cache_clear, cache_info, set_cache_capacity
 from .config import (
     get_config,
@@ -20,6 +30,7 @@ from .config import (
 from .explain import explain
 from .functional import conv2d, conv2d_max_pool2d, linear, log_softmax, max_pool2d, relu, softmax
 from .layers import Conv2d, Conv2dMaxPool2d, Linear, MaxPool2d
+from .network import Dropout, Flatten, LogSoftmax, ReLU, ResultCacheInfo, Sequential, Softmax
 
 __all__ = [
     "__version__",
@@ -34,6 +45,13 @@ __all__ = [
     "Conv2dMaxPool2d",
     "Linear",
     "MaxPool2d",
+    "Sequential",
+    "ReLU",
+    "Flatten",
+    "Softmax",
+    "LogSoftmax",
+    "Dropout",
+    "ResultCacheInfo",
     "cache_info",
     "cache_clear",
     "set_cache_capacity",
@@ -47,6 +65,14 @@ __all__ = [
     "explain",
     "get_config",
     "show_config",
+    "conv2d_backward",
+    "conv2d_max_pool2d_backward",
+    "max_pool2d_backward",
+    "linear_backward",
+    "relu_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "adam_step",
 ]
 
 
