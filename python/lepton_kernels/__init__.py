@@ -79,3 +79,12 @@ __all__ = [
     "cross_entropy_backward",
     "adam_step",
 ]
+
+
+def __getattr__(name):
+    # lk.torch is imported on first use: importing lepton_kernels must not import torch.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
