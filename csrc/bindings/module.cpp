@@ -7,6 +7,7 @@ namespace lk::bindings {
 void register_ops(py::module_& m);
 void register_config(py::module_& m);
 void register_layers(py::module_& m);
+void register_cuda(py::module_& m);
 }  // namespace lk::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -15,4 +16,5 @@ PYBIND11_MODULE(_core, m) {
   lk::bindings::register_ops(m);
   lk::bindings::register_config(m);
   lk::bindings::register_layers(m);
+  lk::bindings::register_cuda(m);
 }
