@@ -6,6 +6,7 @@
 """
 
 from ._core import __version__
+from ._device import LeptonFallbackWarning
 from .cache import CacheInfo, cache_clear, cache_info, set_cache_capacity
 from .config import (
     get_config,
@@ -47,4 +48,5 @@ __all__ = [
     "explain",
     "get_config",
     "show_config",
+    "LeptonFallbackWarning",
 ]
