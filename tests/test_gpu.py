@@ -264,6 +264,17 @@ def test_dlpack_producer(fake, rng):
     offset = DLPackOnly(xp.array(x, device=1)[1], offset_elements=3)  # a byte_offset from a shifted base
     ref.assert_identical(lk.relu(offset).host, np.maximum(x[1], 0))
 
+    class RefusesCai(DLPackOnly):
+        # As a torch tensor that requires grad: the array interface raises, DLPack works.
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("can't export a tensor that requires grad")
+
+    refuses = RefusesCai(xp.array(x, device=0))
+    assert _device.is_device_array(refuses)
+    ref.assert_identical(lk.relu(refuses).host, np.maximum(x, 0))
+    assert refuses.streams == [1]
+
 
 # --------------------------------------------------------------------------
 # Layers
@@ -305,8 +316,9 @@ def test_fallback_copies_computes_on_cpu_and_warns_once(fallback, rng):
     x, w, b = ref.randn(rng, (2, 3, 7, 7), np.float32), ref.randn(rng, (4, 3, 3, 3), np.float32), \
         ref.randn(rng, (4,), np.float32)
     dx, dw, db = xp.array(x, device=1), xp.array(w, device=1), xp.array(b, device=1)
-    with pytest.warns(lk.LeptonFallbackWarning, match="built without CUDA"):
+    with pytest.warns(lk.LeptonFallbackWarning, match="built without CUDA") as record:
         y = lk.conv2d(dx, dw, db, padding=1)
+    assert record[0].filename == __file__  # points at the caller's line
     assert isinstance(y, FakeArray) and y.device.id == 1
     ref.assert_identical(y.host, lk.conv2d(x, w, b, padding=1))
     with warnings.catch_warnings():
@@ -349,9 +361,13 @@ def test_numpy_and_other_objects_are_not_device_arrays():
 # --------------------------------------------------------------------------
 
 
-def test_config_reports_the_device_path(fake):
+def test_config_reports_the_device_path(fake, capsys):
     cfg = lk.get_config()
     assert cfg["device_arrays"].startswith("gpu:")
+    assert cfg["array_module"] == "fakecupy 0-fake"
+    lk.show_config()
+    shown = capsys.readouterr().out
+    assert "device_arrays" in shown and "cuda_device_count" in shown and "cuda_architectures" in shown
     assert isinstance(cfg["cuda_built"], bool) and isinstance(cfg["cuda_device_count"], int)
     with _device.use_runtime(_device.Runtime(FakeCupy(), None, "no CUDA device is usable")):
         assert lk.get_config()["device_arrays"] == "cpu-fallback: no CUDA device is usable"

@@ -147,7 +147,7 @@ def _warn_fallback(reason: str) -> None:
         return
     _warned = True
     warnings.warn(f"lepton_kernels computes device arrays on the CPU (copied to the host and back): {reason}. "
-                  "This warning is shown once.", LeptonFallbackWarning, stacklevel=4)
+                  "This warning is shown once.", LeptonFallbackWarning, stacklevel=5)
 
 
 def _reset_fallback_warning() -> None:
@@ -161,15 +161,21 @@ def _reset_fallback_warning() -> None:
 # --------------------------------------------------------------------------
 
 
+def _has_cai(obj) -> bool:
+    """Whether obj offers a CUDA array interface. Some producers' properties raise
+    instead (a CPU tensor, a tensor that requires grad): those go by DLPack, if anything."""
+    try:
+        return getattr(obj, "__cuda_array_interface__", None) is not None
+    except Exception:
+        return False
+
+
 def is_device_array(obj) -> bool:
     """True for an object exposing ``__cuda_array_interface__``, or DLPack on a CUDA device."""
     if isinstance(obj, np.ndarray):
         return False
-    try:
-        if getattr(obj, "__cuda_array_interface__", None) is not None:
-            return True
-    except Exception:  # e.g. a CPU tensor's property refusing
-        pass
+    if _has_cai(obj):
+        return True
     dev = getattr(obj, "__dlpack_device__", None)
     if dev is None:
         return False
@@ -430,7 +436,7 @@ class _Launch:
         self._ctx = None
 
     def _device_of(self, obj, name):
-        if getattr(obj, "__cuda_array_interface__", None) is None:
+        if not _has_cai(obj):
             return int(obj.__dlpack_device__()[1])
         meta = from_cuda_array_interface(obj, name, None)  # read() checks the dtype
         if meta.size == 0:
@@ -452,7 +458,7 @@ class _Launch:
         if not is_device_array(obj):
             raise TypeError(f"{name}: expected a device array like the input (CuPy, __cuda_array_interface__ or "
                             f"CUDA DLPack), got {type(obj).__module__}.{type(obj).__name__}")
-        if getattr(obj, "__cuda_array_interface__", None) is not None:
+        if _has_cai(obj):
             a = from_cuda_array_interface(obj, name, dtypes)
             if a.size:
                 a.device = int(self.kernels.pointer_device(a.ptr, name))
@@ -545,7 +551,7 @@ def _need_xp(rt, name="input"):
 def _as_xp(xp, obj):
     if isinstance(obj, xp.ndarray):
         return obj
-    if getattr(obj, "__cuda_array_interface__", None) is not None:
+    if _has_cai(obj):
         return xp.asarray(obj)
     return xp.from_dlpack(obj)
 
