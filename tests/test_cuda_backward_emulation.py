@@ -122,6 +122,8 @@ CONV_CASES = {
     "1x1": ((3, 7, 4, 5), (2, 7, 1, 1), 1, (0, 0, 0, 0), 1, 1),
     "pixels-over-256": ((2, 2, 17, 19), (3, 2, 3, 3), 1, (1, 1, 1, 1), 1, 1),
     "batch-0": ((0, 3, 5, 5), (4, 3, 3, 3), 1, (1, 1, 1, 1), 1, 1),
+    # 1800 weights: the batch of 7 splits 3 + 3 + 1 for grad_weight, 7 ways for grad_bias.
+    "batch-split-unevenly": ((7, 8, 6, 5), (25, 8, 3, 3), 1, (1, 1, 1, 1), 1, 1),
 }
 
 
