@@ -236,6 +236,15 @@ class _DLManagedTensor(ctypes.Structure):
     _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
 
 
+class _DLPackVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+class _DLManagedTensorVersioned(ctypes.Structure):
+    _fields_ = [("version", _DLPackVersion), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p),
+                ("flags", ctypes.c_uint64), ("dl_tensor", _DLTensor)]
+
+
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
 _capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
@@ -248,11 +257,14 @@ class DLPackOnly:
     The capsule carries a real DLManagedTensor (device type kDLCUDA) with
     element strides and a byte offset of 0 or `offset_elements`; the object
     keeps the structures alive. Records the stream each export was made for.
+    `versioned`: a DLPack 1.x DLManagedTensorVersioned ("dltensor_versioned"
+    capsule), read-only when `readonly`.
     """
 
-    def __init__(self, fake: FakeArray, offset_elements=0):
+    def __init__(self, fake: FakeArray, offset_elements=0, versioned=False, readonly=False):
         self.fake = fake
         self.offset = offset_elements
+        self.versioned, self.readonly = versioned, readonly
         self.streams = []
         self._keep = []
 
@@ -265,7 +277,10 @@ class DLPackOnly:
         item = h.dtype.itemsize
         shape = (ctypes.c_int64 * max(h.ndim, 1))(*h.shape)
         strides = (ctypes.c_int64 * max(h.ndim, 1))(*(s // item for s in h.strides))
-        m = _DLManagedTensor()
+        m = _DLManagedTensorVersioned() if self.versioned else _DLManagedTensor()
+        if self.versioned:
+            m.version = _DLPackVersion(1, 0)
+            m.flags = 1 if self.readonly else 0  # DLPACK_FLAG_BITMASK_READ_ONLY
         t = m.dl_tensor
         t.data = h.__array_interface__["data"][0] - self.offset * item
         t.byte_offset = self.offset * item
@@ -276,7 +291,8 @@ class DLPackOnly:
         t.shape = ctypes.cast(shape, ctypes.POINTER(ctypes.c_int64))
         t.strides = ctypes.cast(strides, ctypes.POINTER(ctypes.c_int64))
         self._keep += [m, shape, strides]
-        return _capsule_new(ctypes.addressof(m), b"dltensor", None)
+        name = b"dltensor_versioned" if self.versioned else b"dltensor"
+        return _capsule_new(ctypes.addressof(m), name, None)
 
     def to_fake(self):
         return self.fake

@@ -270,6 +270,12 @@ def test_dlpack_producer(fake, rng):
         def __cuda_array_interface__(self):
             raise RuntimeError("can't export a tensor that requires grad")
 
+    versioned = DLPackOnly(xp.array(x, device=1), versioned=True)
+    ref.assert_identical(lk.relu(versioned).host, np.maximum(x, 0))
+    frozen = DLPackOnly(xp.array(x, device=1), versioned=True, readonly=True)
+    with pytest.raises(ValueError, match="out: array is read-only"):
+        lk.relu(versioned, out=frozen)
+
     refuses = RefusesCai(xp.array(x, device=0))
     assert _device.is_device_array(refuses)
     ref.assert_identical(lk.relu(refuses).host, np.maximum(x, 0))
