@@ -114,7 +114,8 @@ class Conv2dArgs {
 };
 
 template <class T>
-static py::array conv2d_max_pool2d_typed(const ConvArgs& a, const Pool2dDesc& pool, const py::object& out) {
+static py::object conv2d_max_pool2d_typed(const ConvArgs& a, const Pool2dDesc& pool, bool return_indices,
+                                          const py::object& out) {
   std::shared_ptr<const cpu::Conv2dMaxPool2dPlan<T>> plan;
   {
     py::gil_scoped_release release;
@@ -122,23 +123,27 @@ static py::array conv2d_max_pool2d_typed(const ConvArgs& a, const Pool2dDesc& po
   }
   const Pool2dDesc& p = plan->pool();
   auto y = output_array<T>(out, {p.N, p.C, p.P(), p.Q()});
+  std::optional<py::array_t<int64_t>> idx;
+  if (return_indices) idx.emplace(new_array<int64_t>({p.N, p.C, p.P(), p.Q()}));
   T* yp = y.mutable_data();
+  int64_t* ip = idx ? idx->mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
     typename cpu::Conv2dPlan<T>::BoundStorage storage;
-    plan->run(a.x.view, plan->conv().bind(&a.w.view, a.b ? &a.b->view : nullptr, storage), yp);
+    plan->run(a.x.view, plan->conv().bind(&a.w.view, a.b ? &a.b->view : nullptr, storage), yp, ip);
   }
+  if (idx) return py::make_tuple(y, *idx);
   return y;
 }
 
-static py::array conv2d_max_pool2d(py::array input, py::array weight, std::optional<py::array> bias, I2 stride,
-                                   I4 padding, I2 dilation, int64_t groups, const std::string& activation,
-                                   I2 pool_kernel, I2 pool_stride, I2 pool_padding, I2 pool_dilation, bool ceil_mode,
-                                   py::object out) {
+static py::object conv2d_max_pool2d(py::array input, py::array weight, std::optional<py::array> bias, I2 stride,
+                                    I4 padding, I2 dilation, int64_t groups, const std::string& activation,
+                                    I2 pool_kernel, I2 pool_stride, I2 pool_padding, I2 pool_dilation, bool ceil_mode,
+                                    py::object out, bool return_indices) {
   ConvArgs a = conv_args(input, weight, bias, stride, padding, dilation, groups, activation);
   const Pool2dDesc pool = pool_desc(pool_kernel, pool_stride, pool_padding, pool_dilation, ceil_mode);
-  return a.d.dtype == DType::f32 ? conv2d_max_pool2d_typed<float>(a, pool, out)
-                                 : conv2d_max_pool2d_typed<double>(a, pool, out);
+  return a.d.dtype == DType::f32 ? conv2d_max_pool2d_typed<float>(a, pool, return_indices, out)
+                                 : conv2d_max_pool2d_typed<double>(a, pool, return_indices, out);
 }
 
 template <class T>
@@ -274,7 +279,7 @@ void register_ops(py::module_& m) {
         "padding"_a, "dilation"_a, "groups"_a, "activation"_a, "out"_a);
   m.def("conv2d_max_pool2d", &conv2d_max_pool2d, "input"_a.noconvert(), "weight"_a.noconvert(),
         "bias"_a.noconvert(), "stride"_a, "padding"_a, "dilation"_a, "groups"_a, "activation"_a, "pool_kernel_size"_a,
-        "pool_stride"_a, "pool_padding"_a, "pool_dilation"_a, "ceil_mode"_a, "out"_a);
+        "pool_stride"_a, "pool_padding"_a, "pool_dilation"_a, "ceil_mode"_a, "out"_a, "return_indices"_a = false);
   m.def("max_pool2d", &max_pool2d, "input"_a.noconvert(), "kernel_size"_a, "stride"_a, "padding"_a, "dilation"_a,
         "ceil_mode"_a, "return_indices"_a, "out"_a);
   m.def("linear", &linear, "input"_a.noconvert(), "weight"_a.noconvert(), "bias"_a.noconvert(), "activation"_a,

@@ -36,7 +36,8 @@ Conv2dMaxPool2dPlan<T>::Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2d
 }
 
 template <class T>
-void Conv2dMaxPool2dPlan<T>::run(const TensorView& x, const typename Conv2dPlan<T>::Weights& wt, T* y) const {
+void Conv2dMaxPool2dPlan<T>::run(const TensorView& x, const typename Conv2dPlan<T>::Weights& wt, T* y,
+                                 int64_t* indices) const {
   const Conv2dDesc& d = conv_.desc();
   conv_.check_input(x);
   if (d.N == 0 || d.K == 0) return;
@@ -51,8 +52,12 @@ void Conv2dMaxPool2dPlan<T>::run(const TensorView& x, const typename Conv2dPlan<
     const int64_t band = std::max<int64_t>(0, r1 - r0) * CQ;
     T* buf = scratch_array<T>(kFusedBandSlot, static_cast<size_t>(K * band));
     conv_.run_rows(x, wt, n, r0, r1, buf, band);
-    for (int64_t k = 0; k < K; ++k)
-      max_pool_rows(pool_, buf + k * band, r0, CQ, int64_t{1}, p0, p1, y + ((n * K + k) * P + p0) * Q, nullptr);
+    // The band starts at convolution row r0 and max_pool_rows numbers rows
+    // from the plane's top: indices come out flattened over the whole plane.
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t at = ((n * K + k) * P + p0) * Q;
+      max_pool_rows(pool_, buf + k * band, r0, CQ, int64_t{1}, p0, p1, y + at, indices ? indices + at : nullptr);
+    }
   });
 }
 

@@ -22,7 +22,9 @@ class Conv2dMaxPool2dPlan {
   const Conv2dPlan<T>& conv() const { return conv_; }
 
   // x: N x C x H x W, any strides; y: N x K x P' x Q' (pooled), contiguous.
-  void run(const TensorView& x, const typename Conv2dPlan<T>::Weights& wt, T* y) const;
+  // indices (optional, same shape as y): each maximum's position flattened
+  // over the convolution output's P x Q plane, as max_pool2d reports it.
+  void run(const TensorView& x, const typename Conv2dPlan<T>::Weights& wt, T* y, int64_t* indices = nullptr) const;
 
   std::string describe() const;
   const Pool2dDesc& pool() const { return pool_; }

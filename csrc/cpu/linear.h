@@ -53,6 +53,8 @@ class LinearPlan {
   int weight_layout() const { return algo_ == LinearAlgo::gemm ? uk_.nr : 0; }
 
   std::string describe() const;
+  double predicted_s() const { return predicted_s_; }
+  int threads() const { return threads_; }
 
  private:
   void run_gemm(const TensorView& x, const Weights& wt, T* y) const;

@@ -7,6 +7,16 @@
 
 from ._core import __version__
 from ._device import LeptonFallbackWarning
+from .backward import (
+    adam_step,
+    conv2d_backward,
+    conv2d_max_pool2d_backward,
+    cross_entropy,
+    cross_entropy_backward,
+    linear_backward,
+    max_pool2d_backward,
+    relu_backward,
+)
 from .cache import CacheInfo, cache_clear, cache_info, set_cache_capacity
 from .config import (
     get_config,
@@ -21,6 +31,8 @@ from .config import (
 from .explain import explain
 from .functional import conv2d, conv2d_max_pool2d, linear, log_softmax, max_pool2d, relu, softmax
 from .layers import Conv2d, Conv2dMaxPool2d, Linear, MaxPool2d
+from .network import Dropout, Flatten, LogSoftmax, ReLU, ResultCacheInfo, Sequential, Softmax
+from .models import Graph, UnsupportedOperatorError, load_model, save_model
 
 __all__ = [
     "__version__",
@@ -35,6 +47,17 @@ __all__ = [
     "Conv2dMaxPool2d",
     "Linear",
     "MaxPool2d",
+    "Sequential",
+    "ReLU",
+    "Flatten",
+    "Softmax",
+    "LogSoftmax",
+    "Dropout",
+    "ResultCacheInfo",
+    "Graph",
+    "UnsupportedOperatorError",
+    "load_model",
+    "save_model",
     "cache_info",
     "cache_clear",
     "set_cache_capacity",
@@ -49,4 +72,12 @@ __all__ = [
     "get_config",
     "show_config",
     "LeptonFallbackWarning",
+    "conv2d_backward",
+    "conv2d_max_pool2d_backward",
+    "max_pool2d_backward",
+    "linear_backward",
+    "relu_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "adam_step",
 ]

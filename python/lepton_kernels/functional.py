@@ -213,7 +213,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 
 def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation="relu",
-                      kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False, out=None):
+                      kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False,
+                      return_indices=False, out=None):
     """``max_pool2d(activation(conv2d(input, weight, bias, ...)), kernel_size, pool_stride, ...)`` in one pass.
 
     The convolution runs band by band and each band is pooled while it is in
@@ -221,6 +222,10 @@ def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
     The result equals the unfused sequence. ``activation`` is ``'relu'`` (the
     default) or ``None``; the pooling arguments are those of ``max_pool2d``
     (``pool_stride`` defaults to ``kernel_size``).
+
+    ``return_indices=True`` also returns each maximum's position (int64),
+    flattened over the convolution output's H*W plane as ``max_pool2d``
+    reports it, computed inside the same pass (for the backward pass).
     """
     if type(input) is not np.ndarray and _device.is_device_array(input):
         return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation, out=out,
@@ -232,9 +237,12 @@ def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
                                           _FUSED_POOL_NAMES)
     check_out_size((x.shape[0], K, PP, PQ), x.dtype)
     check_out(out, (input, weight, bias))
-    y = _core.conv2d_max_pool2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation), pk, ps,
-                                pp, pd, bool(ceil_mode), _batched_out(out, batched))
-    return _result(y, out, batched)
+    res = _core.conv2d_max_pool2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation), pk, ps,
+                                  pp, pd, bool(ceil_mode), _batched_out(out, batched), bool(return_indices))
+    if return_indices:
+        y, idx = res
+        return _result(y, out, batched), (idx if batched else idx[0])
+    return _result(res, out, batched)
 
 
 def linear(input, weight, bias=None, *, activation=None, out=None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Optional, Tuple
 
-from .workloads import Conv2d, Instance, Linear, MaxPool2d, Prepared, chain
+from .workloads import Conv2d, Instance, Linear, MaxPool2d, Prepared, Softmax, chain
 
 __all__ = ["Peer", "TorchPeer", "OrtPeer", "PEERS", "available"]
 
@@ -82,6 +82,8 @@ class TorchPeer(Peer):
         elif isinstance(layer, Linear):
             linear = partial(F.linear, weight=t["weight"], bias=t["bias"])
             op = linear if len(shape) == 2 else (lambda x: linear(x.flatten(1)))
+        elif isinstance(layer, Softmax):
+            op = partial(F.softmax, dim=1)
         else:
             raise TypeError(f"torch: no implementation for {type(layer).__name__}")
         if getattr(layer, "relu", False):
@@ -107,7 +109,7 @@ class TorchPeer(Peer):
 
 
 class OrtPeer(Peer):
-    """ONNX Runtime's CPU provider on an in-memory model of the chain (Conv, Relu, MaxPool, Flatten, Gemm).
+    """ONNX Runtime's CPU provider on an in-memory model of the chain (Conv, Relu, MaxPool, Flatten, Gemm, Softmax).
 
     The session gets the benchmark's thread count for intra-op work, one
     inter-op thread and sequential execution; the input is bound once as a
@@ -162,6 +164,8 @@ class OrtPeer(Peer):
                 if p["bias"] is not None:
                     inputs.append(init(f"b{i}", p["bias"]))
                 add("Gemm", inputs, transB=1)
+            elif isinstance(layer, Softmax):
+                add("Softmax", [cur], axis=1)
             else:
                 raise TypeError(f"ort: no implementation for {type(layer).__name__}")
             if getattr(layer, "relu", False):

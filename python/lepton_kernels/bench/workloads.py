@@ -29,6 +29,7 @@ __all__ = [
     "Conv2d",
     "MaxPool2d",
     "Linear",
+    "Softmax",
     "Workload",
     "Instance",
     "Prepared",
@@ -166,7 +167,27 @@ class Linear:
         return s + ("+b" if self.bias else "") + ("+relu" if self.relu else "")
 
 
-Layer = Any  # Conv2d | MaxPool2d | Linear
+@dataclass(frozen=True)
+class Softmax:
+    """Softmax over dimension 1 of a (batch, features) input."""
+
+    def out_shape(self, shape: Shape) -> Shape:
+        return shape
+
+    def reduction(self, shape: Shape) -> int:
+        return 0  # exp, sum and divide: a few roundings per element, well inside the chain's tolerance
+
+    def flops(self, shape: Shape) -> int:
+        return 4 * math.prod(shape)
+
+    def make_params(self, shape: Shape, rng) -> Dict[str, Optional[np.ndarray]]:
+        return {}
+
+    def describe(self, shape: Shape) -> str:
+        return "softmax"
+
+
+Layer = Any  # Conv2d | MaxPool2d | Linear | Softmax
 
 
 # --- workloads --------------------------------------------------------------
@@ -183,6 +204,8 @@ class Workload:
     # lepton runs the chain as one fused call (conv -> ReLU -> max-pool);
     # peers run their own best sequence of the same ops.
     fused: bool = False
+    # lepton runs the whole chain as one lk.Sequential (one native call per batch).
+    network: bool = False
 
     def shapes(self):
         """(input shape, layer) for each layer of the chain, then the output shape."""
@@ -291,9 +314,33 @@ class LeptonImpl:
             if len(shape) == 2:
                 return linear
             return lambda x: linear(x.reshape(x.shape[0], -1))
+        if isinstance(layer, Softmax):
+            return partial(lk.softmax, dim=1)
         raise TypeError(f"lepton: no implementation for {type(layer).__name__}")
 
+    @staticmethod
+    def _network(inst: Instance):
+        """The chain as one lk.Sequential: planned on its first call, then one native call per batch."""
+        modules = []
+        for layer, shape, p in inst.steps():
+            if isinstance(layer, Conv2d):
+                modules.append(lk.Conv2d(p["weight"], p["bias"], stride=layer.stride, padding=layer.padding,
+                                         groups=layer.groups, activation="relu" if layer.relu else None))
+            elif isinstance(layer, MaxPool2d):
+                modules.append(lk.MaxPool2d(layer.kernel, stride=layer.step, padding=layer.padding))
+            elif isinstance(layer, Linear):
+                if len(shape) != 2:
+                    modules.append(lk.Flatten())
+                modules.append(lk.Linear(p["weight"], p["bias"], activation="relu" if layer.relu else None))
+            elif isinstance(layer, Softmax):
+                modules.append(lk.Softmax(dim=1))
+            else:
+                raise TypeError(f"lepton: no network layer for {type(layer).__name__}")
+        return lk.Sequential(modules)
+
     def prepare(self, inst: Instance) -> Prepared:
+        if inst.workload.network:
+            return Prepared(partial(self._network(inst), inst.x))
         if inst.workload.fused:
             (conv, _, p), (pool, _, _) = inst.steps()
             fused = lk.Conv2dMaxPool2d(p["weight"], p["bias"], stride=conv.stride, padding=conv.padding,
@@ -358,6 +405,9 @@ def reference(inst: Instance) -> np.ndarray:
             y = y.reshape(y.shape[0], -1) @ p["weight"].T
             if p["bias"] is not None:
                 y += p["bias"]
+        elif isinstance(layer, Softmax):
+            e = np.exp(y - y.max(axis=1, keepdims=True))
+            y = e / e.sum(axis=1, keepdims=True)
         else:
             raise TypeError(f"reference: no implementation for {type(layer).__name__}")
         if getattr(layer, "relu", False):
@@ -448,11 +498,23 @@ def _fusion():
             for name, shape, layers in rows for suffix, fused in (("", True), ("/unfused", False))]
 
 
+def _networks():
+    # Whole networks (WORKLOADS.md's seed and small networks): lepton runs each
+    # as one lk.Sequential call per batch, the peers as their own graph or ops.
+    mnist = (Conv2d(32, 3, relu=True), MaxPool2d(2), Linear(10), Softmax())
+    cifar = (Conv2d(32, 3, padding=1, relu=True), MaxPool2d(2), Conv2d(64, 3, padding=1, relu=True), MaxPool2d(2),
+             Linear(128, relu=True), Linear(10))
+    rows = [(f"lepton-mnist-b{b}", (b, 1, 28, 28), mnist, b >= 256) for b in (1, 16, 256)]
+    rows += [(f"lepton-cifar-b{b}", (b, 3, 32, 32), cifar, b >= 64) for b in (1, 64)]
+    return [Workload(name, "net", shape, layers, heavy=heavy, network=True) for name, shape, layers, heavy in rows]
+
+
 WORKLOADS: Tuple[Workload, ...] = tuple(
     [w for b in (1, 16, 256) for w in _mnist(b)]
     + [w for b in (1, 64) for w in _cifar(b)]
     + _r18()
     + _fusion()
+    + _networks()
 )
 
 assert len({w.name for w in WORKLOADS}) == len(WORKLOADS), "workload names must be unique"

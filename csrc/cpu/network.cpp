@@ -1,0 +1,798 @@
+#include "cpu/network.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <functional>
+
+#include "core/cpu_features.h"
+#include "core/error.h"
+#include "core/memory.h"
+#include "core/settings.h"
+#include "core/thread_pool.h"
+#include "cpu/activation.h"
+#include "cpu/conv_direct.h"
+#include "cpu/conv_pool.h"
+#include "cpu/gemm.h"
+#include "cpu/linear.h"
+#include "cpu/machine.h"
+#include "cpu/planner.h"
+#include "cpu/pool2d.h"
+
+namespace lk::cpu {
+
+extern const DirectConvFn kConvDirect_generic;
+#ifdef LK_HAVE_X86_KERNELS
+extern const DirectConvFn kConvDirect_avx2;
+extern const DirectConvFn kConvDirect_avx512;
+#endif
+
+DirectConvFn direct_conv_f32(Isa isa) {
+#ifdef LK_HAVE_X86_KERNELS
+  if (isa == Isa::avx512) return kConvDirect_avx512;
+  if (isa == Isa::avx2) return kConvDirect_avx2;
+#endif
+  (void)isa;
+  return kConvDirect_generic;
+}
+
+namespace {
+
+std::atomic<int64_t> g_arenas{0};
+
+using Shape = std::vector<int64_t>;  // per image: no batch dimension
+
+int64_t numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t v : s) n *= v;
+  return n;
+}
+
+std::string shape_str(const Shape& s, bool batched = false) {
+  std::string out = batched ? "(N" : "(";
+  for (size_t i = 0; i < s.size(); ++i) out += cat((i || batched) ? ", " : "", s[i]);
+  return out + (s.size() == 1 && !batched ? ",)" : ")");
+}
+
+// The direct kernel wins while the reduction is this short (a network's first
+// layer: 1 or 3 channels, 3x3): the GEMM's packing and call overheads are
+// paid per handful of multiply-adds there.
+constexpr int64_t kDirectMaxTaps = 64;
+// The direct kernel's rate against the GEMM microkernel's (it broadcasts one
+// input value per four output pixels and loads each weight vector once per
+// four: about the GEMM's arithmetic intensity, with shorter loops).
+constexpr double kDirectSimdEfficiency = 0.6;
+
+enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };
+
+const char* stage_name(StageKind k) {
+  switch (k) {
+    case StageKind::direct: return "conv2d(direct)";
+    case StageKind::conv: return "conv2d";
+    case StageKind::conv_pool: return "conv2d+max_pool2d";
+    case StageKind::pool: return "max_pool2d";
+    case StageKind::relu: return "relu";
+    case StageKind::softmax: return "softmax";
+    default: return "linear";
+  }
+}
+
+// A stage: one or more of the caller's layers fused into one pass.
+struct Stage {
+  StageKind kind = StageKind::relu;
+  int first = 0, last = 0;  // the caller's layers it covers
+  Shape in, out;            // per image
+  const NetLayerSpec* layer = nullptr;  // conv or linear: the layer with the weights
+  Conv2dDesc conv;                      // N = 1
+  std::optional<Pool2dDesc> pool;       // fused (conv) or alone (pool), N = 1
+  Activation act = Activation::none;    // conv, linear
+  bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear after it
+  bool hwc_in = false;                  // linear: its input arrives as pixels x channels
+  Shape hwc_shape;                      // C, H, W of that input
+  int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
+  int64_t outer = 0, dim = 0, inner = 0;  // softmax, per image
+  bool log = false;
+
+  bool spatial() const { return kind != StageKind::linear; }
+  bool pooled() const { return pool.has_value(); }
+};
+
+struct Builder {
+  const std::vector<NetLayerSpec>& layers;
+  std::vector<Stage> stages;
+  Shape result;  // the output's shape per image
+
+  std::string where(size_t i) const { return cat("layer ", i, " (", layers[i].name, "): "); }
+
+  template <class F>
+  void wrapped(size_t i, F&& f) const {
+    try {
+      f();
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(where(i) + e.what());
+    }
+  }
+
+  std::vector<Stage> build(const Shape& input) {
+    Shape s = input;
+    bool fusable = false;   // the last stage may take this layer in
+    bool flattened = false;  // a flatten came after the last stage
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const NetLayerSpec& l = layers[i];
+      Stage* prev = fusable && !stages.empty() ? &stages.back() : nullptr;
+      const int li = static_cast<int>(i);
+      switch (l.op) {
+        case NetOp::identity:
+          break;
+        case NetOp::flatten: {
+          const int64_t a = l.dim - 1;  // the axis of the per-image shape
+          LK_CHECK(l.dim >= 1, where(i), "start_dim: must not flatten the batch dimension, got ", l.dim);
+          LK_CHECK(a < static_cast<int64_t>(s.size()) || (s.empty() && a == 0), where(i), "start_dim ", l.dim,
+                   " is out of range for an input of shape ", shape_str(s, true));
+          if (!s.empty()) {
+            Shape t(s.begin(), s.begin() + a);
+            t.push_back(numel(Shape(s.begin() + a, s.end())));
+            if (t != s) flattened = true;
+            s = t;
+          }
+          break;
+        }
+        case NetOp::conv2d: {
+          LK_CHECK(s.size() == 3, where(i), "expected a (C, H, W) input per image, got shape ", shape_str(s, true));
+          LK_CHECK(s[0] == l.conv.C, where(i), "expected ", l.conv.C, " input channels, got ", s[0],
+                   " (input shape ", shape_str(s, true), ")");
+          Stage g;
+          g.kind = StageKind::conv;
+          g.first = g.last = li;
+          g.in = s;
+          g.layer = &l;
+          g.conv = l.conv;
+          g.conv.N = 1, g.conv.H = s[1], g.conv.W = s[2];
+          g.act = l.conv.act;
+          wrapped(i, [&] { validate(g.conv); });
+          s = {g.conv.K, g.conv.P(), g.conv.Q()};
+          if (l.pool) {
+            add_pool(g, *l.pool, i, s);
+            g.kind = StageKind::conv_pool;
+          }
+          g.out = s;
+          stages.push_back(std::move(g));
+          fusable = true, flattened = false;
+          break;
+        }
+        case NetOp::max_pool2d: {
+          LK_CHECK(s.size() == 3, where(i), "expected a (C, H, W) input per image, got shape ", shape_str(s, true));
+          if (prev && !flattened && prev->kind == StageKind::conv) {  // conv -> pool: one pass
+            add_pool(*prev, *l.pool, i, s);
+            prev->kind = StageKind::conv_pool;
+            prev->last = li;
+            prev->out = s;
+            break;
+          }
+          Stage g;
+          g.kind = StageKind::pool;
+          g.first = g.last = li;
+          g.in = s;
+          add_pool(g, *l.pool, i, s);
+          g.out = s;
+          stages.push_back(std::move(g));
+          fusable = true, flattened = false;
+          break;
+        }
+        case NetOp::relu: {
+          // ReLU commutes with max-pooling and flattening: it joins the stage before.
+          if (prev && prev->act == Activation::none && prev->softmax_after == 0 &&
+              (prev->kind == StageKind::conv || prev->kind == StageKind::conv_pool ||
+               prev->kind == StageKind::linear)) {
+            prev->act = Activation::relu;
+            prev->last = li;
+            break;
+          }
+          Stage g;
+          g.kind = StageKind::relu;
+          g.first = g.last = li;
+          g.in = g.out = s;
+          stages.push_back(std::move(g));
+          fusable = true, flattened = false;
+          break;
+        }
+        case NetOp::linear: {
+          LK_CHECK(!s.empty() && s.back() == l.in_features, where(i), "expected ", l.in_features,
+                   " input features in the last dimension, got shape ", shape_str(s, true),
+                   s.size() > 1 ? " (a Flatten before it makes one dimension of them)" : "");
+          Stage g;
+          g.kind = StageKind::linear;
+          g.first = g.last = li;
+          g.in = s;
+          g.layer = &l;
+          g.act = l.act;
+          s.back() = l.out_features;
+          g.out = s;
+          stages.push_back(std::move(g));
+          fusable = true, flattened = false;
+          break;
+        }
+        case NetOp::softmax:
+        case NetOp::log_softmax: {
+          const int64_t rank = static_cast<int64_t>(s.size()) + 1;
+          LK_CHECK(l.dim >= -rank && l.dim < rank, where(i), "dim ", l.dim, " is out of range for an input of shape ",
+                   shape_str(s, true));
+          const int64_t d = l.dim < 0 ? l.dim + rank : l.dim;
+          LK_CHECK(d != 0, where(i), "dim: a network normalises within each sample, not across the batch (dim 0)");
+          const int64_t a = d - 1;
+          const bool log = l.op == NetOp::log_softmax;
+          if (prev && !flattened && prev->kind == StageKind::linear && prev->softmax_after == 0 &&
+              a == static_cast<int64_t>(s.size()) - 1) {
+            prev->softmax_after = log ? 2 : 1;
+            prev->last = li;
+            break;
+          }
+          Stage g;
+          g.kind = StageKind::softmax;
+          g.first = g.last = li;
+          g.in = g.out = s;
+          g.outer = numel(Shape(s.begin(), s.begin() + a));
+          g.dim = s[a];
+          g.inner = numel(Shape(s.begin() + a + 1, s.end()));
+          g.log = log;
+          stages.push_back(std::move(g));
+          fusable = true, flattened = false;
+          break;
+        }
+      }
+    }
+    choose_direct();
+    result = s;
+    return std::move(stages);
+  }
+
+  void add_pool(Stage& g, const Pool2dDesc& params, size_t i, Shape& s) const {
+    Pool2dDesc p = params;
+    p.N = 1, p.C = s[0], p.H = s[1], p.W = s[2];
+    wrapped(i, [&] { validate(p); });
+    g.pool = p;
+    s = {p.C, p.P(), p.Q()};
+  }
+
+  // Short reductions go to the direct kernel; its output is laid out pixels x
+  // channels when a flatten + linear follows (the linear's weight columns are
+  // permuted to match once, when packed), saving a transpose per image.
+  void choose_direct() {
+    for (size_t k = 0; k < stages.size(); ++k) {
+      Stage& g = stages[k];
+      if (g.kind != StageKind::conv && g.kind != StageKind::conv_pool) continue;
+      const Conv2dDesc& d = g.conv;
+      if (d.groups != 1 || d.K % 16 != 0 || d.C * d.R * d.S > kDirectMaxTaps || g.layer->only.algo) continue;
+      if (g.pool) {
+        const Pool2dDesc& p = *g.pool;
+        if (p.kh != 2 || p.kw != 2 || p.stride_h != 2 || p.stride_w != 2 || p.pad_h || p.pad_w || p.dil_h != 1 ||
+            p.dil_w != 1 || p.P() != d.P() / 2 || p.Q() != d.Q() / 2)
+          continue;
+      }
+      g.kind = StageKind::direct;
+      if (k + 1 < stages.size() && stages[k + 1].kind == StageKind::linear && stages[k + 1].in.size() == 1) {
+        g.hwc_out = true;
+        stages[k + 1].hwc_in = true;
+        stages[k + 1].hwc_shape = g.out;
+      }
+    }
+  }
+};
+
+double imbalance(int64_t tasks, int threads) {
+  return static_cast<double>(ceil_div(tasks, threads)) * threads / static_cast<double>(std::max<int64_t>(tasks, 1));
+}
+
+double bandwidth() { return std::max(1e9, machine_model().bandwidth); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+
+class NetPlan {
+ public:
+  NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched);
+  void run(const TensorView& x, float* y);
+  std::string describe() const;
+  int64_t arena_bytes() const { return arena_elems_ * static_cast<int64_t>(sizeof(float)); }
+  const Shape& out_shape() const { return out_batched_; }
+  std::mutex mu;
+
+ private:
+  struct Planned {
+    Stage s;
+    int threads = 1;
+    double predicted_s = 0;  // per call of the stage (tile mode: per image)
+    std::string plan;
+    // direct
+    AlignedPtr<float> dw, dbias;
+    std::vector<int64_t> taps;
+    int64_t Wp = 0, band_rows = 0, rows_per_band = 0;
+    DirectConvFn fn = nullptr;
+    // conv, conv_pool
+    std::shared_ptr<const Conv2dPlan<float>> conv;
+    std::shared_ptr<const Conv2dMaxPool2dPlan<float>> conv_pool;
+    PackedConvWeights<float> cpacked;
+    Conv2dPlan<float>::Weights cw{};
+    int64_t pooled_rows_per_band = 0;  // conv_pool run image by image: rows pooled per band (0: the plan's run)
+    // linear
+    std::shared_ptr<const LinearPlan<float>> linear;
+    PackedLinearWeights<float> lpacked;
+    LinearPlan<float>::Weights lw{};
+  };
+
+  void plan_stage(Planned& p, int64_t images);
+  void run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const;
+  void run_direct(const Planned& p, const TensorView& in, float* out, int64_t images) const;
+  void run_conv_pool_bands(const Planned& p, const TensorView& in, float* out, int64_t images) const;
+  TensorView view(const float* data, const Shape& per_image, int64_t images) const;
+
+  Shape in_batched_, out_batched_;
+  int64_t N_ = 0;
+  int threads_ = 1;
+  std::vector<Planned> stages_;
+  size_t spatial_ = 0;  // stages [0, spatial_) run image by image in tile mode
+  bool tile_ = false;
+  int lanes_ = 1;
+  int64_t lane_elems_ = 0, batch_elems_ = 0, arena_elems_ = 0;
+  AlignedPtr<float> arena_;
+  double predicted_s_ = 0;
+  std::string mode_why_;
+};
+
+NetPlan::NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched) : in_batched_(batched) {
+  LK_CHECK(!batched.empty(), "input: expected a batch dimension");
+  N_ = batched[0];
+  threads_ = get_num_threads();
+  const Shape per_image(batched.begin() + 1, batched.end());
+  Builder b{layers, {}, {}};
+  std::vector<Stage> built = b.build(per_image);
+  out_batched_ = {N_};
+  out_batched_.insert(out_batched_.end(), b.result.begin(), b.result.end());
+  for (Stage& s : built) {
+    Planned p;
+    p.s = std::move(s);
+    stages_.push_back(std::move(p));
+  }
+  while (spatial_ < stages_.size() && stages_[spatial_].s.spatial()) ++spatial_;
+
+  // Tile mode when every thread gets at least two images (one thread: any
+  // batch above one), or when layer mode's batch-sized intermediates would
+  // not fit the memory budget.
+  int64_t per_image_max = 0;
+  for (size_t i = 0; i + 1 < spatial_; ++i) per_image_max = std::max(per_image_max, numel(stages_[i].s.out));
+  const int64_t layer_bytes = 2 * N_ * per_image_max * static_cast<int64_t>(sizeof(float));
+  const int64_t budget = scheduler_settings().memory_budget;
+  if (spatial_ > 0 && N_ > 1) {
+    if (threads_ == 1) tile_ = true, mode_why_ = "one thread: image by image keeps intermediates in cache";
+    else if (N_ >= 2 * threads_) tile_ = true, mode_why_ = cat("batch ", N_, " >= 2 x ", threads_, " threads");
+    else if (layer_bytes > budget) tile_ = true, mode_why_ = "batch-sized intermediates exceed the memory budget";
+  }
+  if (!tile_) mode_why_ = spatial_ == 0 ? "no convolutional stages" : cat("batch ", N_, " < 2 x ", threads_, " threads");
+  lanes_ = tile_ ? static_cast<int>(std::min<int64_t>(threads_, N_)) : 1;
+
+  for (size_t i = 0; i < stages_.size(); ++i) plan_stage(stages_[i], tile_ && i < spatial_ ? 1 : N_);
+
+  // Arena: per lane, two per-image buffers for the tile stages' intermediates;
+  // two batch-sized buffers for everything else that is not the output.
+  lane_elems_ = 0, batch_elems_ = 0;
+  for (size_t i = 0; i + 1 < stages_.size(); ++i) {
+    const int64_t e = numel(stages_[i].s.out);
+    if (tile_ && i + 1 < spatial_)
+      lane_elems_ = std::max(lane_elems_, round_up(e, 16));
+    else
+      batch_elems_ = std::max(batch_elems_, round_up(N_ * e, 16));
+  }
+  arena_elems_ = 2 * lanes_ * lane_elems_ + 2 * batch_elems_;
+  if (arena_elems_ > 0) {
+    arena_ = aligned_alloc_array<float>(static_cast<size_t>(arena_elems_));
+    g_arenas.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  predicted_s_ = 0;
+  for (size_t i = 0; i < stages_.size(); ++i)
+    predicted_s_ += tile_ && i < spatial_ ? stages_[i].predicted_s * static_cast<double>(ceil_div(N_, lanes_))
+                                          : stages_[i].predicted_s;
+  if (tile_ && lanes_ > 1) predicted_s_ += machine_model().wake_s;
+}
+
+void NetPlan::plan_stage(Planned& p, int64_t images) {
+  Stage& s = p.s;
+  const MachineModel& m = machine_model();
+  switch (s.kind) {
+    case StageKind::direct: {
+      const Conv2dDesc& d = s.conv;
+      const int64_t K = d.K, taps = d.C * d.R * d.S;
+      p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
+      const float* w = s.layer->weight.data();  // K x C x R x S
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + t];
+      if (d.has_bias) {
+        p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
+        std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
+      }
+      p.fn = direct_conv_f32(active_isa());
+      const int64_t P = s.out[1], convP = d.P();
+      const double flops = 2.0 * images * K * taps * convP * d.Q();
+      const double one = flops / (m.gemm_flops[0][0] * kDirectSimdEfficiency);
+      p.threads = threads_ > 1 && images * P > 1 && one / threads_ + m.wake_s < one ? threads_ : 1;
+      // Bands of output rows: one per image in tile mode; in layer mode
+      // enough for every thread to get a few.
+      int64_t bands = 1;
+      if (p.threads > 1) bands = std::min<int64_t>(P, ceil_div(4 * p.threads, images));
+      p.rows_per_band = ceil_div(P, bands);
+      const int64_t conv_rows = s.pooled() ? 2 * p.rows_per_band : p.rows_per_band;
+      p.band_rows = (conv_rows - 1) * d.stride_h + (d.R - 1) * d.dil_h + 1;
+      p.Wp = d.W + d.pad_left + d.pad_right;
+      const int64_t plane = p.band_rows * p.Wp;
+      for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t r = 0; r < d.R; ++r)
+          for (int64_t q = 0; q < d.S; ++q) p.taps.push_back(c * plane + r * d.dil_h * p.Wp + q * d.dil_w);
+      p.predicted_s = one / p.threads * imbalance(images * ceil_div(P, p.rows_per_band), p.threads) +
+                      (p.threads > 1 ? m.wake_s : 0);
+      p.plan = cat("direct ukernel=f32_conv_direct_4x", K >= 32 ? 32 : 16, "__", isa_name(active_isa()),
+                   " taps=", taps, " filters=", K, s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
+                   " rows_per_task=", p.rows_per_band, " threads=", p.threads);
+      break;
+    }
+    case StageKind::conv:
+    case StageKind::conv_pool: {
+      Conv2dDesc d = s.conv;
+      d.N = images;
+      d.act = s.act;
+      const Conv2dPlan<float>* cp;
+      if (s.kind == StageKind::conv_pool) {
+        p.conv_pool = plan_conv2d_max_pool2d<float>(d, *s.pool, true, s.layer->only);
+        cp = &p.conv_pool->conv();
+        p.plan = p.conv_pool->describe();
+        // Bands of pooled rows as tall as a quarter of L2 allows, and in layer
+        // mode enough of them for every thread (the pool plan's own bands are
+        // cut into four per thread: too short for the GEMM's pixel tiles).
+        const int64_t row_bytes = d.K * s.pool->stride_h * d.Q() * 4, P = s.out[1];
+        int64_t rows = std::clamp<int64_t>(256 * 1024 / std::max<int64_t>(row_bytes, 1), 1, P);
+        const int t = tile_ && images == 1 ? 1 : cp->threads();  // tile mode: one image per lane
+        if (t > 1 && images < t) rows = std::min(rows, ceil_div(P, ceil_div(t, images)));
+        p.pooled_rows_per_band = rows;
+      } else {
+        p.conv = plan_conv2d<float>(d, true, nullptr, s.layer->only);
+        cp = p.conv.get();
+        p.plan = p.conv->describe();
+      }
+      TensorView w;
+      w.data = const_cast<float*>(s.layer->weight.data());
+      w.ndim = 4;
+      w.shape[0] = d.K, w.shape[1] = d.Cg(), w.shape[2] = d.R, w.shape[3] = d.S;
+      w.strides[3] = 1, w.strides[2] = d.S, w.strides[1] = d.R * d.S, w.strides[0] = d.Cg() * d.R * d.S;
+      TensorView b;
+      b.data = const_cast<float*>(s.layer->bias.data());
+      b.ndim = 1, b.shape[0] = d.K, b.strides[0] = 1;
+      p.cpacked = cp->pack(w, d.has_bias ? &b : nullptr);
+      p.cw = cp->bind(p.cpacked);
+      p.threads = cp->threads();
+      p.predicted_s = cp->choice().time_s;
+      if (s.kind == StageKind::conv_pool) p.plan += cat(" pooled_rows_per_band=", p.pooled_rows_per_band);
+      break;
+    }
+    case StageKind::linear: {
+      const NetLayerSpec& l = *s.layer;
+      LinearDesc d;
+      d.M = images * numel(Shape(s.in.begin(), s.in.end() - 1));
+      d.K = l.in_features, d.N = l.out_features;
+      d.has_bias = l.has_bias;
+      d.act = s.act;
+      p.linear = plan_linear<float>(d, true);
+      std::vector<float> permuted;
+      const float* wsrc = l.weight.data();
+      if (s.hwc_in) {  // columns (c, h, w) -> ((h, w), c), as the direct stage lays its output out
+        const int64_t C = s.hwc_shape[0], HW = s.hwc_shape[1] * s.hwc_shape[2];
+        permuted.resize(l.weight.size());
+        for (int64_t j = 0; j < d.N; ++j)
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t hw = 0; hw < HW; ++hw) permuted[j * d.K + hw * C + c] = wsrc[j * d.K + c * HW + hw];
+        wsrc = permuted.data();
+      }
+      TensorView w;
+      w.data = const_cast<float*>(wsrc);
+      w.ndim = 2, w.shape[0] = d.N, w.shape[1] = d.K, w.strides[0] = d.K, w.strides[1] = 1;
+      TensorView b;
+      b.data = const_cast<float*>(l.bias.data());
+      b.ndim = 1, b.shape[0] = d.N, b.strides[0] = 1;
+      p.lpacked = p.linear->pack(w, d.has_bias ? &b : nullptr);
+      p.lw = p.linear->bind(p.lpacked);
+      p.threads = p.linear->threads();
+      p.predicted_s = p.linear->predicted_s();
+      p.plan = p.linear->describe();
+      if (s.hwc_in) p.plan += " in=pixels_x_channels";
+      if (s.softmax_after) p.plan += s.softmax_after == 2 ? " then log_softmax per row" : " then softmax per row";
+      break;
+    }
+    case StageKind::pool: {
+      const double bytes = 4.0 * images * (numel(s.in) + numel(s.out));
+      p.predicted_s = bytes / bandwidth();
+      p.plan = cat("max_pool2d ", s.pool->kh, "x", s.pool->kw, " stride ", s.pool->stride_h, "x", s.pool->stride_w);
+      break;
+    }
+    case StageKind::relu:
+    case StageKind::softmax: {
+      p.predicted_s = 8.0 * images * numel(s.in) / bandwidth();
+      p.plan = s.kind == StageKind::relu ? "relu" : cat(s.log ? "log_softmax" : "softmax", " over ", s.dim);
+      break;
+    }
+  }
+}
+
+TensorView NetPlan::view(const float* data, const Shape& per_image, int64_t images) const {
+  TensorView v;
+  v.data = const_cast<float*>(data);
+  v.ndim = static_cast<int>(per_image.size()) + 1;
+  v.shape[0] = images;
+  for (size_t i = 0; i < per_image.size(); ++i) v.shape[i + 1] = per_image[i];
+  int64_t stride = 1;
+  for (int d = v.ndim - 1; d >= 0; --d) v.strides[d] = stride, stride *= v.shape[d];
+  return v;
+}
+
+void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_t images) const {
+  const Stage& s = p.s;
+  const Conv2dDesc& d = s.conv;
+  const int64_t C = d.C, H = d.H, W = d.W, K = d.K, P = s.out[1], Q = s.out[2];
+  const int64_t bands = ceil_div(P, p.rows_per_band), Wp = p.Wp, plane = p.band_rows * Wp;
+  const bool pool = s.pooled();
+  auto task = [&](int64_t t) {
+    const int64_t n = t / bands, p0 = (t % bands) * p.rows_per_band, p1 = std::min(P, p0 + p.rows_per_band);
+    const int64_t cr0 = pool ? 2 * p0 : p0, cr1 = pool ? 2 * p1 : p1;  // convolution rows
+    const int64_t rows = (cr1 - 1 - cr0) * d.stride_h + (d.R - 1) * d.dil_h + 1;
+    // The padded input rows this band reads, contiguous: the kernel's taps
+    // then are fixed offsets.
+    float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(C * plane));
+    const float* xn = x.ptr<float>() + n * x.strides[0];
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < rows; ++r) {
+        float* o = band + c * plane + r * Wp;
+        const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
+        if (ih < 0 || ih >= H) {
+          std::fill(o, o + Wp, 0.0f);
+          continue;
+        }
+        const float* in = xn + c * x.strides[1] + ih * x.strides[2];
+        std::fill(o, o + d.pad_left, 0.0f);
+        if (x.strides[3] == 1)
+          std::memcpy(o + d.pad_left, in, static_cast<size_t>(W) * sizeof(float));
+        else
+          for (int64_t w = 0; w < W; ++w) o[d.pad_left + w] = in[w * x.strides[3]];
+        std::fill(o + d.pad_left + W, o + Wp, 0.0f);
+      }
+    DirectConvArgs a;
+    a.x = band;
+    a.Wp = Wp, a.plane = plane;
+    a.tap_off = p.taps.data();
+    a.taps = static_cast<int64_t>(p.taps.size());
+    a.w = p.dw.get();
+    a.bias = p.dbias.get();
+    a.K = K;
+    a.stride_h = d.stride_h, a.stride_w = d.stride_w;
+    a.row0 = cr0;
+    a.relu = s.act == Activation::relu;
+    a.pool = pool;
+    a.P = P, a.Q = Q, a.p0 = p0, a.p1 = p1;
+    a.y = y + n * K * P * Q;
+    a.hwc = s.hwc_out;
+    a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
+    p.fn(a);
+  };
+  parallel_for(images * bands, p.threads, task);
+}
+
+// Bands of convolution rows computed into a buffer that stays in L2 and
+// pooled at once: the full-resolution convolution output is never stored.
+void NetPlan::run_conv_pool_bands(const Planned& p, const TensorView& x, float* y, int64_t images) const {
+  const Pool2dDesc& pool = *p.s.pool;
+  const Conv2dPlan<float>& conv = p.conv_pool->conv();
+  const int64_t K = p.s.conv.K, CP = pool.H, CQ = pool.W, P = pool.P(), Q = pool.Q();
+  const int64_t bands = ceil_div(P, p.pooled_rows_per_band);
+  parallel_for(images * bands, p.threads, [&](int64_t task) {
+    const int64_t n = task / bands, p0 = (task % bands) * p.pooled_rows_per_band;
+    const int64_t p1 = std::min(P, p0 + p.pooled_rows_per_band);
+    const int64_t r0 = std::max<int64_t>(0, p0 * pool.stride_h - pool.pad_h);
+    const int64_t r1 = std::min(CP, (p1 - 1) * pool.stride_h - pool.pad_h + (pool.kh - 1) * pool.dil_h + 1);
+    const int64_t band = std::max<int64_t>(0, r1 - r0) * CQ;
+    float* buf = scratch_array<float>(kFusedBandSlot, static_cast<size_t>(K * band));
+    conv.run_rows(x, p.cw, n, r0, r1, buf, band);
+    for (int64_t k = 0; k < K; ++k)
+      max_pool_rows(pool, buf + k * band, r0, CQ, int64_t{1}, p0, p1, y + ((n * K + k) * P + p0) * Q, nullptr);
+  });
+}
+
+void NetPlan::run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const {
+  const Stage& s = p.s;
+  switch (s.kind) {
+    case StageKind::direct:
+      run_direct(p, in, out, images);
+      return;
+    case StageKind::conv:
+      p.conv->run(in, p.cw, out);
+      return;
+    case StageKind::conv_pool:
+      run_conv_pool_bands(p, in, out, images);
+      return;
+    case StageKind::pool: {
+      Pool2dDesc d = *s.pool;
+      d.N = images;
+      max_pool2d<float>(d, in, out, nullptr);
+      return;
+    }
+    case StageKind::relu:
+      relu<float>(in.ptr<float>(), out, images * numel(s.in));
+      return;
+    case StageKind::softmax:
+      softmax<float>(in.ptr<float>(), out, images * s.outer, s.dim, s.inner, s.log);
+      return;
+    case StageKind::linear: {
+      const int64_t K = s.in.back(), M = images * numel(s.in) / std::max<int64_t>(K, 1), Nout = s.out.back();
+      TensorView x2;
+      x2.data = in.data;
+      x2.ndim = 2, x2.shape[0] = M, x2.shape[1] = K, x2.strides[0] = K, x2.strides[1] = 1;
+      p.linear->run(x2, p.lw, out);
+      if (s.softmax_after) softmax<float>(out, out, M, Nout, 1, s.softmax_after == 2);
+      return;
+    }
+  }
+}
+
+void NetPlan::run(const TensorView& x, float* y) {
+  const size_t n_stages = stages_.size();
+  if (N_ == 0) return;
+  if (n_stages == 0) {  // flattens and identities only: the input, copied
+    std::memcpy(y, x.data, static_cast<size_t>(x.numel()) * sizeof(float));
+    return;
+  }
+  float* lane_base = arena_.get();
+  float* batch[2] = {arena_.get() + 2 * lanes_ * lane_elems_, arena_.get() + 2 * lanes_ * lane_elems_ + batch_elems_};
+  size_t i = 0;
+  if (tile_) {
+    // Each lane takes a contiguous share of the images and sends each one
+    // through every spatial stage before starting the next.
+    const Shape in0(in_batched_.begin() + 1, in_batched_.end());
+    parallel_for(lanes_, lanes_, [&](int64_t lane) {
+      float* buf[2] = {lane_base + 2 * lane * lane_elems_, lane_base + (2 * lane + 1) * lane_elems_};
+      const int64_t n0 = N_ * lane / lanes_, n1 = N_ * (lane + 1) / lanes_;
+      for (int64_t n = n0; n < n1; ++n) {
+        TensorView in = x;
+        in.shape[0] = 1;
+        in.data = const_cast<float*>(x.ptr<float>() + n * x.strides[0]);
+        for (size_t k = 0; k < spatial_; ++k) {
+          const Planned& p = stages_[k];
+          float* out;
+          if (k + 1 == spatial_)
+            out = (k + 1 == n_stages ? y : batch[k % 2]) + n * numel(p.s.out);
+          else
+            out = buf[k % 2];
+          run_stage(p, in, out, 1);
+          in = view(out, p.s.out, 1);
+        }
+      }
+    });
+    i = spatial_;
+  }
+  TensorView in = x;
+  if (i > 0) in = view(batch[(i - 1) % 2], stages_[i - 1].s.out, N_);
+  for (; i < n_stages; ++i) {
+    const Planned& p = stages_[i];
+    float* out = i + 1 == n_stages ? y : batch[i % 2];
+    run_stage(p, in, out, N_);
+    in = view(out, p.s.out, N_);
+  }
+}
+
+std::string NetPlan::describe() const {
+  std::string s = cat("network plan for input ", shape_str(Shape(in_batched_.begin() + 1, in_batched_.end()), true),
+                      " with N=", N_, " -> output ", shape_str(Shape(out_batched_.begin() + 1, out_batched_.end()), true),
+                      ", float32, isa=", isa_name(active_isa()), ", threads=", threads_, "\n");
+  if (tile_)
+    s += cat("  mode: tile (stages 0-", spatial_ - 1, " run image by image; ", lanes_, " lanes of ",
+             ceil_div(N_, lanes_), " images, one per thread; ", mode_why_, ")\n");
+  else
+    s += cat("  mode: layer (each stage over the whole batch, split across threads; ", mode_why_, ")\n");
+  for (size_t i = 0; i < stages_.size(); ++i) {
+    const Planned& p = stages_[i];
+    std::string layers = p.s.first == p.s.last ? cat("layer ", p.s.first) : cat("layers ", p.s.first, "-", p.s.last);
+    std::string fused = stage_name(p.s.kind);
+    if (p.s.act == Activation::relu && (p.s.kind != StageKind::relu)) fused += "+relu";
+    if (p.s.kind == StageKind::direct && p.s.pooled()) fused += "+max_pool2d";
+    if (p.s.softmax_after) fused += p.s.softmax_after == 2 ? "+log_softmax" : "+softmax";
+    s += cat("  stage ", i, " [", layers, "] ", fused, " ", shape_str(p.s.in, true), " -> ", shape_str(p.s.out, true),
+             (tile_ && i < spatial_) ? " (per image)" : "", ": ", p.plan, "\n");
+  }
+  s += cat("  arena_bytes=", arena_bytes(), " (", lanes_, " lane(s) x 2 x ", lane_elems_ * 4, " + 2 x ",
+           batch_elems_ * 4, ")\n");
+  s += cat("  predicted_us=", predicted_s_ * 1e6);
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+
+Network::Network(std::vector<NetLayerSpec> layers) : layers_(std::move(layers)) {
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const NetLayerSpec& l = layers_[i];
+    const std::string where = cat("layer ", i, " (", l.name, "): ");
+    if (l.op == NetOp::conv2d) {
+      const Conv2dDesc& d = l.conv;
+      LK_CHECK(d.K > 0 && d.C > 0 && d.R > 0 && d.S > 0 && d.groups > 0 && d.C % d.groups == 0 &&
+                   d.K % d.groups == 0,
+               where, "inconsistent convolution parameters");
+      LK_CHECK(static_cast<int64_t>(l.weight.size()) == d.K * d.Cg() * d.R * d.S, where, "weight: wrong size");
+      LK_CHECK(static_cast<int64_t>(l.bias.size()) == (d.has_bias ? d.K : 0), where, "bias: wrong size");
+    } else if (l.op == NetOp::linear) {
+      LK_CHECK(l.in_features >= 0 && l.out_features >= 0, where, "negative sizes");
+      LK_CHECK(static_cast<int64_t>(l.weight.size()) == l.in_features * l.out_features, where, "weight: wrong size");
+      LK_CHECK(static_cast<int64_t>(l.bias.size()) == (l.has_bias ? l.out_features : 0), where, "bias: wrong size");
+    } else if (l.op == NetOp::max_pool2d) {
+      LK_CHECK(l.pool.has_value(), where, "missing pooling parameters");
+    }
+  }
+}
+
+Network::~Network() = default;
+
+std::shared_ptr<NetPlan> Network::plan_for(const std::vector<int64_t>& in) const {
+  const SchedulerSettings st = scheduler_settings();
+  std::vector<int64_t> key = in;
+  int64_t weight_bits;
+  std::memcpy(&weight_bits, &st.memory_weight, sizeof weight_bits);
+  key.push_back(-1);  // separates the shape from the settings
+  key.push_back(get_num_threads());
+  key.push_back(static_cast<int64_t>(active_isa()));
+  key.push_back(st.memory_budget);
+  key.push_back(weight_bits);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (last_plan_ && key == last_key_) return last_plan_;
+  auto it = plans_.find(key);
+  if (it != plans_.end()) {
+    last_key_ = key, last_plan_ = it->second;
+    return it->second;
+  }
+  auto plan = std::make_shared<NetPlan>(layers_, in);
+  constexpr size_t kMaxPlans = 16;  // batch sizes and settings kept per network
+  if (plans_.size() >= kMaxPlans) plans_.erase(plans_.begin());
+  plans_.emplace(key, plan);
+  ++plans_made_;
+  last_key_ = key, last_plan_ = plan;
+  return plan;
+}
+
+const std::vector<int64_t>& Network::output_shape(const NetPlan& plan) { return plan.out_shape(); }
+
+std::vector<int64_t> Network::output_shape(const std::vector<int64_t>& in) const {
+  return plan_for(in)->out_shape();
+}
+
+void Network::run(NetPlan& plan, const TensorView& x, float* y) {
+  std::lock_guard<std::mutex> lock(plan.mu);
+  plan.run(x, y);
+}
+
+void Network::run(const TensorView& x, float* y) const {
+  const std::vector<int64_t> shape(x.shape, x.shape + x.ndim);
+  run(*plan_for(shape), x, y);
+}
+
+std::string Network::describe(const std::vector<int64_t>& in) const { return plan_for(in)->describe(); }
+
+int64_t Network::arena_bytes(const std::vector<int64_t>& in) const { return plan_for(in)->arena_bytes(); }
+
+bool Network::strided_input() const {
+  for (const NetLayerSpec& l : layers_) {
+    if (l.op == NetOp::identity) continue;
+    return l.op == NetOp::conv2d || l.op == NetOp::max_pool2d;
+  }
+  return false;
+}
+
+int64_t Network::plans_made() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return plans_made_;
+}
+
+int64_t network_arena_allocations() { return g_arenas.load(std::memory_order_relaxed); }
+
+}  // namespace lk::cpu

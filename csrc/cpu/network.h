@@ -1,0 +1,85 @@
+// Networks planned once and run as one native call per batch.
+//
+// A Network is a chain of layers (convolution, max-pool, linear, ReLU,
+// flatten, softmax). For each input shape it makes a NetPlan: the layers
+// fused into stages (conv + bias + ReLU + max-pool into one pass, linear +
+// ReLU, a final softmax into the last linear), a plan per stage from the
+// planner, the weights packed for those plans, and one arena that holds
+// every intermediate. A run is then one call: no Python between layers and
+// no allocation after the plan is made.
+//
+// The convolutional stages run image by image when the batch is large enough:
+// each thread takes its share of the images and sends each through every
+// convolutional stage while its intermediates are still in L2 ("tile" mode).
+// Small batches run stage after stage with each stage split across threads
+// ("layer" mode). Dense layers always run over the whole batch at once, so
+// their weights are read once per batch instead of once per image.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/descriptors.h"
+#include "core/tensor.h"
+#include "cpu/conv2d.h"
+
+namespace lk::cpu {
+
+enum class NetOp { conv2d, max_pool2d, linear, relu, flatten, softmax, log_softmax, identity };
+
+// One layer as the caller describes it.
+struct NetLayerSpec {
+  NetOp op = NetOp::identity;
+  std::string name;                 // the caller's name for it, for messages
+  Conv2dDesc conv;                  // conv2d: everything but N, H, W
+  std::optional<Pool2dDesc> pool;   // conv2d: a max-pool fused after it; max_pool2d: the pool
+  ConvRestrict only;                // conv2d: a restriction of the algorithm
+  Activation act = Activation::none;  // linear
+  int64_t in_features = 0, out_features = 0;
+  bool has_bias = false;
+  int64_t dim = 1;                  // softmax: the axis (of the batched shape); flatten: start_dim
+  std::vector<float> weight, bias;  // contiguous copies
+};
+
+class NetPlan;
+
+class Network {
+ public:
+  // Checks what can be checked without an input; throws std::invalid_argument
+  // naming the layer.
+  explicit Network(std::vector<NetLayerSpec> layers);
+  ~Network();
+
+  // The plan for a batched input shape (made on first use, validating the
+  // chain), and the output's shape it produces.
+  std::shared_ptr<NetPlan> plan_for(const std::vector<int64_t>& in) const;
+  static const std::vector<int64_t>& output_shape(const NetPlan& plan);
+  std::vector<int64_t> output_shape(const std::vector<int64_t>& in) const;
+  // x: the batched input of the plan's shape, any strides when the first
+  // stage is spatial, else contiguous; y: the output, contiguous. Concurrent
+  // calls of one plan run one at a time (the plan's arena is shared).
+  static void run(NetPlan& plan, const TensorView& x, float* y);
+  void run(const TensorView& x, float* y) const;
+  std::string describe(const std::vector<int64_t>& in) const;
+  int64_t arena_bytes(const std::vector<int64_t>& in) const;
+  bool strided_input() const;  // whether run() accepts a non-contiguous input
+  int64_t plans_made() const;
+
+ private:
+  std::vector<NetLayerSpec> layers_;
+  mutable std::mutex mu_;
+  mutable std::map<std::vector<int64_t>, std::shared_ptr<NetPlan>> plans_;
+  mutable int64_t plans_made_ = 0;
+  mutable std::vector<int64_t> last_key_;  // the plan of the last call: most calls repeat it
+  mutable std::shared_ptr<NetPlan> last_plan_;
+};
+
+// Arenas allocated by every network of the process since it started (one
+// per plan; a steady stream of calls adds none).
+int64_t network_arena_allocations();
+
+}  // namespace lk::cpu

@@ -1,0 +1,12 @@
+// The direct convolution kernel of the generic level: this translation unit alone is compiled with that level's flags (CMakeLists.txt).
+#include "cpu/conv_direct.h"
+
+namespace lk::cpu {
+namespace {
+#define LK_DIR_VB 16
+#include "cpu/ukernels/conv_direct.inc"
+}  // namespace
+
+extern const DirectConvFn kConvDirect_generic = &conv_direct_f32;
+
+}  // namespace lk::cpu

@@ -1,0 +1,552 @@
+"""lk.Sequential: whole networks as one native call, against float64 references.
+
+Each network is described once as a list of layer recipes; the recipe builds
+both the lk modules and a float64 composition of the reference ops in
+tests/reference.py, so a fused or re-laid-out stage is checked against the
+plain definition of every layer.
+
+Tolerance: the output of a chain carries the float32 rounding of each of its
+sums; as in the benchmark's check, each sum of L terms contributes errors
+growing like sqrt(L) eps relative to the magnitude of its terms, and the
+network's output stays O(1) (weights drawn like torch's default initialisation,
+so activations keep unit scale). 8 eps sqrt(sum of the chain's reduction
+lengths), absolute against the output's RMS plus relative per element, is
+well clear of blocked/FMA summation orders while a wrong tap, a missed bias,
+a shifted pooling window or a permuted weight column costs O(1/sqrt(L)) of
+the output, far above it.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import lepton_kernels as lk
+from lepton_kernels import _core
+
+import reference as ref
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+# --- recipes -------------------------------------------------------------------
+
+
+def _uniform(rng, shape, fan_in):
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+class Net:
+    """A network from recipes: the lk modules, the float64 reference, the total reduction length."""
+
+    def __init__(self, rng, in_shape, recipe):
+        self.in_shape = in_shape  # per image
+        self.modules, self.steps = [], []
+        self.reduction = 0
+        shape = in_shape
+        for kind, args in recipe:
+            shape = getattr(self, "_" + kind)(rng, shape, **args)
+        self.out_shape = shape
+
+    def _conv(self, rng, shape, k, kernel=3, stride=1, padding=0, relu=False, pool=None, fused=False, bias=True):
+        c, h, w = shape
+        weight = _uniform(rng, (k, c, kernel, kernel), c * kernel * kernel)
+        b = _uniform(rng, (k,), c * kernel * kernel) if bias else None
+        act = "relu" if relu else None
+        self.reduction += c * kernel * kernel
+        p = (h + 2 * padding - kernel) // stride + 1
+        q = (w + 2 * padding - kernel) // stride + 1
+        if pool and fused:
+            pk, ps = pool
+            self.modules.append(lk.Conv2dMaxPool2d(weight, b, stride=stride, padding=padding, activation=act,
+                                                   kernel_size=pk, pool_stride=ps))
+        else:
+            self.modules.append(lk.Conv2d(weight, b, stride=stride, padding=padding, activation=act))
+        self.steps.append(lambda x: ref.conv2d(x, weight, b, stride=stride, padding=padding, activation=act))
+        if pool:
+            pk, ps = pool
+            if not fused:
+                self.modules.append(lk.MaxPool2d(pk, ps))
+            self.steps.append(lambda x: ref.max_pool2d(x, pk, ps)[0])
+            p, q = (p - pk) // ps + 1, (q - pk) // ps + 1
+        return (k, p, q)
+
+    def _pool(self, rng, shape, kernel, stride):
+        self.modules.append(lk.MaxPool2d(kernel, stride))
+        self.steps.append(lambda x: ref.max_pool2d(x, kernel, stride)[0])
+        c, h, w = shape
+        return (c, (h - kernel) // stride + 1, (w - kernel) // stride + 1)
+
+    def _relu(self, rng, shape):
+        self.modules.append(lk.ReLU())
+        self.steps.append(ref.relu)
+        return shape
+
+    def _flatten(self, rng, shape):
+        self.modules.append(lk.Flatten())
+        self.steps.append(lambda x: x.reshape(x.shape[0], -1))
+        return (math.prod(shape),)
+
+    def _linear(self, rng, shape, n, relu=False, bias=True):
+        k = shape[-1]
+        weight = _uniform(rng, (n, k), k)
+        b = _uniform(rng, (n,), k) if bias else None
+        act = "relu" if relu else None
+        self.reduction += k
+        self.modules.append(lk.Linear(weight, b, activation=act))
+        self.steps.append(lambda x: ref.linear(x, weight, b, activation=act))
+        return shape[:-1] + (n,)
+
+    def _softmax(self, rng, shape, log=False):
+        self.modules.append(lk.LogSoftmax(1) if log else lk.Softmax(1))
+        self.steps.append(lambda x: ref.log_softmax(x, 1) if log else ref.softmax(x, 1))
+        return shape
+
+    def _dropout(self, rng, shape):
+        self.modules.append(lk.Dropout(0.3))
+        return shape
+
+    def sequential(self, **kwargs):
+        return lk.Sequential(self.modules, **kwargs)
+
+    def reference(self, x):
+        y = x.astype(np.float64)
+        for step in self.steps:
+            y = step(y)
+        return y
+
+    def check(self, got, x, context=""):
+        expected = self.reference(x)
+        assert got.shape == expected.shape, f"shape {got.shape} != {expected.shape}; {context}"
+        assert got.dtype == np.float32
+        tol = 8 * EPS32 * math.sqrt(max(self.reduction, 1))
+        scale = float(np.sqrt(np.mean(np.square(expected)))) if expected.size else 1.0
+        ref._assert_within(got, expected, tol * (scale + np.abs(expected)), context)
+
+
+MNIST = [("conv", dict(k=32, relu=True)), ("pool", dict(kernel=2, stride=2)), ("flatten", {}),
+         ("linear", dict(n=10)), ("softmax", {})]
+CIFAR = [("conv", dict(k=32, padding=1, relu=True)), ("pool", dict(kernel=2, stride=2)),
+         ("conv", dict(k=64, padding=1, relu=True)), ("pool", dict(kernel=2, stride=2)), ("flatten", {}),
+         ("linear", dict(n=128, relu=True)), ("linear", dict(n=10))]
+
+
+def mnist(rng):
+    return Net(rng, (1, 28, 28), MNIST)
+
+
+def cifar(rng):
+    return Net(rng, (3, 32, 32), CIFAR)
+
+
+def _input(rng, net, n):
+    return rng.standard_normal((n,) + net.in_shape).astype(np.float32)
+
+
+# --- the reference networks ------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 33])
+def test_mnist(rng, n):
+    net = mnist(rng)
+    seq = net.sequential()
+    x = _input(rng, net, n)
+    net.check(seq(x), x, f"batch {n}")
+
+
+@pytest.mark.parametrize("n", [1, 5, 64])
+def test_cifar(rng, n):
+    net = cifar(rng)
+    seq = net.sequential()
+    x = _input(rng, net, n)
+    net.check(seq(x), x, f"batch {n}")
+
+
+def test_mnist_large_batch(rng):
+    net = mnist(rng)
+    x = _input(rng, net, 256)
+    net.check(net.sequential()(x), x)
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_every_isa_level(rng, isa, n):
+    for make in (mnist, cifar):
+        net = make(rng)
+        x = _input(rng, net, n)
+        net.check(net.sequential()(x), x, f"{make.__name__} at {isa}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts(rng, restore_threads, threads):
+    lk.set_num_threads(threads)
+    for make, n in ((mnist, 1), (mnist, 9), (cifar, 2), (cifar, 8)):
+        net = make(rng)
+        x = _input(rng, net, n)
+        net.check(net.sequential()(x), x, f"{make.__name__} batch {n} on {threads} threads")
+
+
+# --- random chains -------------------------------------------------------------------
+
+
+def _random_chain(rng):
+    """A random CNN: 1-2 conv blocks (filters on and off the direct kernel's multiples of 16, paddings,
+    strides, pools fused or separate, ReLU as activation or module), then dense layers and maybe a softmax."""
+    c = int(rng.choice([1, 2, 3, 5]))
+    h, w = int(rng.integers(9, 22)), int(rng.integers(9, 22))
+    recipe, shape = [], (c, h, w)
+    for _ in range(int(rng.integers(1, 3))):
+        kernel = int(rng.choice([1, 2, 3, 5]))
+        padding = int(rng.integers(0, kernel // 2 + 1))
+        stride = int(rng.choice([1, 1, 2]))
+        k = int(rng.choice([16, 32, 48, 5, 24]))
+        p = (shape[1] + 2 * padding - kernel) // stride + 1
+        q = (shape[2] + 2 * padding - kernel) // stride + 1
+        if min(p, q) < 1:
+            break
+        pool = None
+        if min(p, q) >= 4 and rng.random() < 0.7:
+            pool = [(2, 2), (3, 2), (2, 1)][int(rng.integers(0, 3))]
+        relu = rng.random() < 0.7
+        fused = bool(pool) and rng.random() < 0.5
+        recipe.append(("conv", dict(k=k, kernel=kernel, stride=stride, padding=padding, relu=relu and not fused,
+                                    pool=pool, fused=fused)))
+        if relu and fused:
+            recipe[-1][1]["relu"] = True
+        elif not relu and rng.random() < 0.5:
+            recipe.append(("relu", {}))
+        shape = (k, p, q) if not pool else (k, (p - pool[0]) // pool[1] + 1, (q - pool[0]) // pool[1] + 1)
+    recipe.append(("flatten", {}))
+    if rng.random() < 0.3:
+        recipe.append(("dropout", {}))
+    for _ in range(int(rng.integers(1, 3))):
+        recipe.append(("linear", dict(n=int(rng.choice([1, 10, 17, 64])), relu=rng.random() < 0.5,
+                                      bias=rng.random() < 0.8)))
+    r = rng.random()
+    if r < 0.25:
+        recipe.append(("softmax", {}))
+    elif r < 0.4:
+        recipe.append(("softmax", dict(log=True)))
+    return (c, h, w), recipe
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_random_chains(seed, case):
+    rng = np.random.default_rng([seed, case])
+    in_shape, recipe = _random_chain(rng)
+    net = Net(rng, in_shape, recipe)
+    seq = net.sequential()
+    for n in (1, int(rng.choice([2, 3, 5])), int(rng.choice([8, 17, 40]))):
+        x = _input(rng, net, n)
+        net.check(seq(x), x, f"recipe {recipe}, input {(n,) + in_shape}")
+
+
+def test_mlp_and_spatial_only_chains(rng):
+    mlp = Net(rng, (37,), [("linear", dict(n=64, relu=True)), ("linear", dict(n=10)), ("softmax", dict(log=True))])
+    x = rng.standard_normal((11, 37)).astype(np.float32)
+    mlp.check(mlp.sequential()(x), x)
+    conv = Net(rng, (3, 12, 12), [("conv", dict(k=16, padding=1)), ("relu", {}), ("pool", dict(kernel=2, stride=2)),
+                                  ("conv", dict(k=8, kernel=3))])
+    x = rng.standard_normal((6, 3, 12, 12)).astype(np.float32)
+    conv.check(conv.sequential()(x), x)
+
+
+def test_standalone_softmax_and_relu_stages(rng):
+    # A softmax over channels of a feature map, a ReLU after a pool: stages of their own.
+    w = _uniform(rng, (16, 2, 3, 3), 18)
+    seq = lk.Sequential([lk.Conv2d(w), lk.MaxPool2d(2), lk.ReLU(), lk.Softmax(dim=1)])
+    x = rng.standard_normal((3, 2, 10, 10)).astype(np.float32)
+    expected = ref.softmax(ref.relu(ref.max_pool2d(ref.conv2d(x.astype(np.float64), w), 2)[0]), 1)
+    ref._assert_within(seq(x), expected, 64 * EPS32, "softmax over channels")
+
+
+# --- arrays --------------------------------------------------------------------------
+
+
+def test_input_layouts_and_unmodified(rng):
+    net = mnist(rng)
+    seq = net.sequential()
+    base = rng.standard_normal((6, 28, 2, 28)).astype(np.float32)
+    for x in (base[:, :, :1].transpose(0, 2, 1, 3),            # non-contiguous
+              np.asfortranarray(base[:, :, :1].transpose(0, 2, 1, 3)),
+              base[::-1, :, 1:].transpose(0, 2, 1, 3)[:, :, ::-1, ::-1]):  # negative strides
+        before = x.copy()
+        net.check(seq(x), x, f"strides {x.strides}")
+        np.testing.assert_array_equal(x, before)
+    mlp = Net(rng, (9,), [("linear", dict(n=4))])
+    x = rng.standard_normal((9, 5)).astype(np.float32).T
+    before = x.copy()
+    mlp.check(mlp.sequential()(x), x, "transposed rows")
+    np.testing.assert_array_equal(x, before)
+
+
+def test_unbatched_out_and_empty_batch(rng):
+    net = mnist(rng)
+    seq = net.sequential()
+    x = rng.standard_normal((1, 28, 28)).astype(np.float32)
+    y = seq(x)
+    assert y.shape == (10,)
+    net.check(y[None], x[None])
+    out = ref.poisoned((4, 10), np.float32)
+    xb = _input(rng, net, 4)
+    assert seq(xb, out=out) is out
+    net.check(out, xb)
+    with pytest.raises(ValueError, match="out"):
+        seq(xb, out=np.empty((4, 11), np.float32))
+    y0 = seq(np.empty((0, 1, 28, 28), np.float32))
+    assert y0.shape == (0, 10)
+
+
+def test_fresh_outputs(rng):
+    net = mnist(rng)
+    seq = net.sequential()
+    x = _input(rng, net, 3)
+    a, b = seq(x), seq(x)
+    assert not np.may_share_memory(a, b)
+    np.testing.assert_array_equal(a, b)
+    a[:] = np.nan
+    net.check(seq(x), x)
+
+
+# --- plans ---------------------------------------------------------------------------
+
+
+def test_describe(rng, restore_threads):
+    lk.set_num_threads(2)
+    seq = mnist(rng).sequential()
+    with pytest.raises(ValueError, match="no call yet"):
+        seq.describe()
+    d1 = seq.describe((1, 1, 28, 28))
+    for part in ("stage 0 [layers 0-1]", "conv2d(direct)+relu+max_pool2d", "linear+softmax", "mode: layer",
+                 "arena_bytes=", "predicted_us=", "threads=2"):
+        assert part in d1, (part, d1)
+    d64 = seq.describe(np.zeros((64, 1, 28, 28), np.float32))
+    assert "mode: tile" in d64 and "2 lanes of 32 images" in d64, d64
+    assert "out=pixels_x_channels" in d64 and "in=pixels_x_channels" in d64
+    seq(np.zeros((5, 1, 28, 28), np.float32))
+    assert "with N=5" in seq.describe()
+    cif = cifar(rng).sequential().describe((64, 3, 32, 32))
+    assert "conv2d+max_pool2d+relu" in cif and "linear+relu" in cif, cif
+    assert seq.arena_bytes((64, 1, 28, 28)) > 0
+
+
+def test_replans_once_per_batch_size(rng):
+    net = mnist(rng)
+    seq = net.sequential()
+    assert seq.plans_made == 0
+    for n in (1, 4, 1, 4, 4, 1):
+        x = _input(rng, net, n)
+        net.check(seq(x), x)
+    assert seq.plans_made == 2
+    seq(_input(rng, net, 9))
+    assert seq.plans_made == 3
+    assert seq.output_shape((7, 1, 28, 28)) == (7, 10)
+
+
+def test_no_allocation_per_call(rng):
+    net = cifar(rng)
+    seq = net.sequential()
+    for n in (1, 8):
+        x = _input(rng, net, n)
+        seq(x)
+        arenas = _core.network_arena_allocations()
+        tracemalloc.start()
+        try:
+            seq(x)
+            base, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            for _ in range(20):
+                y = seq(x)
+                del y
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # Per call: the output array (n x 10 floats) and Python's small objects, nothing batch-sized.
+        assert peak - base < 4096 + 2 * n * 10 * 4, (n, peak - base)
+        assert _core.network_arena_allocations() == arenas
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+def test_errors(rng):
+    w = _uniform(rng, (32, 1, 3, 3), 9)
+    lin = lk.Linear(_uniform(rng, (10, 100), 100))
+    seq = lk.Sequential([lk.Conv2d(w), lk.MaxPool2d(2), lk.Flatten(), lin])
+    with pytest.raises(ValueError, match=r"layer 3 \(Linear\).*100 input features.*5408"):
+        seq(np.zeros((2, 1, 28, 28), np.float32))
+    seq2 = lk.Sequential([lk.Conv2d(w), lk.Conv2d(w)])
+    with pytest.raises(ValueError, match=r"layer 1 \(Conv2d\).*1 input channels, got 32"):
+        seq2(np.zeros((1, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"layer 0 \(Conv2d\)"):
+        lk.Sequential([lk.Conv2d(w)])(np.zeros((1, 1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear\).*100 input features"):
+        lk.Sequential([lin])(np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match=r"layer 1 \(Linear\).*Flatten"):
+        lk.Sequential([lk.Conv2d(w), lin])(np.zeros((1, 1, 12, 12), np.float32))
+    with pytest.raises(TypeError, match=r"layer 1 \(str\)"):
+        lk.Sequential([lk.ReLU(), "relu"])
+    with pytest.raises(TypeError, match=r"layer 0 \(Conv2d\).*float32"):
+        lk.Sequential([lk.Conv2d(w.astype(np.float64))])
+    with pytest.raises(ValueError, match=r"layer 0 \(MaxPool2d\).*return_indices"):
+        lk.Sequential([lk.MaxPool2d(2, return_indices=True)])
+    with pytest.raises(ValueError, match=r"layer 1 \(Flatten\).*start_dim"):
+        lk.Sequential([lk.ReLU(), lk.Flatten(0)])
+    with pytest.raises(ValueError, match=r"layer 0 \(Softmax\).*batch"):
+        lk.Sequential([lk.Softmax(0)])(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match="single layer"):
+        lk.Sequential(lk.ReLU())
+    with pytest.raises(TypeError, match="float32"):
+        seq2(np.zeros((1, 1, 28, 28), np.float64))
+    with pytest.raises(TypeError, match="input"):
+        seq2([[1.0]])
+    with pytest.raises(ValueError, match="input"):
+        lk.Sequential([lk.Conv2d(w)])(np.zeros((28, 28), np.float32))
+    with pytest.raises(ValueError, match="max_bytes"):
+        lk.Sequential([lk.ReLU()], result_cache=-1)
+    with pytest.raises(ValueError, match="p"):
+        lk.Dropout(1.5)
+
+
+# --- result cache ---------------------------------------------------------------------
+
+
+def test_result_cache(rng):
+    net = mnist(rng)
+    out_bytes = 4 * 10 * 4
+    seq = net.sequential(result_cache=2 * out_bytes)
+    xs = [_input(rng, net, 4) for _ in range(3)]
+    y0 = seq(xs[0])
+    net.check(y0, xs[0])
+    assert seq.result_cache_info() == lk.ResultCacheInfo(0, 1, out_bytes, 1, 2 * out_bytes)
+    y0b = seq(xs[0].copy())  # same content, another array: a hit
+    np.testing.assert_array_equal(y0b, y0)
+    assert not np.may_share_memory(y0, y0b)
+    assert seq.result_cache_info().hits == 1
+    # No aliasing: changing what was returned does not reach the cache.
+    y0b[:] = -1.0
+    np.testing.assert_array_equal(seq(xs[0]), y0)
+    # Mutating the input: new content, computed afresh.
+    x = xs[0].copy()
+    seq(x)
+    x[0, 0, 5, 5] += 1.0
+    y_new = seq(x)
+    net.check(y_new, x)
+    assert not np.array_equal(y_new, y0)
+    # Bounded in bytes, least recently used evicted first.
+    seq.result_cache_clear()
+    assert seq.result_cache_info() == lk.ResultCacheInfo(0, 0, 0, 0, 2 * out_bytes)
+    seq(xs[0]), seq(xs[1]), seq(xs[0]), seq(xs[2])  # xs[1] is the least recently used when xs[2] arrives
+    info = seq.result_cache_info()
+    assert info.entries == 2 and info.bytes == 2 * out_bytes and info.misses == 3 and info.hits == 1
+    seq(xs[0])
+    assert seq.result_cache_info().hits == 2
+    seq(xs[1])
+    assert seq.result_cache_info().misses == 4
+    # Same bytes, another shape: another key.
+    flat = xs[2][:2]
+    seq(flat)
+    assert seq.result_cache_info().misses == 5
+    # Shrinking the bound evicts down to it (the 2-image output stays); outputs larger than it are not stored.
+    seq.enable_result_cache(out_bytes - 1)
+    assert seq.result_cache_info()[2:4] == (out_bytes // 2, 1)
+    seq(xs[0])
+    assert seq.result_cache_info()[2:4] == (out_bytes // 2, 1)
+
+
+def test_result_cache_opt_in_and_unbatched(rng):
+    net = mnist(rng)
+    seq = net.sequential()
+    assert seq.result_cache_info() == lk.ResultCacheInfo(0, 0, 0, 0, 0)
+    seq.enable_result_cache(1 << 20)
+    x = rng.standard_normal((1, 28, 28)).astype(np.float32)
+    a, b = seq(x), seq(x)
+    assert a.shape == (10,) and seq.result_cache_info().hits == 1
+    np.testing.assert_array_equal(a, b)
+    out = np.empty(10, np.float32)
+    assert seq(x, out=out) is out
+    np.testing.assert_array_equal(out, a)
+
+
+# --- pickling ---------------------------------------------------------------------------
+
+
+def test_pickle_round_trip(rng):
+    for make, n in ((mnist, 3), (cifar, 2)):
+        net = make(rng)
+        seq = net.sequential(result_cache=1 << 16)
+        x = _input(rng, net, n)
+        y = seq(x)
+        clone = pickle.loads(pickle.dumps(seq))
+        np.testing.assert_array_equal(clone(x), y)
+        assert clone.result_cache_info().max_bytes == 1 << 16
+        assert clone.result_cache_info().entries == 1  # its own call above; nothing carried over
+        assert len(clone) == len(seq) and [type(m) for m in clone] == [type(m) for m in seq]
+    fused = Net(rng, (2, 10, 10), [("conv", dict(k=16, padding=1, pool=(2, 2), fused=True, relu=True)),
+                                   ("flatten", {}), ("dropout", {}), ("linear", dict(n=3)),
+                                   ("softmax", dict(log=True))])
+    seq = fused.sequential()
+    x = rng.standard_normal((2, 2, 10, 10)).astype(np.float32)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(seq))(x), seq(x))
+
+
+# --- modules on their own -----------------------------------------------------------------
+
+
+def test_modules_standalone(rng):
+    x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(lk.ReLU()(x), np.maximum(x, 0))
+    assert lk.Flatten()(x).shape == (3, 20) and lk.Flatten(0)(x).shape == (60,)
+    ref.assert_softmax_close(lk.Softmax(1)(x), x, 1, log=False)
+    ref.assert_softmax_close(lk.LogSoftmax(-1)(x), x, -1, log=True)
+    assert lk.Dropout(0.2)(x) is x
+    inner = lk.Sequential([lk.ReLU(), lk.Flatten()])
+    outer = lk.Sequential([inner, lk.Softmax(1)])
+    assert len(outer) == 3
+    x2 = x.reshape(3, 20)
+    ref.assert_softmax_close(outer(x2), np.maximum(x2, 0), 1, log=False)
+    assert "Softmax(dim=1)" in repr(outer)
+
+
+def test_memory_budget_moves_to_tile_mode(rng, restore_threads):
+    lk.set_num_threads(2)
+    net = cifar(rng)
+    seq = net.sequential()
+    assert "mode: layer" in seq.describe((3, 3, 32, 32))
+    before = lk.get_scheduler()
+    lk.set_scheduler(memory_budget=4096)
+    try:
+        d = seq.describe((3, 3, 32, 32))
+        assert "mode: tile" in d and "memory budget" in d, d
+        x = _input(rng, net, 3)
+        net.check(seq(x), x)
+    finally:
+        lk.set_scheduler(memory_budget=before["memory_budget"])
+
+
+def test_concurrent_calls(rng):
+    import threading
+
+    net = mnist(rng)
+    seq = net.sequential()
+    xs = [_input(rng, net, n) for n in (1, 8, 8, 3)]
+    expected = [seq(x) for x in xs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(30):
+                np.testing.assert_array_equal(seq(xs[i]), expected[i])
+        except Exception as e:  # reported below: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
