@@ -6,6 +6,7 @@
 """
 
 from ._core import __version__
+from ._device import LeptonFallbackWarning
 from .backward import (
     adam_step,
     conv2d_backward,
@@ -70,6 +71,7 @@ __all__ = [
     "explain",
     "get_config",
     "show_config",
+    "LeptonFallbackWarning",
     "conv2d_backward",
     "conv2d_max_pool2d_backward",
     "max_pool2d_backward",
