@@ -62,10 +62,10 @@ std::string shape_str(const Shape& s, bool batched = false) {
 // registers and writes a quarter of the GEMM's output.
 constexpr int64_t kDirectMaxTaps = 64;
 constexpr int64_t kDirectMaxTapsPooled = 512;
-// The direct kernel's rate against the wide GEMM microkernel's: measured 0.7
-// with 9 taps (mnist; the loops are short) to 1.1 with 288 (cifar's second
-// layer: 8 pixels x 32 filters per block, weights loaded once per 8 pixels).
-constexpr double kDirectSimdEfficiency = 0.8;
+// The direct kernel's rate against the wide GEMM microkernel's: measured 0.5
+// with 9 taps (mnist: short loops, the band copy and stores weigh more) and
+// 0.85 with 288 (cifar's second layer).
+double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 
 enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };
 
@@ -421,7 +421,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
       const double flops = 2.0 * images * K * taps * convP * d.Q();
-      const double one = flops / (m.gemm_flops[0][0] * kDirectSimdEfficiency);
+      const double one = flops / (m.gemm_flops[0][0] * direct_efficiency(taps));
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
       p.threads = !lane && threads_ > 1 && images * P > 1 && one / threads_ + m.wake_s < one ? threads_ : 1;
