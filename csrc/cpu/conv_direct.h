@@ -13,9 +13,11 @@
 namespace lk::cpu {
 
 struct DirectConvArgs {
-  const float* x;          // the input rows this call reads: C planes, rows Wp apart, planes `plane` apart
-  int64_t Wp, plane;
-  const int64_t* tap_off;  // taps offsets, one per (c, r, s): c*plane + r*dil_h*Wp + s*dil_w
+  const float* x;          // the input rows this call reads, Wp pixels each (padding included):
+                           // C planes (pix 1) or pixels of C interleaved channels (pix C)
+  int64_t Wp, pix;         // pixels per row; elements from one pixel to the next in a row
+  const int64_t* tap_off;  // one offset per tap (c, r, s) from a pixel's first tap: planar
+                           // c*plane + r*dil_h*Wp + s*dil_w, interleaved (r*dil_h*Wp + s*dil_w)*C + c
   int64_t taps;
   const float* w;          // taps x K, K contiguous (K a multiple of 16)
   const float* bias;       // K entries, or null

@@ -62,10 +62,10 @@ std::string shape_str(const Shape& s, bool batched = false) {
 // registers and writes a quarter of the GEMM's output.
 constexpr int64_t kDirectMaxTaps = 64;
 constexpr int64_t kDirectMaxTapsPooled = 512;
-// The direct kernel's rate against the wide GEMM microkernel's: measured 0.7
-// with 9 taps (mnist; the loops are short) to 1.1 with 288 (cifar's second
-// layer: 8 pixels x 32 filters per block, weights loaded once per 8 pixels).
-constexpr double kDirectSimdEfficiency = 0.8;
+// The direct kernel's rate against the wide GEMM microkernel's: measured 0.5
+// with 9 taps (mnist: short loops, the band copy and stores weigh more) and
+// 0.85 with 288 (cifar's second layer).
+double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 
 enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };
 
@@ -90,8 +90,8 @@ struct Stage {
   Conv2dDesc conv;                      // N = 1
   std::optional<Pool2dDesc> pool;       // fused (conv) or alone (pool), N = 1
   Activation act = Activation::none;    // conv, linear
-  bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear after it
-  bool hwc_in = false;                  // linear: its input arrives as pixels x channels
+  bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
+  bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
   Shape hwc_shape;                      // C, H, W of that input
   int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
   int64_t outer = 0, dim = 0, inner = 0;  // softmax, per image
@@ -277,10 +277,17 @@ struct Builder {
           continue;
       }
       g.kind = StageKind::direct;
-      if (k + 1 < stages.size() && stages[k + 1].kind == StageKind::linear && stages[k + 1].in.size() == 1) {
+    }
+    // Direct stages hand pixels x channels to a direct stage after them (its
+    // band copy is then whole rows, and no transpose is stored in between).
+    for (size_t k = 0; k + 1 < stages.size(); ++k) {
+      Stage& g = stages[k];
+      Stage& next = stages[k + 1];
+      if (g.kind != StageKind::direct) continue;
+      if ((next.kind == StageKind::linear && next.in.size() == 1) || next.kind == StageKind::direct) {
         g.hwc_out = true;
-        stages[k + 1].hwc_in = true;
-        stages[k + 1].hwc_shape = g.out;
+        next.hwc_in = true;
+        next.hwc_shape = g.out;
       }
     }
   }
@@ -412,8 +419,18 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       const int64_t K = d.K, taps = d.C * d.R * d.S;
       p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
       const float* w = s.layer->weight.data();  // K x C x R x S
+      // Taps in the order the input is laid out: (c, r, s) for planes,
+      // (r, s, c) for interleaved channels (consecutive taps, consecutive addresses).
+      std::vector<int64_t> order;  // tap -> index into C x R x S
+      for (int64_t c = 0; c < d.C; ++c)
+        for (int64_t r = 0; r < d.R; ++r)
+          for (int64_t q = 0; q < d.S; ++q) order.push_back((c * d.R + r) * d.S + q);
+      if (s.hwc_in)
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+          return a % (d.R * d.S) < b % (d.R * d.S);
+        });
       for (int64_t t = 0; t < taps; ++t)
-        for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + t];
+        for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
       if (d.has_bias) {
         p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
         std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
@@ -421,7 +438,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
       const double flops = 2.0 * images * K * taps * convP * d.Q();
-      const double one = flops / (m.gemm_flops[0][0] * kDirectSimdEfficiency);
+      const double one = flops / (m.gemm_flops[0][0] * direct_efficiency(taps));
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
       p.threads = !lane && threads_ > 1 && images * P > 1 && one / threads_ + m.wake_s < one ? threads_ : 1;
@@ -434,14 +451,17 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       p.band_rows = (conv_rows - 1) * d.stride_h + (d.R - 1) * d.dil_h + 1;
       p.Wp = d.W + d.pad_left + d.pad_right;
       const int64_t plane = p.band_rows * p.Wp;
-      for (int64_t c = 0; c < d.C; ++c)
-        for (int64_t r = 0; r < d.R; ++r)
-          for (int64_t q = 0; q < d.S; ++q) p.taps.push_back(c * plane + r * d.dil_h * p.Wp + q * d.dil_w);
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t c = order[t] / (d.R * d.S), r = order[t] / d.S % d.R, q = order[t] % d.S;
+        const int64_t pixel = r * d.dil_h * p.Wp + q * d.dil_w;
+        p.taps.push_back(s.hwc_in ? pixel * d.C + c : c * plane + pixel);
+      }
       p.predicted_s = one / p.threads * imbalance(images * ceil_div(P, p.rows_per_band), p.threads) +
                       (p.threads > 1 ? m.wake_s : 0);
       p.plan = cat("direct ukernel=f32_conv_direct_", active_isa() == Isa::avx512 ? 8 : 4, "x", K >= 32 ? 32 : 16,
                    "__", isa_name(active_isa()), " taps=", taps, " filters=", K,
-                   s.hwc_out ? " out=pixels_x_channels" : " out=nchw", " rows_per_task=", p.rows_per_band,
+                   s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
+                   " rows_per_task=", p.rows_per_band,
                    " threads=", p.threads, " predicted_us=", p.predicted_s * 1e6);
       break;
     }
@@ -555,8 +575,23 @@ void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_
     // The padded input rows this band reads, contiguous: the kernel's taps
     // then are fixed offsets.
     float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(C * plane));
+    if (s.hwc_in) {  // pixels x channels from the direct stage before: whole padded rows
+      const float* xn = x.ptr<float>() + n * H * W * C;
+      const int64_t row = Wp * C;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* o = band + r * row;
+        const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
+        if (ih < 0 || ih >= H) {
+          std::fill(o, o + row, 0.0f);
+          continue;
+        }
+        std::fill(o, o + d.pad_left * C, 0.0f);
+        std::memcpy(o + d.pad_left * C, xn + ih * W * C, static_cast<size_t>(W * C) * sizeof(float));
+        std::fill(o + (d.pad_left + W) * C, o + row, 0.0f);
+      }
+    }
     const float* xn = x.ptr<float>() + n * x.strides[0];
-    for (int64_t c = 0; c < C; ++c)
+    for (int64_t c = 0; c < C && !s.hwc_in; ++c)
       for (int64_t r = 0; r < rows; ++r) {
         float* o = band + c * plane + r * Wp;
         const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
@@ -574,7 +609,7 @@ void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_
       }
     DirectConvArgs a;
     a.x = band;
-    a.Wp = Wp, a.plane = plane;
+    a.Wp = Wp, a.pix = s.hwc_in ? C : 1;
     a.tap_off = p.taps.data();
     a.taps = static_cast<int64_t>(p.taps.size());
     a.w = p.dw.get();
