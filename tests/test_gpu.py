@@ -276,6 +276,18 @@ def test_dlpack_producer(fake, rng):
     with pytest.raises(ValueError, match="out: array is read-only"):
         lk.relu(versioned, out=frozen)
 
+    class BothV2(DLPackOnly):
+        # As a torch CUDA tensor: array interface version 2 (no stream) and DLPack.
+        @property
+        def __cuda_array_interface__(self):
+            return dict(self.fake.__cuda_array_interface__, version=2)
+
+    xp.streams[1] = 0x99
+    both = BothV2(xp.array(x, device=1))
+    ref.assert_identical(lk.relu(both).host, np.maximum(x, 0))
+    assert both.streams == [0x99]  # asked through DLPack, which orders the producer's work
+    xp.streams[1] = 0
+
     refuses = RefusesCai(xp.array(x, device=0))
     assert _device.is_device_array(refuses)
     ref.assert_identical(lk.relu(refuses).host, np.maximum(x, 0))

@@ -170,6 +170,27 @@ def _has_cai(obj) -> bool:
         return False
 
 
+def _uses_cai(obj) -> bool:
+    """Whether to read obj through its CUDA array interface rather than DLPack.
+
+    Version 3 carries the producer's stream; older versions say nothing of
+    streams, so a producer that also speaks DLPack is asked through it, which
+    makes the producer order its pending work before our stream (a torch
+    tensor, which exports version 2, goes that way).
+    """
+    try:
+        cai = obj.__cuda_array_interface__
+    except Exception:
+        return False
+    if cai is None:
+        return False
+    if isinstance(cai, dict) and hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        version = cai.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version < 3:
+            return False
+    return True
+
+
 def is_device_array(obj) -> bool:
     """True for an object exposing ``__cuda_array_interface__``, or DLPack on a CUDA device."""
     if isinstance(obj, np.ndarray):
@@ -436,7 +457,7 @@ class _Launch:
         self._ctx = None
 
     def _device_of(self, obj, name):
-        if not _has_cai(obj):
+        if not _uses_cai(obj):
             return int(obj.__dlpack_device__()[1])
         meta = from_cuda_array_interface(obj, name, None)  # read() checks the dtype
         if meta.size == 0:
@@ -458,7 +479,7 @@ class _Launch:
         if not is_device_array(obj):
             raise TypeError(f"{name}: expected a device array like the input (CuPy, __cuda_array_interface__ or "
                             f"CUDA DLPack), got {type(obj).__module__}.{type(obj).__name__}")
-        if _has_cai(obj):
+        if _uses_cai(obj):
             a = from_cuda_array_interface(obj, name, dtypes)
             if a.size:
                 a.device = int(self.kernels.pointer_device(a.ptr, name))
@@ -551,7 +572,7 @@ def _need_xp(rt, name="input"):
 def _as_xp(xp, obj):
     if isinstance(obj, xp.ndarray):
         return obj
-    if _has_cai(obj):
+    if _uses_cai(obj):
         return xp.asarray(obj)
     return xp.from_dlpack(obj)
 
