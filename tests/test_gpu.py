@@ -153,6 +153,22 @@ def test_out_argument(fake, rng):
         lk.relu(big, out=xp.array(np.zeros(100, np.float32), device=1))
 
 
+def test_edge_shapes(fake, rng):
+    xp, _ = fake
+    scalar = np.array(-1.5, np.float32)
+    ref.assert_identical(lk.relu(xp.array(scalar)).host, np.array(0.0, np.float32))
+    ref.assert_identical(lk.softmax(xp.array(scalar), 0).host, lk.softmax(scalar, 0))
+    b = ref.randn(rng, (4,), np.float64)
+    # No input features: the output is the bias.
+    ref.assert_identical(lk.linear(xp.array(np.zeros((3, 0))), xp.array(np.zeros((4, 0))), xp.array(b)).host,
+                         np.broadcast_to(b, (3, 4)))
+    assert lk.linear(xp.array(np.zeros((0, 5))), xp.array(np.ones((4, 5)))).shape == (0, 4)
+    x = ref.randn(rng, (3, 7, 5), np.float32)
+    out = xp.array(np.full((3, 3, 2), np.nan, np.float32))
+    assert lk.max_pool2d(xp.array(x), 2, out=out) is out  # unbatched, into out
+    ref.assert_identical(out.host, lk.max_pool2d(x, 2))
+
+
 def test_zero_batch_launches_nothing(fake):
     xp, kernels = fake
     y = lk.conv2d(xp.array(np.zeros((0, 2, 5, 5), np.float32)), xp.array(np.ones((3, 2, 3, 3), np.float32)))
