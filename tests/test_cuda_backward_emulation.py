@@ -154,7 +154,8 @@ def test_conv2d_backward(case, dtype, rng):
         ref.assert_identical(a, b, "an input was modified")
 
 
-@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, True, True)])
 def test_conv2d_backward_output_mask(mask, rng):
     xs, ws, stride, pads, dilation, groups = CONV_CASES["grouped"]
     x, w = ref.randn(rng, xs, np.float32), ref.randn(rng, ws, np.float32)

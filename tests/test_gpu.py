@@ -153,6 +153,22 @@ def test_out_argument(fake, rng):
         lk.relu(big, out=xp.array(np.zeros(100, np.float32), device=1))
 
 
+def test_edge_shapes(fake, rng):
+    xp, _ = fake
+    scalar = np.array(-1.5, np.float32)
+    ref.assert_identical(lk.relu(xp.array(scalar)).host, np.array(0.0, np.float32))
+    ref.assert_identical(lk.softmax(xp.array(scalar), 0).host, lk.softmax(scalar, 0))
+    b = ref.randn(rng, (4,), np.float64)
+    # No input features: the output is the bias.
+    ref.assert_identical(lk.linear(xp.array(np.zeros((3, 0))), xp.array(np.zeros((4, 0))), xp.array(b)).host,
+                         np.broadcast_to(b, (3, 4)))
+    assert lk.linear(xp.array(np.zeros((0, 5))), xp.array(np.ones((4, 5)))).shape == (0, 4)
+    x = ref.randn(rng, (3, 7, 5), np.float32)
+    out = xp.array(np.full((3, 3, 2), np.nan, np.float32))
+    assert lk.max_pool2d(xp.array(x), 2, out=out) is out  # unbatched, into out
+    ref.assert_identical(out.host, lk.max_pool2d(x, 2))
+
+
 def test_zero_batch_launches_nothing(fake):
     xp, kernels = fake
     y = lk.conv2d(xp.array(np.zeros((0, 2, 5, 5), np.float32)), xp.array(np.ones((3, 2, 3, 3), np.float32)))
@@ -275,6 +291,18 @@ def test_dlpack_producer(fake, rng):
     frozen = DLPackOnly(xp.array(x, device=1), versioned=True, readonly=True)
     with pytest.raises(ValueError, match="out: array is read-only"):
         lk.relu(versioned, out=frozen)
+
+    class BothV2(DLPackOnly):
+        # As a torch CUDA tensor: array interface version 2 (no stream) and DLPack.
+        @property
+        def __cuda_array_interface__(self):
+            return dict(self.fake.__cuda_array_interface__, version=2)
+
+    xp.streams[1] = 0x99
+    both = BothV2(xp.array(x, device=1))
+    ref.assert_identical(lk.relu(both).host, np.maximum(x, 0))
+    assert both.streams == [0x99]  # asked through DLPack, which orders the producer's work
+    xp.streams[1] = 0
 
     refuses = RefusesCai(xp.array(x, device=0))
     assert _device.is_device_array(refuses)
@@ -425,54 +453,101 @@ def test_backward_ops_on_device_arrays(fake, rng):
     xp, kernels = fake
     x, w = ref.randn(rng, (2, 4, 7, 6), np.float64), ref.randn(rng, (6, 2, 3, 3), np.float64)
     go = ref.randn(rng, (2, 6, 4, 3), np.float64)
-    gi, gw, gb = _device.conv2d_backward(xp.array(go), xp.array(x), xp.array(w), stride=2, padding=1, groups=2)
+    gi, gw, gb = lk.conv2d_backward(xp.array(go), xp.array(x), xp.array(w), stride=2, padding=1, groups=2)
     want = conv2d_backward_ref(go, x, w, (2, 2), (1, 1, 1, 1), (1, 1), 2)
     mags = conv2d_backward_ref(np.abs(go), np.abs(x), np.abs(w), (2, 2), (1, 1, 1, 1), (1, 1), 2)
     for got, expected, mag, n in zip((gi, gw, gb), want, mags, (27, 24, 24)):
+        assert isinstance(got, FakeArray)
         ref.assert_sum_close(got.host, expected, mag, n, np.float64)
-    none_gi, gw_only, none_gb = _device.conv2d_backward(xp.array(go), xp.array(x), xp.array(w), 2, 1, 1, 2,
-                                                        output_mask=(False, True, False))
+    none_gi, gw_only, none_gb = lk.conv2d_backward(xp.array(go), xp.array(x), xp.array(w), 2, 1, 1, 2,
+                                                   output_mask=(False, True, False))
     assert none_gi is None and none_gb is None
     ref.assert_identical(gw_only.host, gw.host)
+    # Unbatched, as the CPU API takes it.
+    gi3, _, _ = lk.conv2d_backward(xp.array(go[1]), xp.array(x[1]), xp.array(w), 2, 1, groups=2)
+    ref.assert_sum_close(gi3.host, want[0][1], mags[0][1], 27, np.float64)
 
     xl, wl = ref.randn(rng, (5, 3, 4), np.float32), ref.randn(rng, (7, 4), np.float32)
     gl = ref.randn(rng, (5, 3, 7), np.float32)
-    gi, gw, gb = _device.linear_backward(xp.array(gl), xp.array(xl), xp.array(wl))
+    gi, gw, gb = lk.linear_backward(xp.array(gl), xp.array(xl), xp.array(wl))
     g2, x2 = gl.reshape(15, 7).astype(np.float64), xl.reshape(15, 4).astype(np.float64)
     ref.assert_sum_close(gi.host, (g2 @ wl).reshape(5, 3, 4), (np.abs(g2) @ np.abs(wl)).reshape(5, 3, 4), 7,
                          np.float32)
     ref.assert_sum_close(gw.host, g2.T @ x2, np.abs(g2).T @ np.abs(x2), 15, np.float32)
     ref.assert_sum_close(gb.host, g2.sum(0), np.abs(g2).sum(0), 15, np.float32)
 
-    xp_ = ref.randn(rng, (2, 3, 6, 6), np.float32)
-    v, idx = lk.max_pool2d(xp.array(xp_), 3, stride=1, return_indices=True)
+    xpool = ref.randn(rng, (2, 3, 6, 6), np.float32)
+    v, idx = lk.max_pool2d(xp.array(xpool), 3, stride=1, return_indices=True)
     gpool = ref.randn(rng, v.shape, np.float32)
-    gi = _device.max_pool2d_backward(xp.array(gpool), idx, xp_.shape)
+    gi = lk.max_pool2d_backward(xp.array(gpool), idx, xpool.shape)
     want = np.zeros((6, 36))
     np.add.at(want, (np.repeat(np.arange(6), 16), idx.host.reshape(-1)), gpool.reshape(-1))
     mag = np.zeros((6, 36))
     np.add.at(mag, (np.repeat(np.arange(6), 16), idx.host.reshape(-1)), np.abs(gpool.reshape(-1)))
-    ref.assert_sum_close(gi.host, want.reshape(xp_.shape), mag.reshape(xp_.shape), 9, np.float32)
+    ref.assert_sum_close(gi.host, want.reshape(xpool.shape), mag.reshape(xpool.shape), 9, np.float32)
 
-    y = lk.relu(xp.array(xp_))
-    grad = ref.randn(rng, xp_.shape, np.float32)
-    gr = _device.relu_backward(xp.array(grad), y)
-    ref.assert_identical(gr.host, np.where(y.host <= 0, 0, grad))
+    y = lk.relu(xp.array(xpool))
+    grad = ref.randn(rng, xpool.shape, np.float32)
+    ref.assert_identical(lk.relu_backward(xp.array(grad), y).host, np.where(y.host <= 0, 0, grad))
 
     logits, target = ref.randn(rng, (6, 10), np.float32), rng.integers(0, 10, 6).astype(np.int64)
     target[2] = -100
-    loss = _device.cross_entropy(xp.array(logits), xp.array(target))
-    assert loss.shape == () and abs(float(loss.host) - cross_entropy_ref(logits, target, "mean", -100)) < 1e-5
+    for reduction in ("mean", "sum", "none"):
+        loss = lk.cross_entropy(xp.array(logits), xp.array(target), reduction=reduction)
+        ref._assert_within(loss.host, cross_entropy_ref(logits, target, reduction, -100), 1e-5, reduction)
     g = xp.array(np.array(1.5, np.float32))
-    grad = _device.cross_entropy_backward(g, xp.array(logits), xp.array(target))
     want = cross_entropy_backward_ref(1.5, logits, target, "mean", -100)
-    ref._assert_within(grad.host, want, 1e-6, "cross_entropy_backward")
+    ref._assert_within(lk.cross_entropy_backward(g, xp.array(logits), xp.array(target)).host, want, 1e-6, "mean")
+    ref._assert_within(lk.cross_entropy_backward(1.5, xp.array(logits), xp.array(target)).host, want, 1e-6,
+                       "a number as grad_loss")
     with pytest.raises(TypeError, match="target: expected dtype int64"):
-        _device.cross_entropy(xp.array(logits), xp.array(target.astype(np.float32)))
+        lk.cross_entropy(xp.array(logits), xp.array(target.astype(np.float32)))
     with pytest.raises(ValueError, match="reduction"):
-        _device.cross_entropy(xp.array(logits), xp.array(target), reduction="avg")
+        lk.cross_entropy(xp.array(logits), xp.array(target), reduction="avg")
+    with pytest.raises(ValueError, match="input: expected a 2-D array"):
+        lk.cross_entropy(xp.array(logits[0]), xp.array(target[:1]))
+    with pytest.raises(TypeError, match="indices: expected a device array"):
+        lk.max_pool2d_backward(xp.array(gpool), idx.host, xpool.shape)
     assert {op for op, _, _ in kernels.launches} >= {"conv2d_backward", "linear_backward", "max_pool2d_backward",
                                                      "relu_backward", "cross_entropy", "cross_entropy_backward"}
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_fused_conv_pool_indices_and_backward(fake, batched, rng):
+    xp, kernels = fake
+    x, w, b = ref.randn(rng, (2, 3, 9, 8), np.float64), ref.randn(rng, (5, 3, 3, 3), np.float64), \
+        ref.randn(rng, (5,), np.float64)
+    if not batched:
+        x = x[0]
+    kw = dict(padding=1, kernel_size=3, pool_stride=2)
+    y, idx = lk.conv2d_max_pool2d(xp.array(x), xp.array(w), xp.array(b), return_indices=True, **kw)
+    cy, cidx = lk.conv2d_max_pool2d(x, w, b, return_indices=True, **kw)  # the CPU library
+    conv = ref.conv2d(x, w, b, padding=1, activation="relu")
+    ref.assert_sum_close(y.host, cy, np.abs(cy) + 1, 28, np.float64)
+    ref.assert_identical(idx.host, cidx)  # distinct random values: the same maxima
+    go = ref.randn(rng, y.shape, np.float64)
+    got = lk.conv2d_max_pool2d_backward(xp.array(go), xp.array(x), xp.array(w), y, idx, padding=1)
+    want = lk.conv2d_max_pool2d_backward(go, x, w, cy, cidx, padding=1)
+    P, Q = conv.shape[-2:]
+    for g, c, n in zip(got, want, (5 * 9 * 4, 2 * P * Q * 4, 2 * P * Q)):
+        ref._assert_within(g.host, c, 8 * n * np.finfo(np.float64).eps * (np.abs(c).max() + 1), "fused backward")
+    assert "max_pool2d" in {op for op, _, _ in kernels.launches}  # indices: unfused on the device
+
+
+def test_backward_fallback(fallback, rng):
+    xp = fallback
+    x, w = ref.randn(rng, (2, 3, 6, 6), np.float32), ref.randn(rng, (4, 3, 3, 3), np.float32)
+    go = ref.randn(rng, (2, 4, 4, 4), np.float32)
+    with pytest.warns(lk.LeptonFallbackWarning):
+        got = lk.conv2d_backward(xp.array(go), xp.array(x), xp.array(w))
+    for g, c in zip(got, lk.conv2d_backward(go, x, w)):
+        assert isinstance(g, FakeArray)
+        ref.assert_identical(g.host, c)
+    logits, target = ref.randn(rng, (4, 5), np.float32), np.array([0, 4, -100, 2], np.int64)
+    ref.assert_identical(lk.cross_entropy(xp.array(logits), xp.array(target)).host,
+                         lk.cross_entropy(logits, target))
+    with pytest.raises(ValueError, match="indices"):  # the CPU's checks hold in the fallback
+        lk.max_pool2d_backward(xp.array(go), xp.array(np.full(go.shape, 99, np.int64)), (2, 4, 8, 8))
 
 
 # --------------------------------------------------------------------------
@@ -581,7 +656,7 @@ def test_gpu_backward_kernels(cp, rng):
 
     x, w = ref.randn(rng, (2, 4, 9, 8), np.float64), ref.randn(rng, (6, 4, 3, 3), np.float64)
     go = ref.randn(rng, (2, 6, 9, 8), np.float64)
-    got = _device.conv2d_backward(cp.asarray(go), cp.asarray(x), cp.asarray(w), padding=1)
+    got = lk.conv2d_backward(cp.asarray(go), cp.asarray(x), cp.asarray(w), padding=1)
     want = conv2d_backward_ref(go, x, w, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     mags = conv2d_backward_ref(np.abs(go), np.abs(x), np.abs(w), (1, 1), (1, 1, 1, 1), (1, 1), 1)
     for g, e, m, n in zip(got, want, mags, (54, 144, 144)):

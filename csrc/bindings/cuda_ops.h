@@ -143,7 +143,8 @@ inline void register_cuda_ops(py::module_& m) {
   m.def("device_count", &cuda::device_count);
   m.def("current_device", &cuda::current_device);
   m.def(
-      "pointer_device", [](Ptr p, const std::string& what) { return cuda::pointer_device(ptr<const void>(p), what.c_str()); },
+      "pointer_device",
+      [](Ptr p, const std::string& what) { return cuda::pointer_device(ptr<const void>(p), what.c_str()); },
       py::arg("ptr"), py::arg("what"), "The device that owns ptr; ValueError naming `what` for host memory.");
   m.def("sm_count", &cuda::sm_count, py::arg("device"));
   m.def(

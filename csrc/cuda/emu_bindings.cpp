@@ -307,7 +307,8 @@ py::array max_pool2d_backward_impl(const py::array& go, const py::array& indices
   if (!indices.dtype().equal(py::dtype::of<int64_t>())) throw py::type_error("indices: expected int64");
   for (int i = 0; i < 4; ++i)
     if (indices.shape(i) != go.shape(i)) throw py::value_error("indices: shape differs from grad_output's");
-  if (go.shape(0) != in[0] || go.shape(1) != in[1]) throw py::value_error("input_shape: N, C differ from grad_output's");
+  if (go.shape(0) != in[0] || go.shape(1) != in[1])
+    throw py::value_error("input_shape: N, C differ from grad_output's");
   auto gob = input_buffer<T>(go);
   auto ib = input_buffer<int64_t>(indices);
   const int64_t planes = in[0] * in[1], HW = in[2] * in[3], PQ = go.shape(2) * go.shape(3);

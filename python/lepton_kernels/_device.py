@@ -170,6 +170,27 @@ def _has_cai(obj) -> bool:
         return False
 
 
+def _uses_cai(obj) -> bool:
+    """Whether to read obj through its CUDA array interface rather than DLPack.
+
+    Version 3 carries the producer's stream; older versions say nothing of
+    streams, so a producer that also speaks DLPack is asked through it, which
+    makes the producer order its pending work before our stream (a torch
+    tensor, which exports version 2, goes that way).
+    """
+    try:
+        cai = obj.__cuda_array_interface__
+    except Exception:
+        return False
+    if cai is None:
+        return False
+    if isinstance(cai, dict) and hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        version = cai.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version < 3:
+            return False
+    return True
+
+
 def is_device_array(obj) -> bool:
     """True for an object exposing ``__cuda_array_interface__``, or DLPack on a CUDA device."""
     if isinstance(obj, np.ndarray):
@@ -436,7 +457,7 @@ class _Launch:
         self._ctx = None
 
     def _device_of(self, obj, name):
-        if not _has_cai(obj):
+        if not _uses_cai(obj):
             return int(obj.__dlpack_device__()[1])
         meta = from_cuda_array_interface(obj, name, None)  # read() checks the dtype
         if meta.size == 0:
@@ -458,7 +479,7 @@ class _Launch:
         if not is_device_array(obj):
             raise TypeError(f"{name}: expected a device array like the input (CuPy, __cuda_array_interface__ or "
                             f"CUDA DLPack), got {type(obj).__module__}.{type(obj).__name__}")
-        if _has_cai(obj):
+        if _uses_cai(obj):
             a = from_cuda_array_interface(obj, name, dtypes)
             if a.size:
                 a.device = int(self.kernels.pointer_device(a.ptr, name))
@@ -551,7 +572,7 @@ def _need_xp(rt, name="input"):
 def _as_xp(xp, obj):
     if isinstance(obj, xp.ndarray):
         return obj
-    if _has_cai(obj):
+    if _uses_cai(obj):
         return xp.asarray(obj)
     return xp.from_dlpack(obj)
 
@@ -645,7 +666,8 @@ class ParamCache:
         return got
 
 
-def conv2d(input, weight, bias, stride, padding, dilation, groups, *, activation, out, pool=None, ceil_mode=False):
+def conv2d(input, weight, bias, stride, padding, dilation, groups, *, activation, out, pool=None, ceil_mode=False,
+           return_indices=False):
     """conv2d (or, with `pool` = (kernel_size, stride, padding, dilation), conv2d_max_pool2d) of device arrays."""
     F = _F()
     rt = runtime()
@@ -655,11 +677,14 @@ def conv2d(input, weight, bias, stride, padding, dilation, groups, *, activation
             return on_cpu(rt, F.conv2d, (input, weight, bias, stride, padding, dilation, groups),
                           {"activation": activation, "out": out}, input)
         kernel_size, pool_stride, pool_padding, pool_dilation = pool
-        return on_cpu(rt, F.conv2d_max_pool2d, (input, weight, bias, stride, padding, dilation, groups),
-                      {"activation": activation, "kernel_size": kernel_size, "pool_stride": pool_stride,
-                       "pool_padding": pool_padding, "pool_dilation": pool_dilation, "ceil_mode": ceil_mode,
-                       "out": out}, input)
-    return _conv_gpu(rt, input, weight, bias, stride, padding, dilation, groups, activation, out, pool, ceil_mode)
+        kwargs = {"activation": activation, "kernel_size": kernel_size, "pool_stride": pool_stride,
+                  "pool_padding": pool_padding, "pool_dilation": pool_dilation, "ceil_mode": ceil_mode, "out": out}
+        if return_indices:
+            kwargs["return_indices"] = True
+        return on_cpu(rt, F.conv2d_max_pool2d, (input, weight, bias, stride, padding, dilation, groups), kwargs,
+                      input)
+    return _conv_gpu(rt, input, weight, bias, stride, padding, dilation, groups, activation, out, pool, ceil_mode,
+                     return_indices=return_indices)
 
 
 def conv_layer(layer, input, out):
@@ -672,9 +697,13 @@ def conv_layer(layer, input, out):
 
 
 def _conv_gpu(rt, input, weight, bias, stride, padding, dilation, groups, activation, out, pool, ceil_mode,
-              params=None):
+              params=None, return_indices=False):
     """The GPU path. With `params` (a layer's ParamCache), weight and bias come from it and
-    stride, padding (top, bottom, left, right), dilation, groups and pool are already normalised."""
+    stride, padding (top, bottom, left, right), dilation, groups and pool are already normalised.
+
+    With `return_indices` (conv2d_max_pool2d only), the fused kernel, which
+    keeps no indices, gives way to conv2d into a temporary and max_pool2d
+    with indices (flattened over the convolution output's planes)."""
     F = _F()
     from ._args import spatial_input
 
@@ -714,14 +743,22 @@ def _conv_gpu(rt, input, weight, bias, stride, padding, dilation, groups, activa
             out_shape = (N, K, PP, PQ)
         F.check_out_size(out_shape, x.dtype)
         y = L.output(out_shape if batched else out_shape[1:], x.dtype, out, (x, w, b))
+        idx = L.output(y.shape, _INT64) if return_indices else None
         if y.size:
             bp = 0 if b is None else b.ptr
             if pool is None:
                 L.kernels.conv2d(_f64(x), x.ptr, w.ptr, bp, y.ptr, conv, act == "relu", L.device, L.stream)
+            elif return_indices:
+                full = L.output((N, K, P, Q), x.dtype)  # freed in stream order after the pooling reads it
+                L.kernels.conv2d(_f64(x), x.ptr, w.ptr, bp, full.ptr, conv, act == "relu", L.device, L.stream)
+                L.kernels.max_pool2d(_f64(x), full.ptr, y.ptr, idx.ptr, (N, K, P, Q),
+                                     (*pk, *ps, *pp, *pd, int(bool(ceil_mode))), L.device, L.stream)
             else:
                 pool_args = (*pk, *ps, *pp, *pd, int(bool(ceil_mode)))
                 L.kernels.conv2d_max_pool2d(_f64(x), x.ptr, w.ptr, bp, y.ptr, conv, act == "relu", pool_args,
                                             L.device, L.stream)
+        if return_indices:
+            return L.result(y, out), L.result(idx)
         return L.result(y, out)
 
 
@@ -842,18 +879,18 @@ def softmax(input, dim, *, out, log):
 
 
 def _cpu_op(name):
-    fn = getattr(_F(), name, None)
-    if fn is None:
-        raise NotImplementedError(f"{name}: the CPU library has no {name} to fall back on")
-    return fn
+    from . import backward
+
+    return getattr(backward, name)
 
 
 def _mask(output_mask):
-    if output_mask is None:
-        return (True, True, True)
-    m = tuple(bool(v) for v in output_mask)
+    try:
+        m = tuple(bool(v) for v in output_mask)
+    except TypeError:
+        raise TypeError(f"output_mask: expected a sequence of 3 bools, got {type(output_mask).__name__}") from None
     if len(m) != 3:
-        raise ValueError(f"output_mask: expected 3 flags (input, weight, bias), got {len(m)}")
+        raise ValueError(f"output_mask: expected 3 entries (input, weight, bias), got {len(m)}")
     return m
 
 
@@ -862,9 +899,9 @@ def _expect_shape(a, shape, name):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
 
 
-def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *, output_mask=None):
+def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
+                    output_mask=(True, True, True)):
     """(grad_input, grad_weight, grad_bias) of conv2d on device arrays; None where output_mask is False."""
-    F = _F()
     rt = runtime()
     _require_device({"weight": weight, "grad_output": grad_output})
     if rt.kernels is None:
@@ -872,49 +909,112 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
                       {"output_mask": output_mask}, input)
     mask = _mask(output_mask)
     with _Launch(rt, input) as L:
+        go = L.input_array(grad_output, "grad_output")
         x = L.input_array(input, "input")
         w = L.input_array(weight, "weight")
-        go = L.input_array(grad_output, "grad_output")
-        _check_same_dtype(x, w, "weight")
-        _check_same_dtype(x, go, "grad_output")
-        x4, batched, stride, pads, dilation, groups, (P, Q) = F._conv_args(x, w, None, stride, padding, dilation,
-                                                                            groups)
-        N, K = x4.shape[0], w.shape[0]
-        _expect_shape(go, (N, K, P, Q) if batched else (K, P, Q), "grad_output")
-        gi = L.output(x.shape, x.dtype) if mask[0] else None
-        gw = L.output(w.shape, x.dtype) if mask[1] else None
-        gb = L.output((K,), x.dtype) if mask[2] else None
+        _check_same_dtype(go, x, "input")
+        _check_same_dtype(go, w, "weight")
+        return _conv_backward_gpu(L, go, x, w, stride, padding, dilation, groups, mask)
+
+
+def _conv_backward_gpu(L, go, x, w, stride, padding, dilation, groups, mask):
+    F = _F()
+    x4, batched, stride, pads, dilation, groups, (P, Q) = F._conv_args(x, w, None, stride, padding, dilation, groups)
+    N, K = x4.shape[0], w.shape[0]
+    _expect_shape(go, (N, K, P, Q) if batched else (K, P, Q), "grad_output")
+    gi = L.output(x.shape, x.dtype) if mask[0] else None
+    gw = L.output(w.shape, x.dtype) if mask[1] else None
+    gb = L.output((K,), x.dtype) if mask[2] else None
+    if any(g is not None and g.size for g in (gi, gw, gb)):
         L.kernels.conv2d_backward(_f64(x), go.ptr, x.ptr, w.ptr, gi.ptr if gi else 0, gw.ptr if gw else 0,
                                   gb.ptr if gb else 0, _conv_tuple(x4.shape, w.shape, groups, stride, pads, dilation),
                                   L.device, L.stream)
-        return tuple(None if g is None else L.result(g) for g in (gi, gw, gb))
+    return tuple(None if g is None else L.result(g) for g in (gi, gw, gb))
+
+
+def conv2d_max_pool2d_backward(grad_output, input, weight, output, indices, stride=1, padding=0, dilation=1,
+                               groups=1, *, activation="relu", output_mask=(True, True, True)):
+    """Gradients of conv2d_max_pool2d on device arrays: the activation's mask on the pooled
+    gradient, the pooling's scatter into a convolution-sized gradient, then conv2d_backward."""
+    F = _F()
+    rt = runtime()
+    _require_device({"grad_output": grad_output, "weight": weight, "output": output, "indices": indices})
+    if rt.kernels is None:
+        return on_cpu(rt, _cpu_op("conv2d_max_pool2d_backward"),
+                      (grad_output, input, weight, output, indices, stride, padding, dilation, groups),
+                      {"activation": activation, "output_mask": output_mask}, input)
+    mask = _mask(output_mask)
+    act = F._activation(activation)
+    with _Launch(rt, input) as L:
+        go = L.input_array(grad_output, "grad_output")
+        x = L.input_array(input, "input")
+        w = L.input_array(weight, "weight")
+        y = L.input_array(output, "output")
+        idx = L.input_array(indices, "indices", (_INT64,))
+        for a, name in ((x, "input"), (w, "weight"), (y, "output")):
+            _check_same_dtype(go, a, name)
+        _expect_shape(y, go.shape, "output")
+        _expect_shape(idx, go.shape, "indices")
+        if go.ndim not in (3, 4):
+            raise ValueError(f"grad_output: expected a 4-D (or 3-D unbatched) array, got shape {go.shape}")
+        x4, batched, stride_, pads, dilation_, groups_, (P, Q) = F._conv_args(x, w, None, stride, padding,
+                                                                             dilation, groups)
+        N, K = x4.shape[0], w.shape[0]
+        if go.shape[:-2] != ((N, K) if batched else (K,)):
+            raise ValueError(f"grad_output: expected leading dimensions {(N, K) if batched else (K,)}, "
+                             f"got shape {go.shape}")
+        masked = go
+        if act == "relu" and go.size:
+            masked = L.output(go.shape, go.dtype)
+            L.kernels.relu_backward(_f64(go), go.ptr, y.ptr, masked.ptr, go.size, L.device, L.stream)
+        conv_shape = (N, K, P, Q) if batched else (K, P, Q)
+        gconv = L.output(conv_shape, go.dtype)
+        if gconv.size:
+            PQo = go.shape[-1] * go.shape[-2]
+            if not PQo:  # a valid pooling has at least one output per plane
+                raise ValueError(f"grad_output: empty pooled planes for a {P}x{Q} convolution output")
+            L.kernels.max_pool2d_backward(_f64(go), masked.ptr, idx.ptr, gconv.ptr, N * K, P * Q, PQo, L.device,
+                                          L.stream)
+        return _conv_backward_gpu(L, gconv, x, w, stride, padding, dilation, groups, mask)
 
 
 def max_pool2d_backward(grad_output, indices, input_shape):
-    """grad_input of max_pool2d from its int64 indices (flattened per H*W plane) on device arrays."""
+    """grad_input of max_pool2d from its int64 indices (flattened per H*W plane) on device arrays.
+
+    Unlike the CPU, an index outside its plane is skipped, not reported:
+    checking would synchronise with the device.
+    """
     rt = runtime()
     _require_device({"indices": indices})
     if rt.kernels is None:
         return on_cpu(rt, _cpu_op("max_pool2d_backward"), (grad_output, indices, input_shape), {}, grad_output)
-    shape = tuple(operator.index(s) for s in input_shape)
+    try:
+        shape = tuple(operator.index(s) for s in input_shape)
+    except TypeError:
+        raise TypeError("input_shape: expected a sequence of ints") from None
     with _Launch(rt, grad_output, "grad_output") as L:
         go = L.input_array(grad_output, "grad_output")
         idx = L.input_array(indices, "indices", (_INT64,))
-        if len(shape) not in (3, 4) or go.ndim != len(shape) or any(s <= 0 for s in shape[-3:]) or min(shape) < 0:
-            raise ValueError(f"input_shape: expected (N, C, H, W) or (C, H, W) matching grad_output's "
-                             f"{go.ndim} dimensions, got {shape}")
+        if len(shape) != go.ndim or len(shape) not in (3, 4):
+            raise ValueError(f"input_shape: expected {go.ndim} dimensions like grad_output "
+                             f"(3-D unbatched or 4-D), got {shape}")
+        if any(s < 0 for s in shape):
+            raise ValueError(f"input_shape: sizes must be non-negative, got {shape}")
         _expect_shape(idx, go.shape, "indices")
         if go.shape[:-2] != shape[:-2]:
             raise ValueError(f"grad_output: leading dimensions {go.shape[:-2]} differ from input_shape's {shape[:-2]}")
         planes = int(np.prod(shape[:-2], dtype=np.int64))
         gi = L.output(shape, go.dtype)
-        if gi.size and go.shape[-1] * go.shape[-2] > 0:
-            L.kernels.max_pool2d_backward(_f64(go), go.ptr, idx.ptr, gi.ptr, planes, shape[-2] * shape[-1],
-                                          go.shape[-2] * go.shape[-1], L.device, L.stream)
+        if gi.size:
+            if go.size:
+                L.kernels.max_pool2d_backward(_f64(go), go.ptr, idx.ptr, gi.ptr, planes, shape[-2] * shape[-1],
+                                              go.shape[-2] * go.shape[-1], L.device, L.stream)
+            else:
+                raise ValueError(f"grad_output: empty pooled planes for a non-empty input_shape {shape}")
         return L.result(gi)
 
 
-def linear_backward(grad_output, input, weight, *, output_mask=None):
+def linear_backward(grad_output, input, weight, *, output_mask=(True, True, True)):
     """(grad_input, grad_weight, grad_bias) of linear on device arrays (2-D weight; any leading input dims)."""
     rt = runtime()
     _require_device({"weight": weight, "grad_output": grad_output})
@@ -923,23 +1023,27 @@ def linear_backward(grad_output, input, weight, *, output_mask=None):
                       input)
     mask = _mask(output_mask)
     with _Launch(rt, input) as L:
+        go = L.input_array(grad_output, "grad_output")
         x = L.input_array(input, "input")
         w = L.input_array(weight, "weight")
-        go = L.input_array(grad_output, "grad_output")
-        _check_same_dtype(x, w, "weight")
-        _check_same_dtype(x, go, "grad_output")
+        _check_same_dtype(go, x, "input")
+        _check_same_dtype(go, w, "weight")
         if w.ndim != 2:
             raise ValueError(f"weight: expected a 2-D array (out_features, in_features), got shape {w.shape}")
-        if x.ndim < 1 or x.shape[-1] != w.shape[1]:
-            raise ValueError(f"input: expected a last dimension of {w.shape[1]}, got shape {x.shape}")
+        if x.ndim < 1:
+            raise ValueError("input: expected at least 1 dimension, got a 0-d array")
         N, K = w.shape
+        if x.shape[-1] != K:
+            raise ValueError(f"weight: expected {x.shape[-1]} input features to match input's last dimension, "
+                             f"got weight of shape {w.shape}")
         _expect_shape(go, x.shape[:-1] + (N,), "grad_output")
         M = int(np.prod(x.shape[:-1], dtype=np.int64))
         gi = L.output(x.shape, x.dtype) if mask[0] else None
         gw = L.output(w.shape, x.dtype) if mask[1] else None
         gb = L.output((N,), x.dtype) if mask[2] else None
-        L.kernels.linear_backward(_f64(x), go.ptr, x.ptr, w.ptr, gi.ptr if gi else 0, gw.ptr if gw else 0,
-                                  gb.ptr if gb else 0, M, K, N, L.device, L.stream)
+        if any(g is not None and g.size for g in (gi, gw, gb)):
+            L.kernels.linear_backward(_f64(x), go.ptr, x.ptr, w.ptr, gi.ptr if gi else 0, gw.ptr if gw else 0,
+                                      gb.ptr if gb else 0, M, K, N, L.device, L.stream)
         return tuple(None if g is None else L.result(g) for g in (gi, gw, gb))
 
 
@@ -960,71 +1064,74 @@ def relu_backward(grad_output, output):
         return L.result(gi)
 
 
-_REDUCTIONS = ("none", "mean", "sum")
+_REDUCTIONS = ("mean", "sum", "none")
 
 
-def _ce_layout(x, t):
-    """(outer, classes, inner) of logits (N, C, d...) or (C,), checking target (N, d...) or ()."""
-    if x.ndim < 1:
-        raise ValueError("input: expected at least 1 dimension (classes), got a 0-d array")
-    if x.ndim == 1:
-        outer, classes, inner, want = 1, x.shape[0], 1, ()
-    else:
-        outer, classes = x.shape[0], x.shape[1]
-        inner = int(np.prod(x.shape[2:], dtype=np.int64))
-        want = (x.shape[0],) + x.shape[2:]
-    if classes == 0:
-        raise ValueError(f"input: expected at least one class, got shape {x.shape}")
-    _expect_shape(t, want, "target")
-    return outer, classes, inner, want
-
-
-def _reduction(reduction):
+def _ce_args(x, t, reduction, ignore_index):
+    """The CPU API's contract: (N, C) logits, (N,) int64 targets. (The kernels also take
+    (N, C, d...) and (C,); the CPU library does not, and a program must run on both.)"""
+    if x.ndim != 2:
+        raise ValueError(f"input: expected a 2-D array (N, C) of logits, got shape {x.shape}")
+    _expect_shape(t, x.shape[:1], "target")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected 'none', 'mean' or 'sum', got {reduction!r}")
-    return reduction
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}") from None
 
 
 def cross_entropy(input, target, *, reduction="mean", ignore_index=-100):
-    """softmax + cross-entropy of logits against int64 class indices, on device arrays."""
+    """softmax + cross-entropy of (N, C) logits against int64 class indices, on device arrays.
+
+    Unlike the CPU, a target outside [0, C) that is not ignore_index gives
+    NaN instead of an error: checking would synchronise with the device.
+    """
     rt = runtime()
     _require_device({"target": target})
     if rt.kernels is None:
         return on_cpu(rt, _cpu_op("cross_entropy"), (input, target),
                       {"reduction": reduction, "ignore_index": ignore_index}, input)
-    reduction = _reduction(reduction)
-    ignore_index = operator.index(ignore_index)
     with _Launch(rt, input) as L:
         x = L.input_array(input, "input")
         t = L.input_array(target, "target", (_INT64,))
-        outer, classes, inner, tshape = _ce_layout(x, t)
-        loss = L.output(tshape if reduction == "none" else (), x.dtype)
+        ignore_index = _ce_args(x, t, reduction, ignore_index)
+        loss = L.output(t.shape if reduction == "none" else (), x.dtype)
         if loss.size:
-            L.kernels.cross_entropy(_f64(x), x.ptr, t.ptr, loss.ptr, outer, classes, inner, reduction, ignore_index,
-                                    L.device, L.stream)
+            L.kernels.cross_entropy(_f64(x), x.ptr, t.ptr, loss.ptr, x.shape[0], x.shape[1], 1, reduction,
+                                    ignore_index, L.device, L.stream)
         return L.result(loss)
 
 
 def cross_entropy_backward(grad_loss, input, target, *, reduction="mean", ignore_index=-100):
-    """grad_input of cross_entropy on device arrays; grad_loss is read on the device (no synchronisation)."""
+    """grad_input of cross_entropy on device arrays. grad_loss is a device array (read on the
+    device: no synchronisation) or a number (copied to the device)."""
     rt = runtime()
-    _require_device({"grad_loss": grad_loss, "target": target})
+    _require_device({"target": target})
     if rt.kernels is None:
         return on_cpu(rt, _cpu_op("cross_entropy_backward"), (grad_loss, input, target),
                       {"reduction": reduction, "ignore_index": ignore_index}, input)
-    reduction = _reduction(reduction)
-    ignore_index = operator.index(ignore_index)
     with _Launch(rt, input) as L:
         x = L.input_array(input, "input")
         t = L.input_array(target, "target", (_INT64,))
+        ignore_index = _ce_args(x, t, reduction, ignore_index)
+        if not is_device_array(grad_loss):
+            if isinstance(grad_loss, np.ndarray) and grad_loss.dtype != x.dtype:
+                raise TypeError(f"grad_loss: dtype {grad_loss.dtype} does not match input dtype {x.dtype}")
+            try:
+                host = np.asarray(grad_loss, dtype=x.dtype)
+            except (TypeError, ValueError):
+                raise TypeError(f"grad_loss: expected a device array or a number, "
+                                f"got {type(grad_loss).__name__}") from None
+            grad_loss = L.xp.asarray(host)
+            L._keep.append(grad_loss)
         g = L.input_array(grad_loss, "grad_loss")
         _check_same_dtype(x, g, "grad_loss")
-        outer, classes, inner, tshape = _ce_layout(x, t)
-        _expect_shape(g, tshape if reduction == "none" else (), "grad_loss")
+        _expect_shape(g, t.shape if reduction == "none" else (), "grad_loss")
         gi = L.output(x.shape, x.dtype)
         if gi.size:
-            L.kernels.cross_entropy_backward(_f64(x), g.ptr, x.ptr, t.ptr, gi.ptr, outer, classes, inner, reduction,
-                                             ignore_index, L.device, L.stream)
+            L.kernels.cross_entropy_backward(_f64(x), g.ptr, x.ptr, t.ptr, gi.ptr, x.shape[0], x.shape[1], 1,
+                                             reduction, ignore_index, L.device, L.stream)
         return L.result(gi)
 
 

@@ -6,6 +6,9 @@ of one dtype; any layout is accepted (a non-contiguous array is read through
 one contiguous copy); inputs are never modified and results are new
 C-contiguous arrays. ``output_mask`` says which gradients to compute, as in
 torch's ``convolution_backward``: a ``False`` entry gives ``None``.
+
+Device arrays (CuPy, ``__cuda_array_interface__``, CUDA DLPack) run on the
+CUDA backward kernels and return device arrays (see ``_device.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import operator
 
 import numpy as np
 
-from . import _core
+from . import _core, _device
 from ._args import check_array, spatial_input
 from .functional import _activation, _conv_args
 
@@ -74,6 +77,9 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     ``output_mask`` is False. ``padding`` takes the forms ``conv2d`` takes
     (int, pair, ``'same'``, ``'valid'``).
     """
+    if _device.is_device_array(input):
+        return _device.conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups,
+                                       output_mask=output_mask)
     mask, x, batched, gy, stride, pads, dilation, groups, (P, Q) = _conv_common(
         grad_output, input, weight, stride, padding, dilation, groups, output_mask)
     expected = (x.shape[0], weight.shape[0], P, Q)
@@ -94,6 +100,9 @@ def conv2d_max_pool2d_backward(grad_output, input, weight, output, indices, stri
     ``output <= 0``), one image at a time inside the convolution's backward:
     no array of the convolution output's size is made.
     """
+    if _device.is_device_array(input):
+        return _device.conv2d_max_pool2d_backward(grad_output, input, weight, output, indices, stride, padding,
+                                                  dilation, groups, activation=activation, output_mask=output_mask)
     mask, x, batched, gy, stride, pads, dilation, groups, _ = _conv_common(
         grad_output, input, weight, stride, padding, dilation, groups, output_mask)
     _same_dtype(grad_output, output, "output")
@@ -119,6 +128,8 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     (int64, flattened per H*W plane); overlapping windows add up. Indices
     outside the plane raise ValueError.
     """
+    if _device.is_device_array(grad_output):
+        return _device.max_pool2d_backward(grad_output, indices, input_shape)
     check_array(grad_output, "grad_output")
     if not isinstance(indices, np.ndarray):
         raise TypeError(f"indices: expected a numpy.ndarray, got {type(indices).__name__}")
@@ -147,6 +158,8 @@ def linear_backward(grad_output, input, weight, *, output_mask=(True, True, True
     Returns ``(grad_input, grad_weight, grad_bias)`` (grad_input shaped like
     ``input``), ``None`` where ``output_mask`` is False.
     """
+    if _device.is_device_array(input):
+        return _device.linear_backward(grad_output, input, weight, output_mask=output_mask)
     check_array(grad_output, "grad_output")
     _same_dtype(grad_output, input, "input")
     _same_dtype(grad_output, weight, "weight")
@@ -177,6 +190,8 @@ def relu_backward(grad_output, output):
     As torch's ``threshold_backward``: zero exactly where ``output <= 0``,
     so a NaN output passes its gradient on.
     """
+    if _device.is_device_array(grad_output):
+        return _device.relu_backward(grad_output, output)
     check_array(grad_output, "grad_output")
     _same_dtype(grad_output, output, "output")
     if output.shape != grad_output.shape:
@@ -210,6 +225,8 @@ def cross_entropy(input, target, *, reduction="mean", ignore_index=-100):
     maximum subtracted, sums in float64). ``reduction`` is ``'mean'`` (over
     the rows not ignored), ``'sum'`` (both 0-d arrays) or ``'none'`` ((N,)).
     """
+    if _device.is_device_array(input):
+        return _device.cross_entropy(input, target, reduction=reduction, ignore_index=ignore_index)
     ignore_index = _ce_args(input, target, reduction, ignore_index)
     return _core.cross_entropy(input, target, reduction, ignore_index)
 
@@ -217,6 +234,9 @@ def cross_entropy(input, target, *, reduction="mean", ignore_index=-100):
 def cross_entropy_backward(grad_loss, input, target, *, reduction="mean", ignore_index=-100):
     """Gradient of ``cross_entropy`` w.r.t. its logits: ``(softmax(input) - onehot(target))``
     scaled by ``grad_loss`` (divided by the rows counted for ``'mean'``); 0 on ignored rows."""
+    if _device.is_device_array(input):
+        return _device.cross_entropy_backward(grad_loss, input, target, reduction=reduction,
+                                              ignore_index=ignore_index)
     ignore_index = _ce_args(input, target, reduction, ignore_index)
     if not isinstance(grad_loss, np.ndarray):
         grad_loss = np.asarray(grad_loss, dtype=input.dtype)

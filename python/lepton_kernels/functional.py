@@ -229,7 +229,8 @@ def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
     """
     if type(input) is not np.ndarray and _device.is_device_array(input):
         return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation, out=out,
-                              pool=(kernel_size, pool_stride, pool_padding, pool_dilation), ceil_mode=ceil_mode)
+                              pool=(kernel_size, pool_stride, pool_padding, pool_dilation), ceil_mode=ceil_mode,
+                              return_indices=return_indices)
     x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
                                                                     dilation, groups)
     K = weight.shape[0]
