@@ -528,3 +528,23 @@ def test_nhwc_input_model(rng):
                                                                           init("wl", wl)])
     g = assert_matches_ort(m, {"x": x})
     assert g.layout == "nhwc" and g.input_shape == (None, 9, 9, 2)
+
+
+def test_external_data(rng, tmp_path):
+    """Weights stored beside the model (onnx's external data, as for models over 2 GB)."""
+    w, b = randn(rng, 6, 3, 3, 3), randn(rng, 6)
+    wl = randn(rng, 6 * 4 * 4, 3)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "wl"], ["y"])]
+    m = make_model(nodes, [vinfo("x", ["N", 3, 8, 8])], [vinfo("y", None)],
+                   [init("w", w), init("b", b), init("wl", wl)])
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+                    size_threshold=0)
+    assert (tmp_path / "ext.data").exists()
+    g = lk.load_model(path)
+    x = randn(rng, 2, 3, 8, 8)
+    assert rel_err(g(x), ort_run(onnx.load(str(path)), {"x": x})[0]) < RTOL  # onnx.load reads the data file
