@@ -6,6 +6,7 @@
 """
 
 from ._core import __version__
+from ._device import LeptonFallbackWarning
 from .backward import (
     adam_step,
     conv2d_backward,
@@ -70,6 +71,7 @@ __all__ = [
     "explain",
     "get_config",
     "show_config",
+    "LeptonFallbackWarning",
     "conv2d_backward",
     "conv2d_max_pool2d_backward",
     "max_pool2d_backward",
@@ -79,3 +81,12 @@ __all__ = [
     "cross_entropy_backward",
     "adam_step",
 ]
+
+
+def __getattr__(name):
+    # lk.torch is imported on first use: importing lepton_kernels must not import torch.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -563,12 +563,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if threads < 1:
         ap.error("--threads: must be at least 1")
     workloads = wl.select(args.filter)
-    if not workloads:
+    from . import torch_rows
+
+    workflows = torch_rows.select(args.filter)  # whole PyTorch workflows (need torch), after the workloads
+    if not workloads and not workflows:
         ap.error(f"--filter: no workload name contains {args.filter!r}")
     if args.list:
-        width = max(len(w.name) for w in workloads)
+        width = max(len(w.name) for w in (*workloads, *workflows))
         for w in workloads:
             print(f"{w.name:<{width}}  {_fmt_work(w.flops):>8} MFLOP  {w.describe()}")
+        for r in workflows:
+            print(f"{r.name:<{width}}  {'':>8}        {r.description}")
         return 0
 
     out = sys.stdout
@@ -577,12 +582,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ceiling = measure_ceiling(settings.ceiling_size, threads, settings.ceiling_repeat, peers)
     _print_header(out, threads, machine, ceiling, settings)
 
-    table = _result_table(workloads, peers, out)
-    table.header()
     start = time.perf_counter()
     load = CpuLoad().start()
-    results = run(workloads, peers, threads, settings, ceiling["gflops"],
-                  on_result=lambda r: table.row(_cells(r, peers)))
+    results = []
+    if workloads:
+        table = _result_table(workloads, peers, out)
+        table.header()
+        results = run(workloads, peers, threads, settings, ceiling["gflops"],
+                      on_result=lambda r: table.row(_cells(r, peers)))
+    workflow_results = torch_rows.run_rows(workflows, threads, settings, out) if workflows else []
     other_load = load.stop()
     elapsed = time.perf_counter() - start
     _print_footer(out, results, other_load, machine["usable_cpus"], elapsed)
@@ -595,6 +603,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "elapsed_s": elapsed,
             "other_load_cpus": other_load,
             "workloads": [asdict(r) for r in results],
+            "workflows": workflow_results,
         }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
