@@ -16,6 +16,7 @@ Formats, chosen by the file's content (then its suffix):
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 
 from .graph import Graph, Node, TensorInfo, UnsupportedOperatorError
@@ -33,7 +34,7 @@ def _zip_names(path):
 
 
 def load_model(path):
-    """Load a model from an ONNX, Keras 3 (.keras) or lepton (.lk/.npz) file.
+    """Load a model from an ONNX, Keras 3 (.keras) or lepton (.lk/.npz) file (or an ``onnx.ModelProto``).
 
     Returns a callable model, ``model(x) -> y`` on NumPy arrays, with
     ``input_shape`` (None for dimensions known only at run time),
@@ -41,14 +42,16 @@ def load_model(path):
     file of no known format, :class:`UnsupportedOperatorError` (a ValueError)
     listing every operator of the model that lepton cannot run.
     """
+    onnx = sys.modules.get("onnx")  # a ModelProto means onnx is imported already; never import it here
+    if onnx is not None and isinstance(path, onnx.ModelProto):
+        from .onnx_import import load_onnx
+        return _maybe_sequential(load_onnx(path))
     try:
-        import onnx
-        if isinstance(path, onnx.ModelProto):
-            from .onnx_import import load_onnx
-            return _maybe_sequential(load_onnx(path))
-    except ImportError:
-        pass
-    p = os.fspath(path)
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path: expected a file path or an onnx.ModelProto, got {type(path).__name__}") from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
     if not os.path.exists(p):
         raise FileNotFoundError(f"path: no such file: {p!r}")
     if os.path.isdir(p):

@@ -516,8 +516,15 @@ class Graph:
 
     @property
     def layout(self) -> str:
-        """'nchw' or 'nhwc': how the first input holds an image (Keras models take NHWC)."""
-        return self.metadata.get("layout", "nchw")
+        """'nchw' or 'nhwc': how the first input holds an image (Keras models take NHWC, and so do graphs
+        that begin by transposing NHWC to NCHW, as converted TensorFlow models do)."""
+        if "layout" in self.metadata:
+            return self.metadata["layout"]
+        if self.inputs and self.inputs[0].shape is not None and len(self.inputs[0].shape) == 4:
+            users = [n for n in self.nodes if self.inputs[0].name in n.inputs]
+            if users and all(n.op == "Transpose" and list(n.attrs.get("perm", ())) == [0, 3, 1, 2] for n in users):
+                return "nhwc"
+        return "nchw"
 
     def num_parameters(self) -> int:
         return int(sum(v.size for v in self.params.values()))
@@ -566,7 +573,10 @@ def _check_input(x, info):
                 raise ValueError(f"{info.name}: expected shape {_shape_str(info.shape)}, got {x.shape} "
                                  f"(dimension {d})")
     if x.dtype != info.dtype:
-        if x.dtype.kind not in "fiub" or (info.dtype.kind == "f" and x.dtype.kind not in "fiu"):
+        # Numbers convert to the model's dtype (float64 data to a float32 model); nothing converts to
+        # integers from floats, or to or from booleans.
+        want, got = info.dtype.kind, x.dtype.kind
+        if not ((want == "f" and got in "fiu") or (want in "iu" and got in "iu")):
             raise TypeError(f"{info.name}: expected dtype {info.dtype}, got {x.dtype}")
         x = x.astype(info.dtype)
     return x
