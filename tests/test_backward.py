@@ -237,6 +237,20 @@ def test_fused_backward_matches_reference(dtype, pool, activation, rng):
     check_fused_backward(rng, (2, 11, 10), (5, 2, 3, 3), dict(padding="same"), pool, activation, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_backward_threads_and_isa(isa, dtype, rng, restore_threads):
+    # Fewer images than threads (grad_input by channel blocks) and more, at
+    # every ISA level: the pooled gradient scattered into GEMM panels and
+    # into full images must agree with the reference.
+    for threads in (1, 2, 3):
+        lk.set_num_threads(threads)
+        for n in (1, 4):
+            check_fused_backward(rng, (n, 3, 14, 13), (12, 3, 3, 3), dict(padding=1), dict(kernel_size=2), "relu",
+                                 dtype)
+            check_fused_backward(rng, (n, 1, 12, 12), (32, 1, 3, 3), {}, dict(kernel_size=2), "relu", dtype,
+                                 mask=(False, True, True))
+
+
 def test_fused_backward_seed_network(rng):
     for dtype in DTYPES:
         check_fused_backward(rng, (64, 1, 28, 28), (32, 1, 3, 3), {}, dict(kernel_size=2), "relu", dtype,
@@ -336,15 +350,18 @@ def test_max_pool2d_backward_fills_pooled_memory(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_relu_backward(dtype, rng):
+def test_relu_backward(isa, dtype, rng):
     for shape in [(), (1,), (7, 5), (3, 4, 5, 6), (300_001,)]:
         y = ref.randn(rng, shape, dtype)
         y[...] = np.maximum(y, 0)
         if y.size > 4:
             y.flat[:4] = [0.0, -0.0, np.nan, 1e-30]
         gy = ref.randn(rng, shape, dtype)
+        copies = (gy.copy(), y.copy())
         got = lk.relu_backward(gy, y)
         ref.assert_identical(got, rb.relu_backward(gy, y).astype(dtype))
+        ref.assert_identical(gy, copies[0])
+        ref.assert_identical(y, copies[1])
     # Any layout.
     y = np.maximum(ref.randn(rng, (6, 8), dtype), 0)
     gy = ref.randn(rng, (8, 6), dtype).T
@@ -495,7 +512,7 @@ def test_cross_entropy_errors():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [1, 7, 16, 1000, 200_003])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_adam_step(dtype, size, weight_decay, rng):
+def test_adam_step(isa, dtype, size, weight_decay, rng):
     p0 = ref.randn(rng, size, dtype)
     grads = [ref.randn(rng, size, dtype) for _ in range(5)]
     p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)

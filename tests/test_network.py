@@ -325,12 +325,20 @@ def test_describe(rng, restore_threads):
                  "arena_bytes=", "predicted_us=", "threads=2"):
         assert part in d1, (part, d1)
     d64 = seq.describe(np.zeros((64, 1, 28, 28), np.float32))
-    assert "mode: tile" in d64 and "2 lanes of 32 images" in d64, d64
+    assert "mode: tile" in d64 and "2 lanes" in d64 and "about 32 images each" in d64, d64
     assert "out=pixels_x_channels" in d64 and "in=pixels_x_channels" in d64
     seq(np.zeros((5, 1, 28, 28), np.float32))
     assert "with N=5" in seq.describe()
     cif = cifar(rng).sequential().describe((64, 3, 32, 32))
-    assert "conv2d+max_pool2d+relu" in cif and "linear+relu" in cif, cif
+    assert "[layers 2-3] conv2d(direct)+relu+max_pool2d" in cif and "linear+relu" in cif, cif
+    # Filters not a multiple of 16: the GEMM convolution with pooling fused band by band.
+    gemm = Net(rng, (3, 12, 12), [("conv", dict(k=24, padding=1)), ("relu", {}), ("pool", dict(kernel=2, stride=2)),
+                                  ("flatten", {}), ("linear", dict(n=5))])
+    gseq = gemm.sequential()
+    d = gseq.describe((2, 3, 12, 12))
+    assert "[layers 0-2] conv2d+max_pool2d+relu" in d and "pooled_rows_per_band=" in d, d
+    x = _input(rng, gemm, 2)
+    gemm.check(gseq(x), x)
     assert seq.arena_bytes((64, 1, 28, 28)) > 0
 
 
@@ -550,3 +558,16 @@ def test_concurrent_calls(rng):
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_degenerate_linear_shapes(rng):
+    # in_features 0 (the bias alone), rows of several dimensions, a single feature.
+    b = _uniform(rng, (4,), 1)
+    seq = lk.Sequential([lk.Linear(np.zeros((4, 0), np.float32), b, activation="relu")])
+    np.testing.assert_array_equal(seq(np.zeros((3, 0), np.float32)), np.broadcast_to(np.maximum(b, 0), (3, 4)))
+    net = Net(rng, (5, 7), [("linear", dict(n=3, relu=True)), ("linear", dict(n=2))])
+    x = rng.standard_normal((4, 5, 7)).astype(np.float32)
+    net.check(net.sequential()(x), x)
+    net = Net(rng, (1,), [("linear", dict(n=1))])
+    x = rng.standard_normal((6, 1)).astype(np.float32)
+    net.check(net.sequential()(x), x)

@@ -7,6 +7,7 @@ namespace lk::bindings {
 void register_ops(py::module_& m);
 void register_config(py::module_& m);
 void register_layers(py::module_& m);
+void register_cuda(py::module_& m);
 void register_backward(py::module_& m);
 void register_network(py::module_& m);
 }  // namespace lk::bindings
@@ -17,6 +18,7 @@ PYBIND11_MODULE(_core, m) {
   lk::bindings::register_ops(m);
   lk::bindings::register_config(m);
   lk::bindings::register_layers(m);
+  lk::bindings::register_cuda(m);
   lk::bindings::register_backward(m);
   lk::bindings::register_network(m);
 }

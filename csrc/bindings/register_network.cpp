@@ -113,7 +113,8 @@ class Network {
     Input x = input_view(input, "input", static_cast<int>(input.ndim()));
     if (x.view.dtype != DType::f32)
       throw py::type_error(cat("input: expected dtype float32 (the network's weights), got ", dtype_name(x.view.dtype)));
-    LK_CHECK(net_->strided_input() || x.view.is_contiguous(), "input: must be C-contiguous for this network");
+    LK_CHECK(net_->strided_input() || (x.array.flags() & py::array::c_style) != 0,
+             "input: must be C-contiguous for this network");
     const std::vector<int64_t> in_shape(x.view.shape, x.view.shape + x.view.ndim);
     const auto plan = net_->plan_for(in_shape);
     const std::vector<int64_t>& shape = cpu::Network::output_shape(*plan);

@@ -111,10 +111,9 @@ Pool2dDesc pool_over(const Conv2dDesc& conv, const Pool2dDesc& pool) {
   return p;
 }
 
-// Blocks a GPU keeps in flight at once, for the tile choice: three of this
-// kernel's blocks fit an H100 SM by registers, and it has 132 SMs. Fewer
-// SMs only make the choice a little conservative.
-constexpr int64_t kResidentBlocks = 3 * 132;
+// Blocks of this kernel an SM keeps in flight, for the tile choice: three
+// fit by registers (63-72 per thread x 256 threads).
+constexpr int64_t kBlocksPerSm = 3;
 
 // The pooled tile with the least predicted time: waves of resident blocks
 // times the BN-pixel chunks each block computes (its footprint, halo
@@ -122,7 +121,8 @@ constexpr int64_t kResidentBlocks = 3 * 132;
 // leaves SMs idle on small problems (one image of a ResNet layer). Ties go to
 // fewer blocks (less padding in partial tiles), then more pooled outputs per
 // block, then wider tiles (coalesced stores).
-ConvPoolTile choose_tile(const Conv2dDesc& conv, const Pool2dDesc& p, int footprint) {
+ConvPoolTile choose_tile(const Conv2dDesc& conv, const Pool2dDesc& p, int footprint, int sm_count) {
+  const int64_t resident_blocks = kBlocksPerSm * sm_count;
   // Footprint extent of `t` pooled outputs along one axis, clipped to the
   // convolution output: an upper bound wherever the tile lies.
   auto span = [](int64_t t, int64_t stride, int64_t k, int64_t dil, int64_t size) {
@@ -139,7 +139,7 @@ ConvPoolTile choose_tile(const Conv2dDesc& conv, const Pool2dDesc& p, int footpr
       const int64_t pixels = span(r, p.stride_h, p.kh, p.dil_h, p.H) * fw;
       if (pixels > footprint) break;
       const int64_t blocks = ceil_div(p.P(), r) * ceil_div(p.Q(), c) * blocks_per_tile;
-      const int64_t cost = ceil_div(blocks, kResidentBlocks) * ceil_div(pixels, Gemm::BN);
+      const int64_t cost = ceil_div(blocks, resident_blocks) * ceil_div(pixels, Gemm::BN);
       const bool better = best.rows == 0 || cost < best_cost ||
                           (cost == best_cost && (blocks < best_blocks ||
                                                  (blocks == best_blocks && r * c >= int64_t{best.rows} * best.cols)));
@@ -154,11 +154,17 @@ ConvPoolTile choose_tile(const Conv2dDesc& conv, const Pool2dDesc& p, int footpr
 
 template <class T>
 void run_conv_pool(const Conv2dDesc& conv, const Pool2dDesc& pool, const T* x, const T* w, const T* bias, T* y,
-                   Stream stream) {
+                   Stream stream, const ConvPoolTile* planned) {
   check_conv2d(conv);
   const Pool2dDesc p = pool_over(conv, pool);
   check_pool(p);
-  const ConvPoolTile tile = choose_tile(conv, p, kFootprint<T>);
+  const ConvPoolTile tile = planned ? *planned : choose_tile(conv, p, kFootprint<T>, kDefaultSmCount);
+  if (planned && tile.rows != 0) {
+    // A tile from another descriptor could overflow the block's footprint.
+    const int64_t rows = std::min((tile.rows - 1) * p.stride_h + (p.kh - 1) * p.dil_h + 1, p.H);
+    const int64_t cols = std::min((tile.cols - 1) * p.stride_w + (p.kw - 1) * p.dil_w + 1, p.W);
+    require(tile.rows > 0 && tile.cols > 0 && rows * cols <= kFootprint<T>, "tile: does not fit the fused kernel");
+  }
   if (tile.rows == 0) {
     Workspace<T> full(static_cast<size_t>(conv.N * conv.K * conv.P() * conv.Q()), stream);
     conv2d(conv, x, w, bias, full.get(), stream);
@@ -185,21 +191,22 @@ void run_conv_pool(const Conv2dDesc& conv, const Pool2dDesc& pool, const T* x, c
 
 }  // namespace
 
-ConvPoolTile conv_pool_tile(const Conv2dDesc& conv, const Pool2dDesc& pool, bool f64) {
+ConvPoolTile conv_pool_tile(const Conv2dDesc& conv, const Pool2dDesc& pool, bool f64, int sm_count) {
   check_conv2d(conv);
   const Pool2dDesc p = pool_over(conv, pool);
   check_pool(p);
-  return choose_tile(conv, p, f64 ? kFootprint<double> : kFootprint<float>);
+  require(sm_count > 0, "sm_count: must be positive");
+  return choose_tile(conv, p, f64 ? kFootprint<double> : kFootprint<float>, sm_count);
 }
 
 void conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& pool, const float* x, const float* w,
-                       const float* bias, float* y, Stream stream) {
-  run_conv_pool(conv, pool, x, w, bias, y, stream);
+                       const float* bias, float* y, Stream stream, const ConvPoolTile* tile) {
+  run_conv_pool(conv, pool, x, w, bias, y, stream, tile);
 }
 
 void conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& pool, const double* x, const double* w,
-                       const double* bias, double* y, Stream stream) {
-  run_conv_pool(conv, pool, x, w, bias, y, stream);
+                       const double* bias, double* y, Stream stream, const ConvPoolTile* tile) {
+  run_conv_pool(conv, pool, x, w, bias, y, stream, tile);
 }
 
 }  // namespace lk::cuda

@@ -14,14 +14,18 @@ namespace lk::cuda {
 struct ConvPoolTile {
   int rows = 0, cols = 0;
 };
-ConvPoolTile conv_pool_tile(const Conv2dDesc& conv, const Pool2dDesc& pool, bool f64);
+// The tile depends on the device through its multiprocessors: the cost
+// model counts waves of resident blocks (docs/gpu-design.md).
+constexpr int kDefaultSmCount = 132;  // an H100
+ConvPoolTile conv_pool_tile(const Conv2dDesc& conv, const Pool2dDesc& pool, bool f64, int sm_count = kDefaultSmCount);
 
 // pool: kernel, stride, padding, dilation, ceil_mode; its N, C, H, W are
 // those of the convolution's output. x, w, bias as for conv2d; y is
-// N x K x P' x Q' (pooled), contiguous device memory.
+// N x K x P' x Q' (pooled), contiguous device memory. `tile` is a plan's
+// conv_pool_tile for this call (null: chosen here for kDefaultSmCount).
 void conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& pool, const float* x, const float* w,
-                       const float* bias, float* y, Stream stream);
+                       const float* bias, float* y, Stream stream, const ConvPoolTile* tile = nullptr);
 void conv2d_max_pool2d(const Conv2dDesc& conv, const Pool2dDesc& pool, const double* x, const double* w,
-                       const double* bias, double* y, Stream stream);
+                       const double* bias, double* y, Stream stream, const ConvPoolTile* tile = nullptr);
 
 }  // namespace lk::cuda

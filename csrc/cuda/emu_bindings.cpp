@@ -18,8 +18,15 @@
 #include <string>
 #include <vector>
 
+#include "bindings/cuda_ops.h"
 #include "core/descriptors.h"
+#include "core/plan_cache.h"
 #include "cuda/activation.cuh"
+#include "cuda/activation_backward.cuh"
+#include "cuda/conv2d_backward.cuh"
+#include "cuda/emu_runtime.h"
+#include "cuda/linear_backward.cuh"
+#include "cuda/maxpool_backward.cuh"
 #include "cuda/conv2d.cuh"
 #include "cuda/conv_pool.cuh"
 #include "cuda/emulator.h"
@@ -263,6 +270,140 @@ py::array softmax_impl(const py::array& x, int64_t dim, bool log, lk::cuda::Soft
   return to_numpy(yb, shape_of(x), "the softmax output");
 }
 
+// ---- backward ----
+
+template <class T>
+py::object optional_output(bool wanted, Buffer<T>& b, const std::vector<py::ssize_t>& shape, const char* what) {
+  if (!wanted) return py::none();
+  return to_numpy(b, shape, what);
+}
+
+template <class T>
+py::tuple conv2d_backward_impl(const lk::Conv2dDesc& d, const py::array& go, const py::array& x, const py::array& w,
+                               std::array<bool, 3> mask) {
+  lk::cuda::check_conv2d_backward(d);
+  expect_ndim(go, 4, "grad_output");
+  same_dtype(x, go, "grad_output");
+  if (go.shape(0) != d.N || go.shape(1) != d.K || go.shape(2) != d.P() || go.shape(3) != d.Q())
+    throw py::value_error("grad_output: shape differs from the convolution's output");
+  auto gob = input_buffer<T>(go), xb = input_buffer<T>(x), wb = input_buffer<T>(w);
+  auto gi = output_buffer<T>(mask[0] ? d.N * d.C * d.H * d.W : 0);
+  auto gw = output_buffer<T>(mask[1] ? d.K * d.Cg() * d.R * d.S : 0);
+  auto gb = output_buffer<T>(mask[2] ? d.K : 0);
+  {
+    py::gil_scoped_release release;
+    lk::cuda::conv2d_backward(d, gob.get(), xb.get(), wb.get(), mask[0] ? gi.get() : nullptr,
+                              mask[1] ? gw.get() : nullptr, mask[2] ? gb.get() : nullptr, Stream{});
+  }
+  return py::make_tuple(optional_output(mask[0], gi, shape_of(x), "grad_input"),
+                        optional_output(mask[1], gw, shape_of(w), "grad_weight"),
+                        optional_output(mask[2], gb, {d.K}, "grad_bias"));
+}
+
+template <class T>
+py::array max_pool2d_backward_impl(const py::array& go, const py::array& indices, std::array<int64_t, 4> in) {
+  expect_ndim(go, 4, "grad_output");
+  expect_ndim(indices, 4, "indices");
+  if (!indices.dtype().equal(py::dtype::of<int64_t>())) throw py::type_error("indices: expected int64");
+  for (int i = 0; i < 4; ++i)
+    if (indices.shape(i) != go.shape(i)) throw py::value_error("indices: shape differs from grad_output's");
+  if (go.shape(0) != in[0] || go.shape(1) != in[1]) throw py::value_error("input_shape: N, C differ from grad_output's");
+  auto gob = input_buffer<T>(go);
+  auto ib = input_buffer<int64_t>(indices);
+  const int64_t planes = in[0] * in[1], HW = in[2] * in[3], PQ = go.shape(2) * go.shape(3);
+  auto gi = output_buffer<T>(planes * HW);
+  {
+    py::gil_scoped_release release;
+    lk::cuda::max_pool2d_backward(gob.get(), ib.get(), gi.get(), planes, HW, PQ, Stream{});
+  }
+  return to_numpy(gi, {in[0], in[1], in[2], in[3]}, "grad_input");
+}
+
+template <class T>
+py::tuple linear_backward_impl(const py::array& go, const py::array& x, const py::array& w, std::array<bool, 3> mask) {
+  lk::LinearDesc d;
+  d.dtype = std::is_same_v<T, double> ? lk::DType::f64 : lk::DType::f32;
+  d.M = x.shape(0), d.K = x.shape(1), d.N = w.shape(0);
+  if (w.shape(1) != d.K || go.shape(0) != d.M || go.shape(1) != d.N)
+    throw py::value_error("grad_output: shapes of grad_output, input and weight disagree");
+  auto gob = input_buffer<T>(go), xb = input_buffer<T>(x), wb = input_buffer<T>(w);
+  auto gi = output_buffer<T>(mask[0] ? d.M * d.K : 0);
+  auto gw = output_buffer<T>(mask[1] ? d.N * d.K : 0);
+  auto gb = output_buffer<T>(mask[2] ? d.N : 0);
+  {
+    py::gil_scoped_release release;
+    lk::cuda::linear_backward(d, gob.get(), xb.get(), wb.get(), mask[0] ? gi.get() : nullptr,
+                              mask[1] ? gw.get() : nullptr, mask[2] ? gb.get() : nullptr, Stream{});
+  }
+  return py::make_tuple(optional_output(mask[0], gi, {d.M, d.K}, "grad_input"),
+                        optional_output(mask[1], gw, {d.N, d.K}, "grad_weight"),
+                        optional_output(mask[2], gb, {d.N}, "grad_bias"));
+}
+
+template <class T>
+py::array relu_backward_impl(const py::array& go, const py::array& y) {
+  if (go.size() != y.size()) throw py::value_error("output: size differs from grad_output's");
+  auto gob = input_buffer<T>(go), yb = input_buffer<T>(y);
+  auto gi = output_buffer<T>(static_cast<int64_t>(gob.size()));
+  {
+    py::gil_scoped_release release;
+    lk::cuda::relu_backward(gob.get(), yb.get(), gi.get(), static_cast<int64_t>(gob.size()), Stream{});
+  }
+  return to_numpy(gi, shape_of(go), "grad_input");
+}
+
+// Logits (N, C, d...) or (C,) as outer x classes x inner; target (N, d...) or ().
+std::array<int64_t, 3> ce_layout(const py::array& x, const py::array& target) {
+  if (x.ndim() < 1) throw py::value_error("input: expected at least 1 dimension");
+  if (!target.dtype().equal(py::dtype::of<int64_t>())) throw py::type_error("target: expected int64");
+  std::vector<py::ssize_t> want;
+  int64_t outer = 1, classes, inner = 1;
+  if (x.ndim() == 1) {
+    classes = x.shape(0);
+  } else {
+    outer = x.shape(0), classes = x.shape(1);
+    want.push_back(x.shape(0));
+    for (py::ssize_t i = 2; i < x.ndim(); ++i) inner *= x.shape(i), want.push_back(x.shape(i));
+  }
+  if (shape_of(target) != want) throw py::value_error("target: shape does not match the input's");
+  return {outer, classes, inner};
+}
+
+template <class T>
+py::array cross_entropy_impl(const py::array& x, const py::array& target, const std::string& reduction,
+                             int64_t ignore_index) {
+  const auto [outer, classes, inner] = ce_layout(x, target);
+  const auto r = lk::cuda_bindings::reduction_from(reduction);
+  auto xb = input_buffer<T>(x);
+  auto tb = input_buffer<int64_t>(target);
+  const bool none = r == lk::cuda::Reduction::none;
+  auto loss = output_buffer<T>(none ? outer * inner : 1);
+  {
+    py::gil_scoped_release release;
+    lk::cuda::cross_entropy(xb.get(), tb.get(), loss.get(), outer, classes, inner, r, ignore_index, Stream{});
+  }
+  return to_numpy(loss, none ? shape_of(target) : std::vector<py::ssize_t>{}, "the loss");
+}
+
+template <class T>
+py::array cross_entropy_backward_impl(const py::array& grad_loss, const py::array& x, const py::array& target,
+                                      const std::string& reduction, int64_t ignore_index) {
+  const auto [outer, classes, inner] = ce_layout(x, target);
+  const auto r = lk::cuda_bindings::reduction_from(reduction);
+  same_dtype(x, grad_loss, "grad_loss");
+  if (grad_loss.size() != (r == lk::cuda::Reduction::none ? outer * inner : 1))
+    throw py::value_error("grad_loss: expected one value per loss");
+  auto gb = input_buffer<T>(grad_loss), xb = input_buffer<T>(x);
+  auto tb = input_buffer<int64_t>(target);
+  auto gi = output_buffer<T>(static_cast<int64_t>(xb.size()));
+  {
+    py::gil_scoped_release release;
+    lk::cuda::cross_entropy_backward(gb.get(), xb.get(), tb.get(), gi.get(), outer, classes, inner, r, ignore_index,
+                                     Stream{});
+  }
+  return to_numpy(gi, shape_of(x), "grad_input");
+}
+
 // Kernels that misuse the execution model on purpose, so the tests can
 // check that the emulator notices.
 namespace selftest {
@@ -289,6 +430,12 @@ __global__ void barrier_at_two_places(float* out) {
     __syncthreads();
   }
   out[threadIdx.x] = 1.0f;
+}
+
+// Every thread adds 1 to out[0..3] 16 times each: exact only if the adds of
+// blocks running at once on different OS threads are atomic.
+__global__ void atomic_add(float* out) {
+  for (int i = 0; i < 64; ++i) atomicAdd(out + i % 4, 1.0f);
 }
 
 __global__ void early_return(float* out) {
@@ -325,6 +472,8 @@ py::array run(const std::string& name, int blocks) {
       lk::emu::launch(grid, block, 0, &reverse_kernel<false>, in.data(), out.data());
     } else if (name == "barrier_at_two_places") {
       lk::emu::launch(grid, block, 0, &barrier_at_two_places, out.data());
+    } else if (name == "atomic_add") {
+      lk::emu::launch(grid, block, 0, &atomic_add, out.data());
     } else if (name == "early_return") {
       lk::emu::launch(grid, block, 0, &early_return, out.data());
     } else if (name == "shared_out_of_bounds") {
@@ -469,6 +618,76 @@ PYBIND11_MODULE(_cuda_emu, m) {
                    : "thread_per_line";
       },
       py::arg("outer"), py::arg("dim"), py::arg("inner"), "The kernel softmax picks for these sizes.");
+
+  m.def(
+      "conv2d_backward",
+      [](const py::array& grad_output, const py::array& x, const py::array& w, Pair stride, Quad padding,
+         Pair dilation, int64_t groups, std::array<bool, 3> output_mask) -> py::tuple {
+        const auto d = conv_desc(x, w, py::none(), stride, padding, dilation, groups, false);
+        return is_f64(x) ? conv2d_backward_impl<double>(d, grad_output, x, w, output_mask)
+                         : conv2d_backward_impl<float>(d, grad_output, x, w, output_mask);
+      },
+      py::arg("grad_output"), py::arg("x"), py::arg("w"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::arg("output_mask") = std::array<bool, 3>{true, true, true},
+      "(grad_input, grad_weight, grad_bias) of conv2d; padding is (top, bottom, left, right).");
+  m.def(
+      "max_pool2d_backward",
+      [](const py::array& grad_output, const py::array& indices, std::array<int64_t, 4> input_shape) -> py::array {
+        return is_f64(grad_output) ? max_pool2d_backward_impl<double>(grad_output, indices, input_shape)
+                                   : max_pool2d_backward_impl<float>(grad_output, indices, input_shape);
+      },
+      py::arg("grad_output"), py::arg("indices"), py::arg("input_shape"));
+  m.def(
+      "linear_backward",
+      [](const py::array& grad_output, const py::array& x, const py::array& w,
+         std::array<bool, 3> output_mask) -> py::tuple {
+        expect_ndim(grad_output, 2, "grad_output");
+        expect_ndim(x, 2, "input");
+        expect_ndim(w, 2, "weight");
+        same_dtype(x, w, "weight");
+        same_dtype(x, grad_output, "grad_output");
+        return is_f64(x) ? linear_backward_impl<double>(grad_output, x, w, output_mask)
+                         : linear_backward_impl<float>(grad_output, x, w, output_mask);
+      },
+      py::arg("grad_output"), py::arg("x"), py::arg("w"),
+      py::arg("output_mask") = std::array<bool, 3>{true, true, true});
+  m.def(
+      "relu_backward",
+      [](const py::array& grad_output, const py::array& output) -> py::array {
+        same_dtype(output, grad_output, "grad_output");
+        return is_f64(output) ? relu_backward_impl<double>(grad_output, output)
+                              : relu_backward_impl<float>(grad_output, output);
+      },
+      py::arg("grad_output"), py::arg("output"));
+  m.def(
+      "cross_entropy",
+      [](const py::array& x, const py::array& target, const std::string& reduction, int64_t ignore_index) {
+        return is_f64(x) ? cross_entropy_impl<double>(x, target, reduction, ignore_index)
+                         : cross_entropy_impl<float>(x, target, reduction, ignore_index);
+      },
+      py::arg("x"), py::arg("target"), py::arg("reduction") = "mean", py::arg("ignore_index") = -100,
+      "softmax + cross-entropy of logits (N, C, d...) or (C,) against int64 class indices.");
+  m.def(
+      "cross_entropy_backward",
+      [](const py::array& grad_loss, const py::array& x, const py::array& target, const std::string& reduction,
+         int64_t ignore_index) {
+        return is_f64(x) ? cross_entropy_backward_impl<double>(grad_loss, x, target, reduction, ignore_index)
+                         : cross_entropy_backward_impl<float>(grad_loss, x, target, reduction, ignore_index);
+      },
+      py::arg("grad_loss"), py::arg("x"), py::arg("target"), py::arg("reduction") = "mean",
+      py::arg("ignore_index") = -100);
+
+  // The device-pointer entry points of _core.cuda, over host memory and
+  // pretend devices: lepton_kernels._device runs on them in the tests.
+  auto device = m.def_submodule("device", "The device-pointer kernels of _core.cuda, emulated over host memory");
+  lk::cuda_bindings::register_cuda_ops(device);
+  device.def("set_emulated_devices", &lk::cuda::set_emulated_devices, py::arg("sm_counts"),
+             "Pretend devices, one per entry with that many multiprocessors.");
+  device.def("plan_cache_info", [] {
+    const lk::PlanCacheStats s = lk::plan_cache_stats();
+    return py::make_tuple(s.hits, s.misses, s.size);
+  });
+  device.def("plan_cache_clear", &lk::plan_cache_clear);
 
   m.def("set_threads", &lk::emu::set_threads, py::arg("n"), "OS threads that run blocks.");
   m.def("threads", &lk::emu::threads);

@@ -53,6 +53,24 @@ __device__ __forceinline__ void load_k_major(GemmOperand<T>& dst, const T* __res
   }
 }
 
+// dst[k][c] = src[(k0 + k) * ld + c] for k0 + k < kdim and c < cols, else 0:
+// a tile of a row-major matrix whose rows are the reduction (the tile's
+// columns are contiguous in memory, as in the B operand of C = A B). Thread t
+// loads row t / kColsPerPass, columns t % kColsPerPass + i * kColsPerPass: a
+// warp reads 32 consecutive elements.
+template <class T>
+__device__ __forceinline__ void load_mn_major(GemmOperand<T>& dst, const T* __restrict__ src, int ld, int cols,
+                                              int k0, int kdim, int t) {
+  const int k = t / Gemm::kColsPerPass;
+  const int c0 = t % Gemm::kColsPerPass;
+  const bool k_ok = k0 + k < kdim;
+  LK_UNROLL
+  for (int i = 0; i < Gemm::BM / Gemm::kColsPerPass; ++i) {
+    const int c = c0 + i * Gemm::kColsPerPass;
+    dst[k][c] = k_ok && c < cols ? src[(k0 + k) * ld + c] : T(0);
+  }
+}
+
 // acc += the product of the staged tiles. Thread (ty, tx) owns rows
 // ty + i * BM/TM and columns tx + j * BN/TN: interleaved rather than
 // contiguous, so that a warp's reads of b and its stores of C touch

@@ -26,6 +26,8 @@
 
 #else  // emulation
 
+#include <atomic>
+
 #include "cuda/emulator.h"
 
 #define __global__
@@ -52,6 +54,19 @@
     if (static_cast<unsigned long long>(i) >= static_cast<unsigned long long>(n)) \
       ::lk::emu::detail::shared_out_of_bounds(i, n);                           \
   } while (0)
+
+// The emulator runs blocks on several OS threads at once, so atomicAdd must
+// be a real atomic read-modify-write (a compare-and-swap loop on the value;
+// float and double have no fetch_add before C++20's atomic_ref). Fibers of
+// one block switch only at barriers, never inside it.
+template <class T>
+inline T atomicAdd(T* address, T value) {
+  std::atomic_ref<T> ref(*address);
+  T old = ref.load(std::memory_order_relaxed);
+  while (!ref.compare_exchange_weak(old, old + value, std::memory_order_relaxed)) {
+  }
+  return old;
+}
 
 #endif
 

@@ -6,6 +6,7 @@
 """
 
 from ._core import __version__
+from ._device import LeptonFallbackWarning
 from .backward import (
     adam_step,
     conv2d_backward,
@@ -31,6 +32,7 @@ from .explain import explain
 from .functional import conv2d, conv2d_max_pool2d, linear, log_softmax, max_pool2d, relu, softmax
 from .layers import Conv2d, Conv2dMaxPool2d, Linear, MaxPool2d
 from .network import Dropout, Flatten, LogSoftmax, ReLU, ResultCacheInfo, Sequential, Softmax
+from .models import Graph, UnsupportedOperatorError, load_model, save_model
 
 __all__ = [
     "__version__",
@@ -52,6 +54,10 @@ __all__ = [
     "LogSoftmax",
     "Dropout",
     "ResultCacheInfo",
+    "Graph",
+    "UnsupportedOperatorError",
+    "load_model",
+    "save_model",
     "cache_info",
     "cache_clear",
     "set_cache_capacity",
@@ -65,6 +71,7 @@ __all__ = [
     "explain",
     "get_config",
     "show_config",
+    "LeptonFallbackWarning",
     "conv2d_backward",
     "conv2d_max_pool2d_backward",
     "max_pool2d_backward",

@@ -24,9 +24,19 @@ _MAX_PARAM = 1 << 40
 _MAX_BYTES = 1 << 62
 
 
+class ArrayMeta:
+    """Base of arrays the CPU does not hold (device arrays, see _device.DeviceArray).
+
+    They have shape, ndim and dtype, which is all the checks here read, so the
+    device path shares the argument rules of the CPU path.
+    """
+
+    __slots__ = ()
+
+
 def check_array(x, name):
-    """Return `x` if it is a float32/float64 NumPy array, else raise TypeError."""
-    if not isinstance(x, np.ndarray):
+    """Return `x` if it is a float32/float64 NumPy array (or device array metadata), else raise TypeError."""
+    if not isinstance(x, (np.ndarray, ArrayMeta)):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import _core
+from . import _core, _device
 
 __all__ = [
     "get_num_threads",
@@ -119,9 +119,28 @@ def get_config() -> dict:
         "plan_store": _core.plan_store_path() or "off (set LEPTON_CACHE_DIR)",
         "cuda_built": build["cuda"],
         "cuda_architectures": build.get("cuda_architectures", ""),
+        "cuda_runtime_version": _cuda_version(build.get("cuda_runtime_version", 0)),
+        "cuda_device_count": len(devices),
         "cuda_devices": list(devices),
         "numpy_arrays": "CPU kernels",
+        "device_arrays": _device_arrays(),
+        "array_module": _device.describe()["array_module"],
     }
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}" if v else "none"
+
+
+def _device_text(d: dict) -> str:
+    major, minor = d["compute_capability"]
+    return f"{d['name']} (compute capability {major}.{minor}, {d['sm_count']} SMs, {d['memory_bytes'] >> 20} MiB)"
+
+
+def _device_arrays() -> str:
+    """Which path CuPy (device) arrays take, and why."""
+    info = _device.describe()
+    return f"{info['path']}: {info['why']}"
 
 
 def show_config(file=None) -> None:
@@ -130,7 +149,9 @@ def show_config(file=None) -> None:
     cfg = get_config()
     width = max(map(len, cfg))
     for key, value in cfg.items():
-        if isinstance(value, dict):
+        if key == "cuda_devices":
+            value = "; ".join(map(_device_text, value)) or "none"
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "none"

@@ -3,13 +3,16 @@
 Every op takes float32 (the fast path) or float64 arrays of any layout,
 never modifies its inputs and returns a new array of the input's dtype, or
 writes into ``out=`` when given.
+
+Device arrays (CuPy, ``__cuda_array_interface__``, CUDA DLPack) run on the
+GPU and return device arrays; see ``_device.py`` and docs/gpu-design.md.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _core
+from . import _core, _device
 from ._args import (
     FLOAT_DTYPES,
     check_array,
@@ -161,6 +164,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     the channels (``groups == C`` is depthwise). ``activation='relu'`` fuses a
     ReLU into the output pass.
     """
+    if type(input) is not np.ndarray and _device.is_device_array(input):
+        return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation, out=out)
     key = None
     if out is None and type(input) is np.ndarray and type(weight) is np.ndarray and input.ndim == 4:
         try:
@@ -191,6 +196,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     ``stride`` defaults to ``kernel_size``. NaN propagates; on ties the first
     index wins; indices (int64) are flattened per H*W plane, as in torch.
     """
+    if type(input) is not np.ndarray and _device.is_device_array(input):
+        return _device.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, out=out)
     check_array(input, "input")
     x, batched = spatial_input(input)
     N, C, H, W = x.shape
@@ -220,6 +227,9 @@ def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
     flattened over the convolution output's H*W plane as ``max_pool2d``
     reports it, computed inside the same pass (for the backward pass).
     """
+    if type(input) is not np.ndarray and _device.is_device_array(input):
+        return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation, out=out,
+                              pool=(kernel_size, pool_stride, pool_padding, pool_dilation), ceil_mode=ceil_mode)
     x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
                                                                     dilation, groups)
     K = weight.shape[0]
@@ -241,6 +251,8 @@ def linear(input, weight, bias=None, *, activation=None, out=None):
     A 1-D weight (in_features,) gives an output without the feature axis, as in torch.
     ``activation='relu'`` fuses a ReLU into the output pass.
     """
+    if type(input) is not np.ndarray and _device.is_device_array(input):
+        return _device.linear(input, weight, bias, activation=activation, out=out)
     if (out is None and type(input) is np.ndarray and type(weight) is np.ndarray and input.ndim == 2
             and weight.ndim == 2 and input.dtype == weight.dtype and input.dtype in FLOAT_DTYPES
             and input.shape[1] == weight.shape[1] and (bias is None or (type(bias) is np.ndarray and
@@ -316,12 +328,16 @@ def _elementwise_out(out, x, original):
 
 def relu(input, *, out=None):
     """max(input, 0) element-wise; NaN stays NaN. ``out=input`` works in place."""
+    if type(input) is not np.ndarray and _device.is_device_array(input):
+        return _device.relu(input, out=out)
     x = _contiguous(input, "input")
     res = _core.relu(x, _elementwise_out(out, x, input))
     return res
 
 
 def _softmax(input, dim, out, log):
+    if type(input) is not np.ndarray and _device.is_device_array(input):
+        return _device.softmax(input, dim, out=out, log=log)
     x = _contiguous(input, "input")
     d = normalize_dim(dim, x.ndim)
     shape = x.shape if x.ndim else (1,)

@@ -4,13 +4,16 @@ A layer copies its weights when it is made (later writes to the caller's
 arrays do not reach it) and packs them once into the layout its kernels read.
 Assigning ``layer.weight`` or ``layer.bias`` makes a fresh copy and repacks.
 Plans come from the plan cache, one per input shape.
+
+Called on a device array, a layer uploads its weights to that device once
+(kept per device) and runs the GPU kernels (see ``_device.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _core
+from . import _core, _device
 from ._args import check_array, check_out, spatial_input
 from .functional import (
     _FUSED_POOL_NAMES,
@@ -59,6 +62,7 @@ class _ConvBase:
         self._stride, self._pads, self._dilation, self._groups = _conv_params(weight, bias, stride, padding,
                                                                               dilation, groups)
         self._weight, self._bias = _frozen_copy(weight), _frozen_copy(bias)
+        self._device_params = _device.ParamCache(self._weight, self._bias)
         in_channels = weight.shape[1] * self._groups
         self._layer = _core.Conv2dLayer(self._weight, self._bias, in_channels, self._stride, self._pads,
                                         self._dilation, self._groups, _activation(self._activation), self._pool,
@@ -84,6 +88,8 @@ class _ConvBase:
     def __call__(self, input, *, out=None):
         if type(input) is np.ndarray and input.ndim == 4 and out is None:
             return self._layer(input)  # the fast path: the core checks the rest
+        if _device.is_device_array(input):
+            return _device.conv_layer(self, input, out)
         check_array(input, "input")
         x, batched = spatial_input(input)
         check_out(out, (input,))
@@ -132,6 +138,8 @@ class MaxPool2d:
         self._args = (*_pool_params(kernel_size, stride, padding, dilation), bool(ceil_mode), bool(return_indices))
 
     def __call__(self, input, *, out=None):
+        if _device.is_device_array(input):
+            return _device.max_pool2d(input, *self._args, out=out)
         check_array(input, "input")
         x, batched = spatial_input(input)
         check_out(out, (input,))
@@ -160,6 +168,7 @@ class Linear:
             if bias.shape != (weight.shape[0],):
                 raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {bias.shape}")
         self._weight, self._bias = _frozen_copy(weight), _frozen_copy(bias)
+        self._device_params = _device.ParamCache(self._weight, self._bias)
         self._layer = _core.LinearLayer(self._weight, self._bias, _activation(self._activation))
 
     @property
@@ -182,6 +191,8 @@ class Linear:
     def __call__(self, input, *, out=None):
         if type(input) is np.ndarray and input.ndim == 2 and out is None:
             return self._layer(input)
+        if _device.is_device_array(input):
+            return _device.linear_layer(self, input, out)
         check_array(input, "input")
         if input.ndim < 1:
             raise ValueError("input: expected at least 1 dimension, got a 0-d array")
