@@ -108,12 +108,20 @@ class Pool {
     t_inside_task = true;
     job->work();
     t_inside_task = false;
-    // Tasks still running on workers: wait for them (spin briefly first,
-    // since most tasks are short and a sleeping wake-up costs microseconds).
+    // Tasks still running on workers: wait for them. Spin briefly first, since
+    // most tasks are short and a sleeping wake-up costs microseconds (tens in
+    // a virtual machine). Then give the core away while still awake: on an
+    // oversubscribed machine the worker we wait for may be queued behind this
+    // very thread, and a pause loop would keep it off the core. Sleep last.
     for (int spin = 0; spin < 2000 && job->done.load(std::memory_order_acquire) < n; ++spin) {
 #if defined(__x86_64__)
       __builtin_ia32_pause();
 #endif
+    }
+    if (job->done.load(std::memory_order_acquire) < n) {
+      const auto until = std::chrono::steady_clock::now() + kYield;
+      while (job->done.load(std::memory_order_acquire) < n && std::chrono::steady_clock::now() < until)
+        std::this_thread::yield();
     }
     for (int64_t d; (d = job->done.load(std::memory_order_acquire)) < n;) job->done.wait(d);
     {
@@ -185,7 +193,8 @@ class Pool {
     }
   }
 
-  static constexpr std::chrono::microseconds kSpin{200};
+  static constexpr std::chrono::microseconds kSpin{200};   // a worker between jobs, before it sleeps
+  static constexpr std::chrono::microseconds kYield{1000};  // the caller waiting for workers, before it sleeps
 
   int threads_ = 1;
   bool stopping_ = false;

@@ -123,18 +123,27 @@ namespace {
 
 constexpr double kUkernelCallOverheadK = 8;    // a microkernel call costs ~8 extra steps of its k loop
 constexpr double kL1Bytes = 48 << 10;          // per core
-constexpr double kL1MissEfficiency = 0.85;     // when a B micro-panel does not stay in L1
+constexpr double kL1MissEfficiency = 0.85;     // when a B micro-panel stays in neither L1 nor L2
+constexpr double kL2PanelEfficiency = 0.97;    // when it streams from L2
+constexpr double kAccumulateFromL2K = 16;      // a K block's pass over a C tile in L2, in k steps per call
 constexpr double kPackSecondsPerElem = 0.4e-9;  // im2col gather, per element, one thread
 constexpr double kCopyPerPack = 0.4;             // a row copy (indirect_gemm's band) against a gather
 constexpr double kDirectEfficiency = 0.15;     // the direct loop against the GEMM microkernel's rate
 constexpr double kTaskSeconds = 0.1e-6;        // bookkeeping per task
 constexpr double kL2Bytes = 1 << 20;           // per core
+// Threads do not start a job together: a worker joins late (woken, or
+// preempted by another process) and tasks end at uneven times. Tasks are
+// handed out one at a time, so what a late thread costs is about half a task
+// of idle time at the end: a job cut into a single task per thread can run
+// at the speed of one thread, a job cut into many cannot.
+constexpr double kStragglerTasks = 0.5;
 
 struct ConvShape {
   int64_t N, G, Kg, CRS, PQ, in_bytes, out_bytes, weight_bytes;
   int64_t padded_elems;  // N*C*(H+pads)*(W+pads) when there is padding, else 0
   int64_t Q, tap_rows;   // output row length; input rows one output row's taps span
   int64_t row_step;      // input rows between output rows
+  int64_t taps;          // R*S
 };
 
 template <class T>
@@ -144,12 +153,16 @@ ConvShape shape_of(const Conv2dDesc& d) {
   return {d.N, d.groups, d.Kg(), d.Cg() * d.R * d.S, d.P() * d.Q(), d.N * d.C * d.H * d.W * e,
           d.N * d.K * d.P() * d.Q() * e, d.K * d.Cg() * d.R * d.S * e,
           pad ? d.N * d.C * (d.H + d.pad_top + d.pad_bottom) * (d.W + d.pad_left + d.pad_right) : 0,
-          d.Q(), (d.R - 1) * d.dil_h + 1, d.stride_h};
+          d.Q(), (d.R - 1) * d.dil_h + 1, d.stride_h, d.R * d.S};
 }
 
 double imbalance(int64_t tasks, int threads) {
   return static_cast<double>(ceil_div(tasks, threads)) * threads / static_cast<double>(tasks);
 }
+
+// The end of a parallel loop: the idle time that late starts and uneven task
+// ends leave, given the time of one task on one thread.
+double straggle(double task_s, int threads) { return threads > 1 ? kStragglerTasks * task_s : 0.0; }
 
 // Padded extent of n items cut into blocks of b, each rounded up to r.
 int64_t padded(int64_t n, int64_t b, int64_t r) { return (n / b) * round_up(b, r) + round_up(n % b, r); }
@@ -166,13 +179,19 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
   const int64_t tasks = s.N * s.G * jblocks * mblocks;
   const int64_t rows = padded(M, c.mc, uk.mr), cols = padded(Ncols, c.nc, uk.nr);
   const double kblocks = static_cast<double>(ceil_div(s.CRS, c.kc));
-  const double eff_k = static_cast<double>(s.CRS) / (s.CRS + kblocks * kUkernelCallOverheadK);
-  // The microkernel streams a B micro-panel (kc x NR) per A panel: it should
-  // stay in L1 while every A panel passes.
-  const double l1 = c.kc * uk.nr * static_cast<double>(sizeof(T)) > kL1Bytes * 0.6 ? kL1MissEfficiency : 1.0;
+  // Every K block after the first reads the C tile back and writes it again,
+  // from L2 once the tile outgrows L1.
+  const double tile_bytes = static_cast<double>(round_up(c.mc, uk.mr) * round_up(c.nc, uk.nr)) * sizeof(T);
+  const double pass_k = kUkernelCallOverheadK + (tile_bytes > kL1Bytes ? kAccumulateFromL2K : 0.0);
+  const double eff_k = static_cast<double>(s.CRS) / (s.CRS + kUkernelCallOverheadK + (kblocks - 1) * pass_k);
+  // The microkernel streams a B micro-panel (kc x NR) per A panel: best
+  // from L1, nearly as well from L2.
+  const double b_panel = c.kc * uk.nr * static_cast<double>(sizeof(T));
+  const double l1 = b_panel <= kL1Bytes * 0.6 ? 1.0 : b_panel <= kL2Bytes ? kL2PanelEfficiency : kL1MissEfficiency;
   const double flops = 2.0 * s.N * s.G * rows * cols * s.CRS;
   const double rate = m.gemm_flops[sizeof(T) == 8][c.shape] * eff_k * l1;
-  const double compute = flops / rate / c.threads * imbalance(tasks, c.threads);
+  const double compute = flops / rate / c.threads * imbalance(tasks, c.threads) +
+                         straggle(flops / rate / static_cast<double>(tasks), c.threads);
   // im2col gathers: once per image (im2col_gemm) or once per block of the
   // other operand; the transposed GEMM also packs weights unless a layer did.
   const double repacks = c.algo == ConvAlgo::im2col_gemm ? 1 : t ? jblocks : mblocks;
@@ -190,8 +209,12 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
   const double bytes = s.in_bytes + s.out_bytes + s.weight_bytes * weight_reads +
                        (c.algo == ConvAlgo::im2col_gemm ? 2.0 * packs * sizeof(T) : 0.0);
   const double memory = bytes / (m.bandwidth * std::min(c.threads, 2));
-  // A B block past half of L2 streams its panels from L3.
-  const double block = t ? c.kc * round_up(c.mc, uk.mr) : c.kc * round_up(c.nc, uk.nr);
+  // A B block past half of L2 streams its panels from L3. indirect_gemm
+  // packs no block: its A is the input itself, where mc pixels times kc taps
+  // touch about mc elements per channel.
+  const double block = indirect ? static_cast<double>(c.kc) / s.taps * (c.mc + s.tap_rows * s.Q)
+                       : t      ? c.kc * round_up(c.mc, uk.mr)
+                                : c.kc * round_up(c.nc, uk.nr);
   const double spill = block * sizeof(T) > kL2Bytes / 2 ? 1.15 : 1.0;
   // im2col_gemm runs two parallel loops per image, implicit_gemm one in all.
   const double wakes = c.algo == ConvAlgo::im2col_gemm ? 2.0 * s.N : 1.0;
@@ -224,8 +247,9 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const UkernelTable&
     c.algo = ConvAlgo::direct;
     c.threads = threads;
     const double flops = 2.0 * s.N * s.G * s.Kg * s.CRS * s.PQ;
-    c.time_s = flops / (m.gemm_flops[sizeof(T) == 8][0] * kDirectEfficiency) / threads *
-                   imbalance(std::max<int64_t>(1, s.N * s.G * s.Kg), threads) +
+    const int64_t tasks = std::max<int64_t>(1, s.N * s.G * s.Kg);
+    const double serial = flops / (m.gemm_flops[sizeof(T) == 8][0] * kDirectEfficiency);
+    c.time_s = serial / threads * imbalance(tasks, threads) + straggle(serial / static_cast<double>(tasks), threads) +
                (threads > 1 ? m.wake_s : 0);
     c.cost = c.time_s;
     out.push_back(c);
@@ -233,7 +257,10 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const UkernelTable&
 
   // K blocks: the whole reduction in one pass while it is short; otherwise
   // near-equal blocks of at most 512 (or 256) rows, so B blocks stay in L2.
-  std::vector<int64_t> kcs;
+  // The whole reduction in one block is a candidate at any length: no tile
+  // of C goes back and forth between passes (measured: ResNet-18's 3x3
+  // layers, C*R*S up to 4608, ran fastest that way on the transposed GEMMs).
+  std::vector<int64_t> kcs{s.CRS};
   for (int64_t cap : {int64_t{768}, int64_t{256}, int64_t{128}}) {
     const int64_t kc = s.CRS <= cap ? s.CRS : ceil_div(s.CRS, ceil_div(s.CRS, cap == 768 ? 512 : cap));
     if (std::find(kcs.begin(), kcs.end(), kc) == kcs.end()) kcs.push_back(kc);
@@ -241,6 +268,9 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const UkernelTable&
   for (int shape = 0; shape < kGemmShapes; ++shape)
   for (ConvAlgo algo :
        {ConvAlgo::implicit_gemm, ConvAlgo::im2col_gemm, ConvAlgo::implicit_gemm_t, ConvAlgo::indirect_gemm}) {
+    // im2col_gemm holds the whole image's im2col matrix (C*R*S times the
+    // input): never a default, only on a caller's explicit request.
+    if (algo == ConvAlgo::im2col_gemm && only.algo != ConvAlgo::im2col_gemm) continue;
     const GemmUkernel<T>& uk = table.gemm<T>(shape);
     const bool t = algo == ConvAlgo::implicit_gemm_t || algo == ConvAlgo::indirect_gemm;
     const int64_t M = t ? s.PQ : s.Kg, max_nc = round_up(t ? s.Kg : s.PQ, uk.nr);

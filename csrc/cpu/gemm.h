@@ -88,16 +88,10 @@ void macro_kernel(const GemmUkernel<T>& uk, int64_t m, int64_t n, int64_t kc, co
 }
 
 // Copies an m x n tile (row stride ldt) transposed into C (C[j * ldc + i]):
-// pixels x channels into channel planes.
+// pixels x channels into channel planes, by the active level's kernel.
 template <class T>
 void store_transposed(const T* tile, int64_t ldt, int64_t m, int64_t n, T* C, int64_t ldc) {
-  constexpr int64_t kBlock = 16;  // square blocks keep both sides within a few cache lines
-  for (int64_t i0 = 0; i0 < m; i0 += kBlock)
-    for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-      const int64_t i1 = std::min(m, i0 + kBlock), j1 = std::min(n, j0 + kBlock);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) C[j * ldc + i] = tile[i * ldt + j];
-    }
+  ukernels().transpose<T>().fn(tile, ldt, m, n, C, ldc);
 }
 
 }  // namespace lk::cpu

@@ -30,6 +30,12 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
     if (round_up(M, t.gemm<T>(1).nr) * round_up(N, t.gemm<T>(1).mr) <
         round_up(M, t.gemm<T>(0).nr) * round_up(N, t.gemm<T>(0).mr))
       uk_ = t.gemm<T>(1);
+  } else if (algo_ == LinearAlgo::gemm) {  // the shape padding the product least; on a tie, narrower
+    // column blocks (more of them to share among threads)
+    const UkernelTable& t = ukernels();
+    const int64_t tall = round_up(M, t.gemm<T>(1).mr) * round_up(N, t.gemm<T>(1).nr);
+    const int64_t wide = round_up(M, t.gemm<T>(0).mr) * round_up(N, t.gemm<T>(0).nr);
+    if (tall < wide || (tall == wide && t.gemm<T>(1).nr < t.gemm<T>(0).nr)) uk_ = t.gemm<T>(1);
   }
   const int nr = uk_.nr, mr = uk_.mr;
 
@@ -58,7 +64,10 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
     nc_ = std::max<int64_t>(1, std::min<int64_t>(N, round_up(ceil_div(N, ceil_div(want, row_blocks)), 4)));
     return;
   }
-  const int64_t nkb = K <= 1024 ? 1 : ceil_div(K, 512);
+  // gemm: the whole reduction in one block up to 4096 (C stays in registers,
+  // and B's micro-panel, at most 4096 x NR, streams from L2 well enough).
+  // gemm_t packs a kc x nc block of the input per task: blocks of 512.
+  const int64_t nkb = algo_ == LinearAlgo::gemm ? ceil_div(K, 4096) : K <= 1024 ? 1 : ceil_div(K, 512);
   kc_ = std::max<int64_t>(1, ceil_div(K, nkb));
   if (algo_ == LinearAlgo::gemm_t) {  // mc_: features per task, nc_: input rows per task
     // Split the input rows among the threads first: each task packs its rows
@@ -207,17 +216,21 @@ void LinearPlan<T>::run_gemm(const TensorView& x, const Weights& wt, T* y) const
     const int64_t nb = task % nblocks, mb = task / nblocks;
     const int64_t i0 = mb * mc_, m = std::min(mc_, M - i0);
     const int64_t j0 = nb * nc_, n = std::min(nc_, N - j0);
-    T* A = scratch_array<T>(kPackSlot, static_cast<size_t>(round_up(m, mr) * kc_));
+    // Contiguous input rows are read in place (the microkernel broadcasts
+    // along them): packing them would cost as much again per column block.
+    const bool in_place = x.strides[1] == 1 && x.strides[0] != 0;
+    T* A = in_place ? nullptr : scratch_array<T>(kPackSlot, static_cast<size_t>(round_up(m, mr) * kc_));
     for (int64_t pc = 0; pc < K; pc += kc_) {
       const int64_t kc = std::min(kc_, K - pc);
-      pack_a_panels(xp + i0 * x.strides[0] + pc * x.strides[1], x.strides[0], x.strides[1], m, kc, mr, A);
+      const T* a = xp + i0 * x.strides[0] + pc * x.strides[1];
+      if (!in_place) pack_a_panels(a, x.strides[0], x.strides[1], m, kc, mr, A);
       GemmEpilogue<T> ep;
       ep.bias = (pc == 0 && wt.bias) ? wt.bias + j0 : nullptr;
       ep.bias_per_row = false;
       ep.accumulate = pc > 0;
       ep.relu = relu && pc + kc == K;
-      macro_kernel(uk_, m, n, kc, A, kc * mr, 0, wt.w + (j0 / nr) * K * nr + pc * nr, K * nr, y + i0 * N + j0, N,
-                   ep);
+      macro_kernel(uk_, m, n, kc, in_place ? a : A, kc * mr, in_place ? x.strides[0] : 0,
+                   wt.w + (j0 / nr) * K * nr + pc * nr, K * nr, y + i0 * N + j0, N, ep);
     }
   });
 }

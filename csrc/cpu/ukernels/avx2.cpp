@@ -27,6 +27,8 @@ extern const UkernelTable kUkernels_avx2 = {
     {{&maxpool_ukernel_2x2s2<double, 32>, "f64_maxpool_ukernel_2x2s2__avx2"},
      {&maxpool_ukernel_window<double, 32, 1>, "f64_maxpool_ukernel_s1__avx2"},
      {&maxpool_ukernel_window<double, 32, 2>, "f64_maxpool_ukernel_s2__avx2"}},
+    {&transpose_ukernel<float, 32>, "f32_transpose_ukernel_8x8__avx2"},
+    {&transpose_ukernel<double, 32>, "f64_transpose_ukernel_4x4__avx2"},
 };
 
 }  // namespace lk::cpu

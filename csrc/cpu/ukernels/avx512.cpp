@@ -30,6 +30,8 @@ extern const UkernelTable kUkernels_avx512 = {
     {{&maxpool_ukernel_2x2s2<double, 32>, "f64_maxpool_ukernel_2x2s2__avx512"},
      {&maxpool_ukernel_window<double, 32, 1>, "f64_maxpool_ukernel_s1__avx512"},
      {&maxpool_ukernel_window<double, 64, 2>, "f64_maxpool_ukernel_s2__avx512"}},
+    {&transpose_ukernel<float, 64>, "f32_transpose_ukernel_16x16__avx512"},
+    {&transpose_ukernel<double, 64>, "f64_transpose_ukernel_8x8__avx512"},
 };
 
 }  // namespace lk::cpu

@@ -27,6 +27,8 @@ extern const UkernelTable kUkernels_generic = {
     {{&maxpool_ukernel_2x2s2<double, 16>, "f64_maxpool_ukernel_2x2s2__generic"},
      {&maxpool_ukernel_window<double, 16, 1>, "f64_maxpool_ukernel_s1__generic"},
      {&maxpool_ukernel_window<double, 16, 2>, "f64_maxpool_ukernel_s2__generic"}},
+    {&transpose_ukernel<float, 16>, "f32_transpose_ukernel_4x4__generic"},
+    {&transpose_ukernel<double, 16>, "f64_transpose_ukernel_2x2__generic"},
 };
 
 }  // namespace lk::cpu

@@ -97,6 +97,16 @@ struct MaxPoolUkernels {
   MaxPoolUkernel<T> s2;      // any window, stride_w 2
 };
 
+// dst[j * ldd + i] = src[i * lds + j] for i < m, j < n (src and dst apart).
+template <class T>
+using TransposeUkernelFn = void (*)(const T* src, int64_t lds, int64_t m, int64_t n, T* dst, int64_t ldd);
+
+template <class T>
+struct TransposeUkernel {
+  TransposeUkernelFn<T> fn;
+  const char* name;
+};
+
 constexpr int kGemmShapes = 2;  // per level: a wide tile (more columns) and a tall one (more rows)
 
 struct UkernelTable {
@@ -107,10 +117,13 @@ struct UkernelTable {
   DotUkernel<double> f64_dot;
   MaxPoolUkernels<float> f32_maxpool;
   MaxPoolUkernels<double> f64_maxpool;
+  TransposeUkernel<float> f32_transpose;
+  TransposeUkernel<double> f64_transpose;
 
   template <class T> const GemmUkernel<T>& gemm(int shape = 0) const;
   template <class T> const DotUkernel<T>& dot() const;
   template <class T> const MaxPoolUkernels<T>& maxpool() const;
+  template <class T> const TransposeUkernel<T>& transpose() const;
 };
 
 template <> inline const GemmUkernel<float>& UkernelTable::gemm<float>(int shape) const { return f32_gemm[shape]; }
@@ -119,6 +132,8 @@ template <> inline const DotUkernel<float>& UkernelTable::dot<float>() const { r
 template <> inline const DotUkernel<double>& UkernelTable::dot<double>() const { return f64_dot; }
 template <> inline const MaxPoolUkernels<float>& UkernelTable::maxpool<float>() const { return f32_maxpool; }
 template <> inline const MaxPoolUkernels<double>& UkernelTable::maxpool<double>() const { return f64_maxpool; }
+template <> inline const TransposeUkernel<float>& UkernelTable::transpose<float>() const { return f32_transpose; }
+template <> inline const TransposeUkernel<double>& UkernelTable::transpose<double>() const { return f64_transpose; }
 
 // The table of the active level (see active_isa()).
 const UkernelTable& ukernels();
