@@ -273,6 +273,19 @@ def test_pool_then_relu_and_fallback(seed):
     torch.testing.assert_close(relu(x.half()), F.relu(x.half()))
 
 
+def test_hooks_follow_the_swap(seed):
+    torch.manual_seed(seed % 2**63)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(6, 3))
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    lkt.swap(model)
+    model(torch.randn(1, 1, 8, 8))
+    assert seen == [lkt.Conv2d]
+    handle.remove()  # a handle made before the swap removes the hook from the new module
+    model(torch.randn(1, 1, 8, 8))
+    assert seen == [lkt.Conv2d]
+
+
 def test_swap_is_idempotent_and_keeps_mode():
     model = LeNet().eval()
     lkt.swap(model)
