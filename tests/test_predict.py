@@ -178,12 +178,6 @@ def test_failures(tmp_path, rng, capsys):
     assert "--grayscale" in capsys.readouterr().err
 
 
-def test_demo_missing_is_a_clear_message(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "lepton_kernels.demo", None)
-    assert main(["demo"]) == 2
-    assert "demo" in capsys.readouterr().err
-
-
 def test_module_entry_point(tmp_path, rng):
     model = make_model(rng)
     path = tmp_path / "m.lk"

@@ -7,16 +7,8 @@ import sys
 
 
 def _demo(argv) -> int:
-    try:
-        from . import demo
-    except ModuleNotFoundError as e:
-        if e.name not in ("lepton_kernels.demo", __package__ + ".demo"):
-            raise
-        print("error: the demo is not part of this installation of lepton-kernels (no lepton_kernels.demo "
-              "module)", file=sys.stderr)
-        return 2
-    result = demo.main(argv)
-    return int(result or 0)
+    from . import demo
+    return demo.main(argv)
 
 
 def main(argv=None) -> int:
