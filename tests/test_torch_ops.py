@@ -219,9 +219,21 @@ def assert_close(ours, theirs, exact, reduction):
     assert err <= bound, f"error {err:.3g} > bound {bound:.3g} (torch's float32 error {theirs_err:.3g})"
 
 
+def dyadic(t):
+    """``t`` rounded to multiples of 1/16: products and sums of a few hundred such values are exact in float32.
+
+    Then every convolution output is exact in any summation order, so ReLU and
+    max-pool decide alike in float32 and float64 (the same signs, the same
+    argmax, ties to the first index in both): the comparisons below measure
+    rounding, not a maximum that moved between two values a rounding apart.
+    """
+    return torch.round(t * 16) / 16
+
+
 def run_both(fn_ours, fn_torch, inputs, grad_seed):
     """Outputs and input gradients of our op (float32), torch's (float32) and torch's in float64."""
     results = []
+    inputs = [None if t is None else dyadic(t) for t in inputs]
     for fn, dtype in ((fn_ours, torch.float32), (fn_torch, torch.float32), (fn_torch, torch.float64)):
         xs = [None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs]
         y = fn(*xs)

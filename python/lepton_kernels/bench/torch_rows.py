@@ -182,12 +182,12 @@ def select(substr: Optional[str] = None) -> Tuple[TorchRow, ...]:
 
 def run_rows(rows: Sequence[TorchRow], threads: int, settings, out) -> List[dict]:
     """Check, then time each row's implementations side by side; print a table; return the results."""
-    from .runner import Table, _fmt_time, time_interleaved
+    from .runner import UNSTABLE, Table, _fmt_time, time_interleaved
 
     lk.set_num_threads(threads)
     torch.set_num_threads(threads)
     width = max(len(r.name) for r in rows)
-    table = Table([("workflow", width, "<"), ("implementation", 14, "<"), ("median", 10, ">"),
+    table = Table([("workflow", width, "<"), ("implementation", 14, "<"), ("median ", 11, ">"),
                    ("fastest", 10, ">"), ("check", 8, "<"), ("x first", 8, ">")], out)
     print(file=out)
     table.header()
@@ -204,12 +204,14 @@ def run_rows(rows: Sequence[TorchRow], threads: int, settings, out) -> List[dict
             ok, err = checks[name]
             t = timings.get(name)
             ratio = t.median_s / base if t is not None and base else None
-            table.row([row.name if i == 0 else "", name, _fmt_time(t and t.median_s), _fmt_time(t and t.min_s),
+            median = _fmt_time(t and t.median_s) + ("?" if t is not None and t.median_s > UNSTABLE * t.min_s else " ")
+            table.row([row.name if i == 0 else "", name, median, _fmt_time(t and t.min_s),
                        "ok" if ok else "MISMATCH", "-" if ratio is None else f"{ratio:.2f}"])
             entry["results"][name] = {"check": "ok" if ok else "mismatch", "error": err,
                                       "median_s": t and t.median_s, "min_s": t and t.min_s,
                                       "ratio_to_first": ratio}
         results.append(entry)
     print("workflows: 'x first' is each implementation's median / the first one's (> 1: the first is faster); "
-          "check: loss and gradients (training) or outputs (inference) against float64 PyTorch", file=out)
+          "check: loss and gradients (training) or outputs (inference) against float64 PyTorch; "
+          f"?: median more than {UNSTABLE:g}x the fastest loop", file=out)
     return results

@@ -55,7 +55,8 @@ def _where_cuda_stands() -> str:
         return "this build of lepton_kernels has no CUDA support"
     if not cfg["cuda_devices"]:
         return "this build of lepton_kernels has CUDA kernels but no CUDA device is present"
-    return "lepton_kernels' CUDA kernels are not reachable from torch tensors yet"
+    return ("the lepton:: ops do not route CUDA tensors to lepton's device kernels (lepton_kernels' functional "
+            "API takes them directly)")
 
 
 def _check(op: str, **tensors) -> None:

@@ -82,7 +82,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    """``F.max_pool2d`` through ``lepton::max_pool2d_with_indices`` (gradient or indices wanted) or ``lepton::max_pool2d``."""
+    """``F.max_pool2d`` through ``lepton::max_pool2d_with_indices`` (gradient or indices wanted), else
+    ``lepton::max_pool2d``."""
     args = (*_pool_args(kernel_size, stride, padding, dilation), bool(ceil_mode))
     if return_indices:
         return _ops.max_pool2d_with_indices(input, *args)

@@ -31,10 +31,16 @@ def _runs(x, *params):
 
 
 def _adopt(cls, module):
-    """A ``cls`` instance with ``module``'s state: containers copied, their contents (Parameters) shared."""
+    """A ``cls`` instance with ``module``'s state: containers copied, their contents (Parameters) shared.
+
+    The hook dicts themselves are shared, so that a handle from a
+    ``register_*_hook`` made before the swap still removes its hook.
+    """
     new = cls.__new__(cls)
     for key, value in module.__dict__.items():
-        new.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set, list)) else value
+        if isinstance(value, (dict, set, list)) and "hook" not in key:
+            value = copy.copy(value)
+        new.__dict__[key] = value
     return new
 
 
