@@ -674,3 +674,22 @@ def test_store_of_pure_garbage(tmp_path, rng):
     for tune in (True, False):
         _, (got,) = run_child(tmp_path, cache_dir, inputs, "functional", tune, f"garbage-{tune}")
         check_conv(got, xs[0], w, b, padding=1)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kwargs", CONV_SHAPES + [
+    pytest.param((1, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), id="r18-c2"),
+    pytest.param((1, 3, 224, 224), (64, 3, 7, 7), dict(stride=2, padding=3), id="r18-stem"),
+    pytest.param((1, 3, 8, 8), (256, 3, 3, 3), dict(padding=1), id="small-image-many-filters"),
+])
+def test_im2col_gemm_only_on_request(x_shape, w_shape, kwargs, rng):
+    # It holds the whole image's im2col matrix (C*R*S times the input): even
+    # with workspace free of charge the scheduler must not consider it.
+    x = ref.randn(rng, x_shape, np.float32)
+    w = ref.randn(rng, w_shape, np.float32)
+    lk.set_scheduler(memory_weight=0.0)
+    for text in (lk.explain(lk.conv2d, x, w, **kwargs), lk.Conv2d(w, **kwargs).describe(x),
+                 lk.explain(lk.conv2d_max_pool2d, x, w, **kwargs)):
+        assert "im2col_gemm" not in text, text
+    pinned = lk.Conv2d(w, **kwargs, algorithm="im2col_gemm")
+    assert chosen(pinned.describe(x))["algo"] == "im2col_gemm"
+    check_conv(pinned(x), x, w, **kwargs)

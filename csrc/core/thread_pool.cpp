@@ -14,6 +14,7 @@
 #include <vector>
 
 #ifdef __linux__
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 #endif
@@ -143,6 +144,30 @@ class Pool {
     threads_ = 1;
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
     threads_ = std::max(1, threads);
+    pin_workers();
+  }
+
+  // Opt-in (LEPTON_PIN_THREADS=1): worker i stays on the i-th CPU the
+  // process may use (modulo their count), leaving the first to the caller.
+  // For reproducible benchmarks on a quiet machine; by default the system
+  // places threads, which copes better with other processes.
+  void pin_workers() {
+#ifdef __linux__
+    const char* env = std::getenv("LEPTON_PIN_THREADS");
+    if (env == nullptr || env[0] != '1' || env[1] != '\0') return;
+    cpu_set_t allowed;
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
+    std::vector<int> cpus;
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+    if (cpus.size() < 2) return;
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpus[(i + 1) % cpus.size()], &one);
+      pthread_setaffinity_np(workers_[i].native_handle(), sizeof(one), &one);  // best effort
+    }
+#endif
   }
 
   void stop() {

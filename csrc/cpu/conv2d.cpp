@@ -126,6 +126,7 @@ constexpr double kL1Bytes = 48 << 10;          // per core
 constexpr double kL1MissEfficiency = 0.85;     // when a B micro-panel stays in neither L1 nor L2
 constexpr double kL2PanelEfficiency = 0.97;    // when it streams from L2
 constexpr double kAccumulateFromL2K = 16;      // a K block's pass over a C tile in L2, in k steps per call
+constexpr double kTileFromL3 = 1.6;            // the transposed store of a tile past L2, against one within
 constexpr double kPackSecondsPerElem = 0.4e-9;  // im2col gather, per element, one thread
 constexpr double kCopyPerPack = 0.4;             // a row copy (indirect_gemm's band) against a gather
 constexpr double kDirectEfficiency = 0.15;     // the direct loop against the GEMM microkernel's rate
@@ -201,8 +202,11 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
     packs = s.padded_elems * jblocks * (1.0 + (s.tap_rows - 1) / band_rows) * kCopyPerPack;
   }
   const double weight_pack = t && !prepacked ? s.weight_bytes / sizeof(T) * kPackSecondsPerElem * 2 : 0;
-  // Transposed GEMMs store their tile into channel planes in one more pass.
-  const double transposes = t ? static_cast<double>(s.N) * s.G * s.Kg * s.PQ * kCopyPerPack : 0.0;
+  // Transposed GEMMs store their tile into channel planes in one more pass,
+  // reading it back from L3 when it outgrows half of L2.
+  const double transposes = t ? static_cast<double>(s.N) * s.G * s.Kg * s.PQ * kCopyPerPack *
+                                    (tile_bytes > kL2Bytes / 2 ? kTileFromL3 : 1.0)
+                              : 0.0;
   const double pack = (packs + transposes) * kPackSecondsPerElem / c.threads + weight_pack;
   // Weights stream again for every pixel block once they outgrow the cache.
   const double weight_reads = s.weight_bytes > (1 << 20) ? static_cast<double>(s.N) * (t ? mblocks : jblocks) : 1.0;

@@ -111,6 +111,8 @@ class Conv2d(_ConvBase):
     ``'implicit_gemm'``, ``'im2col_gemm'``, ``'implicit_gemm_t'``, ``'indirect_gemm'``, ``'direct'``
     to fix it, and ``ukernel`` ``'auto'``, ``'wide'`` or ``'tall'`` fixes the
     GEMM microkernel's shape (the scheduler still picks blocking and threads).
+    ``'im2col_gemm'`` holds the whole image's im2col matrix in a workspace
+    (C*R*S times the input): the scheduler never picks it by itself.
     """
 
     _ceil_mode = False
