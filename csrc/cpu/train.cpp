@@ -124,8 +124,13 @@ void cross_entropy_backward(int64_t N, int64_t C, const T* grad, int64_t grad_st
       double mx, sum;
       row_stats(x + i * C, C, mx, sum);
       const double inv = scale / sum;
-      for (int64_t c = 0; c < C; ++c) g[c] = static_cast<T>(std::exp(static_cast<double>(x[i * C + c]) - mx) * inv);
-      g[target[i]] = static_cast<T>(static_cast<double>(g[target[i]]) - scale);
+      const int64_t t_i = target[i];
+      for (int64_t c = 0; c < C; ++c) {
+        // The target's probability minus one stays in double until the end: rounding the probability to T
+        // first would leave an error of eps(T) * scale where the result (near-certain rows) is far smaller.
+        const double p = std::exp(static_cast<double>(x[i * C + c]) - mx) * inv;
+        g[c] = static_cast<T>(c == t_i ? p - scale : p);
+      }
     }
   });
 }

@@ -18,7 +18,7 @@ import operator
 import numpy as np
 
 from . import _core, _device
-from ._args import check_array, spatial_input
+from ._args import check_array, check_out_size, spatial_input
 from .functional import _activation, _conv_args
 
 __all__ = [
@@ -148,6 +148,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     full = shape if batched else (1,) + shape
     if any(s < 0 for s in full):
         raise ValueError(f"input_shape: sizes must be non-negative, got {shape}")
+    check_out_size(full, grad_output.dtype, "input_shape")
     gx = _core.max_pool2d_backward(gy, idx, full)
     return gx if batched else gx[0]
 
