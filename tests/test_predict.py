@@ -176,6 +176,19 @@ def test_failures(tmp_path, rng, capsys):
     lk.save_model(model3, tmp_path / "rgb.lk")
     assert main(["predict", str(tmp_path / "rgb.lk"), str(images[0]), "--grayscale"]) == 2
     assert "--grayscale" in capsys.readouterr().err
+    assert main(["predict", str(path), str(images[0]), "--size", "0", "5"]) == 2
+    assert "--size" in capsys.readouterr().err
+
+
+def test_label_count_mismatch_warns(tmp_path, rng, capsys):
+    model = make_model(rng)
+    path = tmp_path / "m.lk"
+    lk.save_model(model, path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"class {i}" for i in range(7)))
+    images = write_images(tmp_path, rng, 2)
+    assert main(["predict", str(path), *map(str, images), "--labels", str(labels)]) == 0
+    assert "7 labels for a model with 4 classes" in capsys.readouterr().err
 
 
 def test_module_entry_point(tmp_path, rng):

@@ -472,3 +472,23 @@ def test_torch_compile_fullgraph(seed):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), twin(x))
+
+
+@pytest.mark.parametrize("bad, name", [(dict(stride=[1]), "stride"), (dict(stride=[-1, 1]), "stride"),
+                                       (dict(stride=[0, 1]), "stride"), (dict(padding=[-1, 0]), "padding"),
+                                       (dict(dilation=[0, 1]), "dilation")])
+def test_raw_op_geometry_errors_name_the_argument(bad, name):
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    args = dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1]) | bad
+    with pytest.raises(ValueError, match=name):
+        torch.ops.lepton.conv2d(x, w, None, args["stride"], args["padding"], args["dilation"], 1, False)
+    pool = dict(kernel_size=[2, 2], stride=[2, 2], padding=[0, 0], dilation=[1, 1]) | bad
+    with pytest.raises(ValueError, match=name):
+        torch.ops.lepton.max_pool2d_with_indices(x, pool["kernel_size"], pool["stride"], pool["padding"],
+                                                 pool["dilation"], False)
+
+
+def test_raw_op_kernel_larger_than_input_names_input():
+    with pytest.raises(ValueError, match="input"):
+        torch.ops.lepton.conv2d(torch.randn(1, 2, 2, 2), torch.randn(3, 2, 3, 3), None, [1, 1], [0, 0], [1, 1], 1,
+                                False)

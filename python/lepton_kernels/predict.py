@@ -69,6 +69,8 @@ def input_geometry(model, size=None, grayscale=False, layout=None):
             C, H, W = shape
     if size is not None:
         H, W = size
+        if H < 1 or W < 1:
+            raise ValueError(f"--size: height and width must be positive, got {H} {W}")
     if grayscale:
         if C not in (None, 1):
             raise ValueError(f"--grayscale: the model takes {C} channels")
@@ -165,6 +167,9 @@ def predict(model, images, *, labels=None, top=5, size=None, grayscale=False, me
                 if isinstance(y, tuple):
                     y = y[0]
                 probs = _probabilities(y)[:n]
+                if names is not None and len(names) != probs.shape[1] and not results:
+                    print(f"warning: {len(names)} labels for a model with {probs.shape[1]} classes",
+                          file=sys.stderr)
                 k = min(top, probs.shape[1])
                 for p, row in zip(paths, probs):
                     order = np.argsort(-row, kind="stable")[:k]

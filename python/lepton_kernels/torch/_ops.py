@@ -78,6 +78,18 @@ def _check(op: str, **tensors) -> None:
             raise TypeError(f"lepton::{op}: {name}: dtype {t.dtype} does not match input dtype {dtype}")
 
 
+_GEOMETRY_MINIMUM = {"stride": 1, "padding": 0, "dilation": 1, "kernel_size": 1, "pool_stride": 1,
+                     "pool_padding": 0, "pool_dilation": 1}
+
+
+def _check_geometry(op: str, **lists) -> None:
+    """Each (height, width) argument is two ints in range: checked before any output size is computed."""
+    for name, v in lists.items():
+        least = _GEOMETRY_MINIMUM[name]
+        if len(v) != 2 or any(e < least for e in v):
+            raise ValueError(f"lepton::{op}: {name}: expected two ints >= {least}, got {list(v)}")
+
+
 def _check_indices(op: str, name: str, t: Tensor) -> None:
     if t.device.type != "cpu":
         raise ValueError(f"lepton::{op}: {name} is on {t.device}; the lepton ops run on CPU tensors only "
@@ -105,6 +117,9 @@ def _unbatch(a: Optional[np.ndarray], like: Tensor) -> Optional[np.ndarray]:
 
 def _out(shape, like: Tensor) -> Tuple[Tensor, np.ndarray]:
     """A fresh tensor for a kernel to write through ``out=``, and its NumPy view."""
+    if any(d < 0 for d in shape):
+        raise ValueError(f"input: of shape {tuple(like.shape)} is smaller than the (dilated, padded) kernel: "
+                         f"the output would have shape {tuple(shape)}")
     t = torch.empty(shape, dtype=like.dtype)
     return t, np.from_dlpack(t)
 
@@ -161,6 +176,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[i
            dilation: List[int], groups: int, relu: bool) -> Tensor:
     """``conv2d`` (+ ReLU when ``relu``) of an (N, C, H, W) or (C, H, W) input."""
     _check("conv2d", input=input, weight=weight, bias=bias)
+    _check_geometry("conv2d", stride=stride, padding=padding, dilation=dilation)
     if input.dim() == 4 and weight.dim() == 4:
         y, out = _out(_conv_shape(input, weight, stride, padding, dilation), input)
         lk.conv2d(_np(input), _np(weight), _np(bias), stride, padding, dilation, groups,
@@ -231,6 +247,7 @@ def max_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding
                ceil_mode: bool) -> Tensor:
     """Max-pooling without indices: for inference (no gradient; ``max_pool2d_with_indices`` has one)."""
     _check("max_pool2d", input=input)
+    _check_geometry("max_pool2d", kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
     if input.dim() == 4:
         y, out = _out(_pool_shape(input.shape, kernel_size, stride, padding, dilation, ceil_mode), input)
         lk.max_pool2d(_np(input), kernel_size, stride, padding, dilation, ceil_mode, out=out)
@@ -259,6 +276,8 @@ def max_pool2d_with_indices(input: Tensor, kernel_size: List[int], stride: List[
                             dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
     """Max-pooling and the int64 index of each maximum, flattened per H*W plane (as in torch)."""
     _check("max_pool2d_with_indices", input=input)
+    _check_geometry("max_pool2d_with_indices", kernel_size=kernel_size, stride=stride, padding=padding,
+                    dilation=dilation)
     if input.dim() == 4:
         y, out = _out(_pool_shape(input.shape, kernel_size, stride, padding, dilation, ceil_mode), input)
         _, idx = lk.max_pool2d(_np(input), kernel_size, stride, padding, dilation, ceil_mode, return_indices=True,
@@ -325,6 +344,9 @@ def conv2d_relu_max_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor]
                            ceil_mode: bool) -> Tensor:
     """``max_pool2d(relu(conv2d(...)))`` in one pass, without indices: for inference (no gradient)."""
     _check("conv2d_relu_max_pool2d", input=input, weight=weight, bias=bias)
+    _check_geometry("conv2d_relu_max_pool2d", stride=stride, padding=padding, dilation=dilation,
+                    kernel_size=kernel_size, pool_stride=pool_stride, pool_padding=pool_padding,
+                    pool_dilation=pool_dilation)
     args = _fused_args(stride, padding, dilation, groups, kernel_size, pool_stride, pool_padding, pool_dilation,
                        ceil_mode)
     if input.dim() == 4 and weight.dim() == 4:
@@ -353,6 +375,9 @@ def conv2d_relu_max_pool2d_with_indices(input: Tensor, weight: Tensor, bias: Opt
                                         pool_dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
     """The fused pass and the index of each maximum in its convolution output plane (int64, per P*Q plane)."""
     _check("conv2d_relu_max_pool2d_with_indices", input=input, weight=weight, bias=bias)
+    _check_geometry("conv2d_relu_max_pool2d_with_indices", stride=stride, padding=padding, dilation=dilation,
+                    kernel_size=kernel_size, pool_stride=pool_stride, pool_padding=pool_padding,
+                    pool_dilation=pool_dilation)
     args = _fused_args(stride, padding, dilation, groups, kernel_size, pool_stride, pool_padding, pool_dilation,
                        ceil_mode)
     if input.dim() == 4 and weight.dim() == 4:
