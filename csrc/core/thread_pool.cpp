@@ -59,6 +59,36 @@ struct Job {
 
 thread_local bool t_inside_task = false;
 
+// The CPU the calling thread runs on, or -1 where that is unknown.
+int current_cpu() {
+#ifdef __linux__
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+// A worker on the CPU of the thread it is to help only takes turns with it
+// on one core: every call runs at half speed, for milliseconds, until the
+// system's load balancer separates them. The system's wake-up placement does
+// put a worker there, notably when another library's threads ran on the other
+// CPUs shortly before. Moving away at once costs two system calls: narrowing
+// the affinity migrates the thread, restoring it lets it move freely again.
+void leave_cpu(int cpu) {
+#ifdef __linux__
+  if (cpu < 0 || sched_getcpu() != cpu) return;
+  cpu_set_t mask;
+  if (pthread_getaffinity_np(pthread_self(), sizeof(mask), &mask) != 0) return;
+  cpu_set_t others = mask;
+  CPU_CLR(cpu, &others);
+  if (CPU_COUNT(&others) == 0) return;  // pinned there (LEPTON_PIN_THREADS), or a single CPU
+  if (pthread_setaffinity_np(pthread_self(), sizeof(others), &others) == 0)
+    pthread_setaffinity_np(pthread_self(), sizeof(mask), &mask);
+#else
+  (void)cpu;
+#endif
+}
+
 class Pool {
  public:
   explicit Pool(int threads) { start(threads); }
@@ -94,6 +124,7 @@ class Pool {
     job->fn = &fn;
     job->n = n;
     job->seats.store(want - 1);
+    caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
     int sleeping;
     {
       std::lock_guard<std::mutex> q(queue_mu_);
@@ -193,7 +224,10 @@ class Pool {
 #if defined(__x86_64__)
         __builtin_ia32_pause();
 #endif
-        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) break;
+        if ((i & 255) == 255) {
+          leave_cpu(caller_cpu_.load(std::memory_order_relaxed));
+          if (std::chrono::steady_clock::now() > until) break;
+        }
       }
       std::shared_ptr<Job> job;
       {
@@ -214,6 +248,7 @@ class Pool {
           queued_.fetch_sub(1, std::memory_order_relaxed);
         }
       }
+      leave_cpu(caller_cpu_.load(std::memory_order_relaxed));
       job->work();
     }
   }
@@ -225,6 +260,7 @@ class Pool {
   bool stopping_ = false;
   std::atomic<bool> stop_flag_{false};  // stopping_, readable without the lock
   std::atomic<int> queued_{0};          // jobs in queue_, readable without the lock
+  std::atomic<int> caller_cpu_{-1};     // where the newest job's caller ran
   int sleepers_ = 0;                    // workers waiting on queue_cv_
   std::vector<std::thread> workers_;
   std::deque<std::shared_ptr<Job>> queue_;
