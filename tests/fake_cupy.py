@@ -75,6 +75,10 @@ class FakeArray:
     def transpose(self, *axes):
         return FakeArray(self._module, self.host.transpose(*axes), self._device, self.cai_stream)
 
+    def reshape(self, *shape):
+        # CuPy reshapes a contiguous array as a view; so does NumPy here.
+        return FakeArray(self._module, self.host.reshape(*shape), self._device, self.cai_stream)
+
     def get(self):
         return self.host.copy()
 
