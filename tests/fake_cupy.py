@@ -75,6 +75,10 @@ class FakeArray:
     def transpose(self, *axes):
         return FakeArray(self._module, self.host.transpose(*axes), self._device, self.cai_stream)
 
+    def reshape(self, *shape):
+        # CuPy reshapes a contiguous array as a view; so does NumPy here.
+        return FakeArray(self._module, self.host.reshape(*shape), self._device, self.cai_stream)
+
     def get(self):
         return self.host.copy()
 
@@ -174,7 +178,8 @@ class RecordingKernels:
     """_cuda_emu.device with devices looked up in a FakeCupy, every launch and stream wait recorded."""
 
     OPS = ("conv2d", "conv2d_max_pool2d", "max_pool2d", "linear", "relu", "softmax", "conv2d_backward",
-           "max_pool2d_backward", "linear_backward", "relu_backward", "cross_entropy", "cross_entropy_backward")
+           "max_pool2d_backward", "linear_backward", "relu_backward", "cross_entropy", "cross_entropy_backward",
+           "adam_step")
 
     def __init__(self, xp, sm_counts=None):
         self.xp = xp

@@ -30,6 +30,7 @@
 #include "cuda/linear_backward.cuh"
 #include "cuda/maxpool.cuh"
 #include "cuda/maxpool_backward.cuh"
+#include "cuda/optim.cuh"
 #include "cuda/runtime.h"
 
 namespace lk::cuda_bindings {
@@ -363,6 +364,23 @@ inline void register_cuda_ops(py::module_& m) {
       },
       py::arg("f64"), py::arg("grad_loss"), py::arg("x"), py::arg("target"), py::arg("grad_input"),
       py::arg("outer"), py::arg("classes"), py::arg("inner"), py::arg("reduction"), py::arg("ignore_index"),
+      py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "adam_step",
+      [](bool f64, Ptr param, Ptr grad, Ptr exp_avg, Ptr exp_avg_sq, int64_t n, int64_t step, double lr,
+         double beta1, double beta2, double eps, double weight_decay, int device, Ptr stream) {
+        const cuda::AdamArgs a{step, lr, beta1, beta2, eps, weight_decay};
+        py::gil_scoped_release release;
+        cuda::DeviceGuard guard(device);
+        by_dtype(f64, [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          cuda::adam_step(ptr<T>(param), ptr<const T>(grad), ptr<T>(exp_avg), ptr<T>(exp_avg_sq), n, a,
+                          stream_of(stream));
+        });
+      },
+      py::arg("f64"), py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("n"),
+      py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
       py::arg("device"), py::arg("stream"));
 }
 

@@ -97,6 +97,8 @@ LK_HD float exp(float x) { return ::expf(x); }
 LK_HD double exp(double x) { return ::exp(x); }
 LK_HD float log(float x) { return ::logf(x); }
 LK_HD double log(double x) { return ::log(x); }
+LK_HD float sqrt(float x) { return ::sqrtf(x); }
+LK_HD double sqrt(double x) { return ::sqrt(x); }
 template <class T>
 LK_HD T neg_inf() {
   return -static_cast<T>(INFINITY);

@@ -1135,6 +1135,61 @@ def cross_entropy_backward(grad_loss, input, target, *, reduction="mean", ignore
         return L.result(gi)
 
 
+def adam_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    """One Adam step in place on device arrays (the kernel of csrc/cuda/optim.cu).
+
+    The fallback copies the four arrays to the host, runs the CPU step and
+    copies the three updated ones back into the device arrays."""
+    rt = runtime()
+    _require_device({"grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
+    named = (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
+    if rt.kernels is None:
+        _need_xp(rt, "param")
+        xp = rt.xp
+        _warn_fallback(rt.reason)
+        hosts = [xp.asnumpy(_as_xp(xp, a)) for _, a in named]
+        _core_adam()(*hosts, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        with xp.cuda.Device(_fallback_device(xp, param)):
+            for (name, a), h in zip(named, hosts):
+                if name != "grad":
+                    xp.copyto(_as_xp(xp, a), xp.asarray(h))
+        return None
+    with _Launch(rt, param, "param") as L:
+        arrays = {}
+        for name, a in named:
+            d = L.read(a, name)
+            if name == "grad":
+                d = L.contiguous(d, name)
+            else:
+                if d.readonly:
+                    raise ValueError(f"{name}: array is read-only")
+                if not d.is_contiguous():
+                    raise ValueError(f"{name}: must be C-contiguous (it is updated in place)")
+            if name != "param":
+                _check_same_dtype(arrays["param"], d, name)
+                if d.shape != arrays["param"].shape:
+                    raise ValueError(f"{name}: expected shape {arrays['param'].shape} (param's), got {d.shape}")
+            arrays[name] = d
+        p, g, m, v = arrays["param"], arrays["grad"], arrays["exp_avg"], arrays["exp_avg_sq"]
+        updated = [p, m, v]
+        for i, a in enumerate(updated):
+            lo, hi = a.span()
+            for b in updated[i + 1:] + [g]:
+                blo, bhi = b.span()
+                if hi > lo and bhi > blo and blo < hi and lo < bhi:
+                    raise ValueError("param, grad, exp_avg, exp_avg_sq: must not overlap")
+        if p.size:
+            L.kernels.adam_step(_f64(p), p.ptr, g.ptr, m.ptr, v.ptr, p.size, step, lr, beta1, beta2, eps,
+                                weight_decay, L.device, L.stream)
+    return None
+
+
+def _core_adam():
+    from .backward import adam_step as cpu
+
+    return cpu
+
+
 # --------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------

@@ -266,12 +266,17 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, bet
     updated arrays must be C-contiguous, writeable and of ``param``'s shape
     and dtype; ``grad`` may have any layout. Returns None.
     """
-    for name, a in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        check_array(a, name)
     try:
         step = operator.index(step)
     except TypeError:
         raise TypeError(f"step: expected an int, got {type(step).__name__}") from None
+    if _device.is_device_array(param):
+        if step < 1:
+            raise ValueError(f"step: must be at least 1, got {step}")
+        return _device.adam_step(param, grad, exp_avg, exp_avg_sq, step, _float(lr, "lr"), _float(beta1, "beta1"),
+                                 _float(beta2, "beta2"), _float(eps, "eps"), _float(weight_decay, "weight_decay"))
+    for name, a in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_array(a, name)
     _core.adam_step(param, grad, exp_avg, exp_avg_sq, step, _float(lr, "lr"), _float(beta1, "beta1"),
                     _float(beta2, "beta2"), _float(eps, "eps"), _float(weight_decay, "weight_decay"))
 

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _core
+from . import _core, _device
 from ._args import check_array, check_out, normalize_dim
 from .functional import _activation, log_softmax, relu, softmax
 from .layers import _UKERNELS, Conv2d, Conv2dMaxPool2d, Linear, MaxPool2d
@@ -293,6 +293,7 @@ class Sequential:
         first = next((s["op"] for s in specs if s["op"] != "identity"), None)
         self._batched_rank = 4 if first in ("conv2d", "max_pool2d") else 2 if first == "linear" else None
         self._last_shape = None
+        self._last_device = None  # the device path of the last call with a device array
         self._cache = None
         if result_cache is not None:
             self.enable_result_cache(result_cache)
@@ -305,6 +306,8 @@ class Sequential:
                 and (self._strided or input.flags.c_contiguous)):
             self._last_shape = input.shape
             return net(input)  # the fast path: the core checks the rest (dtype included)
+        if type(input) is not np.ndarray and _device.is_device_array(input):
+            return self._on_device(input, out)
         check_array(input, "input")
         if input.dtype != np.float32:
             raise TypeError(f"input: expected dtype float32 (the network's weights), got {input.dtype}")
@@ -336,20 +339,128 @@ class Sequential:
             return out
         return y if batched else y[0]
 
+    def _on_device(self, input, out):
+        """The network on a device array: stage by stage through the device kernels.
+
+        Each layer keeps its weights per device (uploaded on first use there),
+        so the network's weights are uploaded once per device. A ReLU right
+        after a convolution or linear layer without activation is fused into
+        it (the kernels' bias+ReLU epilogue); convolution + max-pool layers run
+        the fused conv+bias+ReLU+max-pool kernel; ReLU and softmax after a
+        stage run in place on the stage's output. Intermediates come from the
+        array module's allocator (CuPy's pool); nothing waits for the device.
+        The result cache is bypassed: hashing the input would copy it to the
+        host and synchronise.
+        """
+        rt = _device.runtime()
+        if rt.kernels is None:
+            y = _device.on_cpu(rt, self, (input,), {"out": out}, input)
+            self._last_device = rt.path
+            return y
+        xp = rt.xp
+        _device._require_device({"out": out})
+        a = _device._as_xp(xp, input)
+        if a.dtype != np.float32:
+            raise TypeError(f"input: expected dtype float32 (the network's weights), got {a.dtype}")
+        batched = not (self._batched_rank is not None and a.ndim == self._batched_rank - 1)
+        x, out_b = (input, out) if batched else (a[None], None if out is None else _device._as_xp(xp, out)[None])
+        if batched and a.ndim == self._batched_rank:
+            self._last_shape = tuple(a.shape)
+        elif not batched:
+            self._last_shape = (1,) + tuple(a.shape)
+        self._last_device = rt.path
+        owned = False  # whether x is an intermediate of this call (then ReLU/softmax may run in place)
+        stages = self._device_stages
+        for i, (kind, m, act, pool, ceil_mode) in enumerate(stages):
+            o = out_b if i == len(stages) - 1 else None
+            if kind == "conv":
+                x = _device._conv_gpu(rt, x, None, None, m._stride, m._pads, m._dilation, m._groups, act, o,
+                                      pool, ceil_mode, params=m._device_params)
+            elif kind == "linear":
+                x = _device._linear_gpu(rt, x, None, None, act, o, params=m._device_params)
+            elif kind == "max_pool2d":
+                k, st, p, d, ceil_mode, _ = m._args
+                x = _device.max_pool2d(x, k, st, p, d, ceil_mode, False, out=o)
+            elif kind == "relu":
+                x = _device.relu(x, out=o if o is not None or not owned else x)
+            elif kind == "softmax":
+                x = _device.softmax(x, m.dim, out=o if o is not None or not owned else x, log=m._log)
+            else:  # flatten: a view of the stage output
+                x = _device_flatten(rt, x, m.start_dim)
+                continue
+            owned = True
+        if out is not None:
+            if not stages or stages[-1][0] == "flatten":
+                # No kernel wrote `out` (an empty chain or one ending in Flatten): copy on the device.
+                target, src = _device._as_xp(xp, out_b), _device._as_xp(xp, x)
+                if tuple(target.shape) != tuple(src.shape):
+                    raise ValueError(f"out: expected shape {tuple(src.shape)}, got {tuple(target.shape)}")
+                xp.copyto(target, src)
+            return out
+        if not batched:
+            x = _device._as_xp(xp, x)[0]
+        if not owned or not batched or stages[-1][0] == "flatten":
+            x = _device._as_kind_of(xp, _device._as_xp(xp, x), input)
+        return x
+
+    @property
+    def _device_stages(self):
+        """The device stages: [kind, module, activation, pool, ceil_mode], made on first use.
+
+        A ReLU after a convolution or linear stage becomes its activation
+        (for a convolution with pooling too: ReLU commutes with max), and a
+        MaxPool2d right after a convolution without pooling joins it as the
+        fused kernel's pooling."""
+        stages = getattr(self, "_stages", None)
+        if stages is None:
+            stages = []
+            for m in self._modules:
+                prev = stages[-1] if stages else None
+                if isinstance(m, Dropout):
+                    continue
+                if isinstance(m, ReLU) and prev is not None and prev[0] in ("conv", "linear"):
+                    prev[2] = "relu"
+                    continue
+                if isinstance(m, MaxPool2d) and prev is not None and prev[0] == "conv" and prev[3] is None \
+                        and not m._args[5]:
+                    prev[3], prev[4] = m._args[:4], m._args[4]
+                    continue
+                if isinstance(m, (Conv2d, Conv2dMaxPool2d)):
+                    stages.append(["conv", m, m._activation, m._pool, m._ceil_mode])
+                elif isinstance(m, Linear):
+                    stages.append(["linear", m, m._activation, None, False])
+                else:
+                    kind = ("max_pool2d" if isinstance(m, MaxPool2d) else "relu" if isinstance(m, ReLU)
+                            else "softmax" if isinstance(m, Softmax) else "flatten")
+                    stages.append([kind, m, None, None, False])
+            self._stages = stages
+        return stages
+
     def output_shape(self, input_shape):
         """The output's shape for a batched input of shape ``input_shape``."""
         return tuple(self._net.output_shape(_shape(input_shape)))
 
     def describe(self, input=None) -> str:
         """The plan for an input like ``input`` (an array or a batched shape; default: the last call's):
-        fused stages and their plans, image tiles and thread split, arena size and predicted time."""
+        fused stages and their plans, image tiles and thread split, arena size and predicted time. A device
+        array (or a network last run on one) adds the device path: its CUDA kernels or the CPU fallback."""
+        device = self._last_device
+        if input is not None and not isinstance(input, np.ndarray) and _device.is_device_array(input):
+            device = _device.runtime().path
+            input = tuple(_device._as_xp(_device.runtime().xp, input).shape)
         if input is None:
             if self._last_shape is None:
                 raise ValueError("input: no call yet; give an input or its shape")
             shape = self._last_shape
         else:
             shape = input.shape if isinstance(input, np.ndarray) else _shape(input)
-        return self._net.describe(tuple(shape))
+        text = self._net.describe(tuple(shape))
+        if device == "gpu":
+            text += ("\ndevice path: CUDA kernels, stage by stage (conv+bias+ReLU+max-pool fused, linear+ReLU, "
+                     "softmax in place); weights cached per device; result cache bypassed")
+        elif device == "cpu-fallback":
+            text += "\ndevice path: CPU fallback (device input copied to the host, this plan, output copied back)"
+        return text
 
     def arena_bytes(self, input_shape) -> int:
         """Bytes of the arena the plan for ``input_shape`` holds its intermediates in."""
@@ -408,6 +519,13 @@ class Sequential:
     def __reduce__(self):
         cache = None if self._cache is None else self._cache.max_bytes
         return _rebuild, (tuple(self._recipes), cache)
+
+
+def _device_flatten(rt, x, start_dim):
+    xp = rt.xp
+    a = _device._as_xp(xp, x)
+    d = normalize_dim(start_dim, a.ndim, "start_dim")
+    return a.reshape(tuple(a.shape[:d]) + (math.prod(a.shape[d:]),))
 
 
 def _rebuild(recipes, result_cache):
