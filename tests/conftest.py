@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import lepton_kernels as lk
+from fake_cupy import FakeCupy, RecordingKernels
+from lepton_kernels import _cuda_emu, _device
 
 ISA_LEVELS = ("generic", "avx2", "avx512")
 
@@ -92,3 +94,25 @@ def restore_threads():
     previous = lk.get_num_threads()
     yield previous
     lk.set_num_threads(previous)
+
+
+# Device arrays without a GPU (tests/fake_cupy.py): CuPy stand-ins over host
+# memory, with the emulated CUDA kernels as the device backend.
+@pytest.fixture
+def fake():
+    """(fake CuPy with 2 devices, recording emulated kernels), installed as the runtime."""
+    xp = FakeCupy(device_count=2)
+    kernels = RecordingKernels(xp)
+    with _device.use_runtime(_device.Runtime(xp, kernels, "")):
+        yield xp, kernels
+    _cuda_emu.device.set_emulated_devices([132])
+
+
+@pytest.fixture
+def fallback():
+    """Fake CuPy without kernels: the CPU fallback, its warning armed again."""
+    xp = FakeCupy(device_count=2)
+    _device._reset_fallback_warning()
+    with _device.use_runtime(_device.Runtime(xp, None, "lepton_kernels was built without CUDA")):
+        yield xp
+    _device._reset_fallback_warning()

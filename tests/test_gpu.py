@@ -23,30 +23,10 @@ import pytest
 
 import lepton_kernels as lk
 import reference as ref
-from fake_cupy import DLPackOnly, FakeArray, FakeCupy, RecordingKernels
+from fake_cupy import DLPackOnly, FakeArray, FakeCupy
 from lepton_kernels import _cuda_emu, _device
 
 DTYPES = [np.float32, np.float64]
-
-
-@pytest.fixture
-def fake():
-    """(fake CuPy with 2 devices, recording emulated kernels), installed as the runtime."""
-    xp = FakeCupy(device_count=2)
-    kernels = RecordingKernels(xp)
-    with _device.use_runtime(_device.Runtime(xp, kernels, "")):
-        yield xp, kernels
-    _cuda_emu.device.set_emulated_devices([132])
-
-
-@pytest.fixture
-def fallback():
-    """Fake CuPy without kernels: the CPU fallback, its warning armed again."""
-    xp = FakeCupy(device_count=2)
-    _device._reset_fallback_warning()
-    with _device.use_runtime(_device.Runtime(xp, None, "lepton_kernels was built without CUDA")):
-        yield xp
-    _device._reset_fallback_warning()
 
 
 def conv_magnitude(x, w, b, **kw):

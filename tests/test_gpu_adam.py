@@ -8,28 +8,8 @@ import pytest
 
 import lepton_kernels as lk
 import reference as ref
-from fake_cupy import FakeCupy, RecordingKernels
-from lepton_kernels import _cuda_emu, _device
 
 DTYPES = [np.float32, np.float64]
-
-
-@pytest.fixture
-def fake():
-    xp = FakeCupy(device_count=2)
-    kernels = RecordingKernels(xp)
-    with _device.use_runtime(_device.Runtime(xp, kernels, "")):
-        yield xp, kernels
-    _cuda_emu.device.set_emulated_devices([132])
-
-
-@pytest.fixture
-def fallback():
-    xp = FakeCupy(device_count=2)
-    _device._reset_fallback_warning()
-    with _device.use_runtime(_device.Runtime(xp, None, "lepton_kernels was built without CUDA")):
-        yield xp
-    _device._reset_fallback_warning()
 
 
 def _state(rng, shape, dtype):
