@@ -176,6 +176,28 @@ def test_runs_on_the_current_stream_of_the_arrays_device(fake, rng):
     assert kernels.launches == [("relu", 1, 0xB0)] and kernels.waits == []
 
 
+def test_explicit_stream_overrides_the_current_one(fake, rng):
+    xp, kernels = fake
+    xp.streams[0] = 0xA0
+    x = xp.array(ref.randn(rng, (4, 2, 6, 6), np.float32))
+    w = xp.array(ref.randn(rng, (3, 2, 3, 3), np.float32))
+    cupy_stream = type("Stream", (), {"ptr": 0xC1})()
+    torch_stream = type("Stream", (), {"cuda_stream": 0xC2})()
+    lk.relu(x, stream=0xC0)
+    lk.conv2d(x, w, stream=cupy_stream)
+    lk.Conv2d(ref.randn(rng, (3, 2, 3, 3), np.float32))(x, stream=torch_stream)
+    g = lk.max_pool2d(x, 2, stream=0xC3)
+    lk.relu_backward(g, g, stream=0xC4)
+    lk.relu(x)  # the stream held for that call only
+    assert [s for _, _, s in kernels.launches] == [0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xA0]
+    with pytest.raises(TypeError, match="stream: expected a CUDA stream"):
+        lk.relu(x, stream="default")
+    with pytest.raises(ValueError, match="stream: a handle cannot be negative"):
+        lk.relu(x, stream=-1)
+    # Host arrays run on the CPU: a stream means nothing to them.
+    np.testing.assert_array_equal(lk.relu(np.ones(3, np.float32), stream=0xC0), np.ones(3, np.float32))
+
+
 def test_waits_for_the_producers_stream_without_synchronising(fake, rng):
     xp, kernels = fake
     xp.streams[0] = 0xA0

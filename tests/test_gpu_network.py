@@ -37,6 +37,15 @@ def test_reference_networks_on_device(fake, make, n, rng):
     assert "device path: CUDA kernels" in seq.describe()
 
 
+def test_explicit_stream(fake, rng):
+    xp, kernels = fake
+    net = mnist(rng)
+    seq = net.sequential()
+    dx = xp.array(_input(rng, net, 2))
+    seq(dx, stream=0x5EA)
+    assert kernels.launches and all(s == 0x5EA for _, _, s in kernels.launches)
+
+
 def test_stage_fusion_and_kernels(fake, rng):
     xp, kernels = fake
     net = mnist(rng)

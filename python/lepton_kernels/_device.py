@@ -36,6 +36,7 @@ the same binding code over host memory) and a small CuPy-like module whose
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import operator
 import sys
@@ -446,6 +447,43 @@ def _same_stream(a: int, b: int) -> bool:
 # --------------------------------------------------------------------------
 
 
+# A stream given with ``stream=``: launches go there instead of the array
+# module's current stream (a context variable, so threads and tasks each keep
+# their own).
+_explicit_stream: contextvars.ContextVar = contextvars.ContextVar("lepton_stream", default=None)
+
+
+def stream_handle(stream) -> int:
+    """The cudaStream_t of an int handle, a CuPy stream (``.ptr``) or a torch.cuda.Stream (``.cuda_stream``)."""
+    if isinstance(stream, bool):
+        raise TypeError("stream: expected a CUDA stream, got a bool")
+    if isinstance(stream, int):
+        handle = stream
+    elif hasattr(stream, "ptr"):
+        handle = int(stream.ptr)
+    elif hasattr(stream, "cuda_stream"):
+        handle = int(stream.cuda_stream)
+    else:
+        raise TypeError(f"stream: expected a CUDA stream handle (int), a CuPy stream or a torch.cuda.Stream, "
+                        f"got {type(stream).__name__}")
+    if handle < 0:
+        raise ValueError(f"stream: a handle cannot be negative, got {handle}")
+    return handle
+
+
+@contextlib.contextmanager
+def on_stream(stream):
+    """Launches inside the block go to `stream` (None: the array module's current stream)."""
+    if stream is None:
+        yield
+        return
+    token = _explicit_stream.set(stream_handle(stream))
+    try:
+        yield
+    finally:
+        _explicit_stream.reset(token)
+
+
 class _Launch:
     """The device, stream and arrays of one call; enter it to make the device current."""
 
@@ -467,7 +505,8 @@ class _Launch:
     def __enter__(self):
         self._ctx = self.xp.cuda.Device(self.device)
         self._ctx.__enter__()
-        self.stream = int(self.xp.cuda.get_current_stream().ptr)
+        explicit = _explicit_stream.get()
+        self.stream = explicit if explicit is not None else int(self.xp.cuda.get_current_stream().ptr)
         return self
 
     def __exit__(self, *exc):

@@ -70,7 +70,7 @@ def _unbatch(grads, batched):
 
 
 def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1, groups=1, *,
-                    output_mask=(True, True, True)):
+                    output_mask=(True, True, True), stream=None):
     """Gradients of ``conv2d(input, weight, bias, stride, padding, dilation, groups)``.
 
     Returns ``(grad_input, grad_weight, grad_bias)``, ``None`` where
@@ -78,8 +78,9 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     (int, pair, ``'same'``, ``'valid'``).
     """
     if _device.is_device_array(input):
-        return _device.conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups,
-                                       output_mask=output_mask)
+        with _device.on_stream(stream):
+            return _device.conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups,
+                                           output_mask=output_mask)
     mask, x, batched, gy, stride, pads, dilation, groups, (P, Q) = _conv_common(
         grad_output, input, weight, stride, padding, dilation, groups, output_mask)
     expected = (x.shape[0], weight.shape[0], P, Q)
@@ -91,7 +92,7 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
 
 
 def conv2d_max_pool2d_backward(grad_output, input, weight, output, indices, stride=1, padding=0, dilation=1,
-                               groups=1, *, activation="relu", output_mask=(True, True, True)):
+                               groups=1, *, activation="relu", output_mask=(True, True, True), stream=None):
     """Gradients of ``conv2d_max_pool2d`` (conv -> activation -> max-pool).
 
     ``output`` and ``indices`` are what ``conv2d_max_pool2d(...,
@@ -101,8 +102,9 @@ def conv2d_max_pool2d_backward(grad_output, input, weight, output, indices, stri
     no array of the convolution output's size is made.
     """
     if _device.is_device_array(input):
-        return _device.conv2d_max_pool2d_backward(grad_output, input, weight, output, indices, stride, padding,
-                                                  dilation, groups, activation=activation, output_mask=output_mask)
+        with _device.on_stream(stream):
+            return _device.conv2d_max_pool2d_backward(grad_output, input, weight, output, indices, stride, padding,
+                                                      dilation, groups, activation=activation, output_mask=output_mask)
     mask, x, batched, gy, stride, pads, dilation, groups, _ = _conv_common(
         grad_output, input, weight, stride, padding, dilation, groups, output_mask)
     _same_dtype(grad_output, output, "output")
@@ -121,7 +123,7 @@ def conv2d_max_pool2d_backward(grad_output, input, weight, output, indices, stri
     return _unbatch(grads, batched)
 
 
-def max_pool2d_backward(grad_output, indices, input_shape):
+def max_pool2d_backward(grad_output, indices, input_shape, *, stream=None):
     """Gradient of ``max_pool2d``: ``grad_output`` added at each window's maximum.
 
     ``indices`` are those ``max_pool2d(..., return_indices=True)`` returned
@@ -129,7 +131,8 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     outside the plane raise ValueError.
     """
     if _device.is_device_array(grad_output):
-        return _device.max_pool2d_backward(grad_output, indices, input_shape)
+        with _device.on_stream(stream):
+            return _device.max_pool2d_backward(grad_output, indices, input_shape)
     check_array(grad_output, "grad_output")
     if not isinstance(indices, np.ndarray):
         raise TypeError(f"indices: expected a numpy.ndarray, got {type(indices).__name__}")
@@ -153,14 +156,15 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     return gx if batched else gx[0]
 
 
-def linear_backward(grad_output, input, weight, *, output_mask=(True, True, True)):
+def linear_backward(grad_output, input, weight, *, output_mask=(True, True, True), stream=None):
     """Gradients of ``linear(input, weight, bias)`` for input (..., in) and weight (out, in).
 
     Returns ``(grad_input, grad_weight, grad_bias)`` (grad_input shaped like
     ``input``), ``None`` where ``output_mask`` is False.
     """
     if _device.is_device_array(input):
-        return _device.linear_backward(grad_output, input, weight, output_mask=output_mask)
+        with _device.on_stream(stream):
+            return _device.linear_backward(grad_output, input, weight, output_mask=output_mask)
     check_array(grad_output, "grad_output")
     _same_dtype(grad_output, input, "input")
     _same_dtype(grad_output, weight, "weight")
@@ -185,14 +189,15 @@ def linear_backward(grad_output, input, weight, *, output_mask=(True, True, True
     return gx, gw, gb
 
 
-def relu_backward(grad_output, output):
+def relu_backward(grad_output, output, *, stream=None):
     """Gradient of ``relu``: ``grad_output`` where ``output > 0``, else 0.
 
     As torch's ``threshold_backward``: zero exactly where ``output <= 0``,
     so a NaN output passes its gradient on.
     """
     if _device.is_device_array(grad_output):
-        return _device.relu_backward(grad_output, output)
+        with _device.on_stream(stream):
+            return _device.relu_backward(grad_output, output)
     check_array(grad_output, "grad_output")
     _same_dtype(grad_output, output, "output")
     if output.shape != grad_output.shape:
@@ -219,7 +224,7 @@ def _ce_args(input, target, reduction, ignore_index):
     return ignore_index
 
 
-def cross_entropy(input, target, *, reduction="mean", ignore_index=-100):
+def cross_entropy(input, target, *, reduction="mean", ignore_index=-100, stream=None):
     """Softmax cross-entropy of (N, C) logits against int64 class indices (N,).
 
     log-softmax and the negative log-likelihood in one stable pass (the
@@ -227,17 +232,19 @@ def cross_entropy(input, target, *, reduction="mean", ignore_index=-100):
     the rows not ignored), ``'sum'`` (both 0-d arrays) or ``'none'`` ((N,)).
     """
     if _device.is_device_array(input):
-        return _device.cross_entropy(input, target, reduction=reduction, ignore_index=ignore_index)
+        with _device.on_stream(stream):
+            return _device.cross_entropy(input, target, reduction=reduction, ignore_index=ignore_index)
     ignore_index = _ce_args(input, target, reduction, ignore_index)
     return _core.cross_entropy(input, target, reduction, ignore_index)
 
 
-def cross_entropy_backward(grad_loss, input, target, *, reduction="mean", ignore_index=-100):
+def cross_entropy_backward(grad_loss, input, target, *, reduction="mean", ignore_index=-100, stream=None):
     """Gradient of ``cross_entropy`` w.r.t. its logits: ``(softmax(input) - onehot(target))``
     scaled by ``grad_loss`` (divided by the rows counted for ``'mean'``); 0 on ignored rows."""
     if _device.is_device_array(input):
-        return _device.cross_entropy_backward(grad_loss, input, target, reduction=reduction,
-                                              ignore_index=ignore_index)
+        with _device.on_stream(stream):
+            return _device.cross_entropy_backward(grad_loss, input, target, reduction=reduction,
+                                                  ignore_index=ignore_index)
     ignore_index = _ce_args(input, target, reduction, ignore_index)
     if not isinstance(grad_loss, np.ndarray):
         grad_loss = np.asarray(grad_loss, dtype=input.dtype)
@@ -258,7 +265,7 @@ def _float(value, name):
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-              weight_decay=0.0):
+              weight_decay=0.0, stream=None):
     """One ``torch.optim.Adam`` step, in place on ``param``, ``exp_avg`` and ``exp_avg_sq``.
 
     ``step`` counts from 1 (bias correction); ``weight_decay`` adds
@@ -273,8 +280,10 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, bet
     if _device.is_device_array(param):
         if step < 1:
             raise ValueError(f"step: must be at least 1, got {step}")
-        return _device.adam_step(param, grad, exp_avg, exp_avg_sq, step, _float(lr, "lr"), _float(beta1, "beta1"),
-                                 _float(beta2, "beta2"), _float(eps, "eps"), _float(weight_decay, "weight_decay"))
+        with _device.on_stream(stream):
+            return _device.adam_step(param, grad, exp_avg, exp_avg_sq, step, _float(lr, "lr"),
+                                     _float(beta1, "beta1"), _float(beta2, "beta2"), _float(eps, "eps"),
+                                     _float(weight_decay, "weight_decay"))
     for name, a in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_array(a, name)
     _core.adam_step(param, grad, exp_avg, exp_avg_sq, step, _float(lr, "lr"), _float(beta1, "beta1"),

@@ -157,7 +157,8 @@ def _result(y, out, batched):
 _CONV_ARGS = {}
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, out=None):
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, out=None,
+           stream=None):
     """2-D convolution of an (N, C, H, W) or (C, H, W) input with (K, C/groups, R, S) filters.
 
     ``padding`` is an int, a pair, ``'valid'`` or ``'same'``; ``groups`` splits
@@ -165,7 +166,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     ReLU into the output pass.
     """
     if type(input) is not np.ndarray and _device.is_device_array(input):
-        return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation, out=out)
+        with _device.on_stream(stream):
+            return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation,
+                                  out=out)
     key = None
     if out is None and type(input) is np.ndarray and type(weight) is np.ndarray and input.ndim == 4:
         try:
@@ -190,14 +193,16 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False,
-               *, out=None):
+               *, out=None, stream=None):
     """2-D max-pooling of an (N, C, H, W) or (C, H, W) input.
 
     ``stride`` defaults to ``kernel_size``. NaN propagates; on ties the first
     index wins; indices (int64) are flattened per H*W plane, as in torch.
     """
     if type(input) is not np.ndarray and _device.is_device_array(input):
-        return _device.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, out=out)
+        with _device.on_stream(stream):
+            return _device.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                                      out=out)
     check_array(input, "input")
     x, batched = spatial_input(input)
     N, C, H, W = x.shape
@@ -214,7 +219,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation="relu",
                       kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False,
-                      return_indices=False, out=None):
+                      return_indices=False, out=None, stream=None):
     """``max_pool2d(activation(conv2d(input, weight, bias, ...)), kernel_size, pool_stride, ...)`` in one pass.
 
     The convolution runs band by band and each band is pooled while it is in
@@ -228,9 +233,10 @@ def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
     reports it, computed inside the same pass (for the backward pass).
     """
     if type(input) is not np.ndarray and _device.is_device_array(input):
-        return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation, out=out,
-                              pool=(kernel_size, pool_stride, pool_padding, pool_dilation), ceil_mode=ceil_mode,
-                              return_indices=return_indices)
+        with _device.on_stream(stream):
+            return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation,
+                                  out=out, pool=(kernel_size, pool_stride, pool_padding, pool_dilation),
+                                  ceil_mode=ceil_mode, return_indices=return_indices)
     x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
                                                                     dilation, groups)
     K = weight.shape[0]
@@ -246,14 +252,15 @@ def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
     return _result(res, out, batched)
 
 
-def linear(input, weight, bias=None, *, activation=None, out=None):
+def linear(input, weight, bias=None, *, activation=None, out=None, stream=None):
     """``input @ weight.T + bias`` for input (..., in_features), weight (out_features, in_features).
 
     A 1-D weight (in_features,) gives an output without the feature axis, as in torch.
     ``activation='relu'`` fuses a ReLU into the output pass.
     """
     if type(input) is not np.ndarray and _device.is_device_array(input):
-        return _device.linear(input, weight, bias, activation=activation, out=out)
+        with _device.on_stream(stream):
+            return _device.linear(input, weight, bias, activation=activation, out=out)
     if (out is None and type(input) is np.ndarray and type(weight) is np.ndarray and input.ndim == 2
             and weight.ndim == 2 and input.dtype == weight.dtype and input.dtype in FLOAT_DTYPES
             and input.shape[1] == weight.shape[1] and (bias is None or (type(bias) is np.ndarray and
@@ -327,18 +334,20 @@ def _elementwise_out(out, x, original):
     return out
 
 
-def relu(input, *, out=None):
+def relu(input, *, out=None, stream=None):
     """max(input, 0) element-wise; NaN stays NaN. ``out=input`` works in place."""
     if type(input) is not np.ndarray and _device.is_device_array(input):
-        return _device.relu(input, out=out)
+        with _device.on_stream(stream):
+            return _device.relu(input, out=out)
     x = _contiguous(input, "input")
     res = _core.relu(x, _elementwise_out(out, x, input))
     return res
 
 
-def _softmax(input, dim, out, log):
+def _softmax(input, dim, out, log, stream):
     if type(input) is not np.ndarray and _device.is_device_array(input):
-        return _device.softmax(input, dim, out=out, log=log)
+        with _device.on_stream(stream):
+            return _device.softmax(input, dim, out=out, log=log)
     x = _contiguous(input, "input")
     d = normalize_dim(dim, x.ndim)
     shape = x.shape if x.ndim else (1,)
@@ -347,11 +356,11 @@ def _softmax(input, dim, out, log):
     return _core.softmax(x, outer, shape[d], inner, log, _elementwise_out(out, x, input))
 
 
-def softmax(input, dim, *, out=None):
+def softmax(input, dim, *, out=None, stream=None):
     """exp(x) / sum(exp(x)) along ``dim``, computed stably (max subtracted, sums in float64)."""
-    return _softmax(input, dim, out, False)
+    return _softmax(input, dim, out, False, stream)
 
 
-def log_softmax(input, dim, *, out=None):
+def log_softmax(input, dim, *, out=None, stream=None):
     """x - log(sum(exp(x))) along ``dim``, computed stably."""
-    return _softmax(input, dim, out, True)
+    return _softmax(input, dim, out, True, stream)

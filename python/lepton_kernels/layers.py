@@ -85,11 +85,12 @@ class _ConvBase:
     def bias(self, value):
         self._set(self._weight, value)
 
-    def __call__(self, input, *, out=None):
+    def __call__(self, input, *, out=None, stream=None):
         if type(input) is np.ndarray and input.ndim == 4 and out is None:
             return self._layer(input)  # the fast path: the core checks the rest
         if _device.is_device_array(input):
-            return _device.conv_layer(self, input, out)
+            with _device.on_stream(stream):
+                return _device.conv_layer(self, input, out)
         check_array(input, "input")
         x, batched = spatial_input(input)
         check_out(out, (input,))
@@ -139,9 +140,10 @@ class MaxPool2d:
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
         self._args = (*_pool_params(kernel_size, stride, padding, dilation), bool(ceil_mode), bool(return_indices))
 
-    def __call__(self, input, *, out=None):
+    def __call__(self, input, *, out=None, stream=None):
         if _device.is_device_array(input):
-            return _device.max_pool2d(input, *self._args, out=out)
+            with _device.on_stream(stream):
+                return _device.max_pool2d(input, *self._args, out=out)
         check_array(input, "input")
         x, batched = spatial_input(input)
         check_out(out, (input,))
@@ -190,11 +192,12 @@ class Linear:
     def bias(self, value):
         self._set(self._weight, value)
 
-    def __call__(self, input, *, out=None):
+    def __call__(self, input, *, out=None, stream=None):
         if type(input) is np.ndarray and input.ndim == 2 and out is None:
             return self._layer(input)
         if _device.is_device_array(input):
-            return _device.linear_layer(self, input, out)
+            with _device.on_stream(stream):
+                return _device.linear_layer(self, input, out)
         check_array(input, "input")
         if input.ndim < 1:
             raise ValueError("input: expected at least 1 dimension, got a 0-d array")

@@ -300,14 +300,15 @@ class Sequential:
 
     # -- running --
 
-    def __call__(self, input, *, out=None):
+    def __call__(self, input, *, out=None, stream=None):
         net = self._net
         if (out is None and self._cache is None and type(input) is np.ndarray and input.ndim == self._batched_rank
                 and (self._strided or input.flags.c_contiguous)):
             self._last_shape = input.shape
             return net(input)  # the fast path: the core checks the rest (dtype included)
         if type(input) is not np.ndarray and _device.is_device_array(input):
-            return self._on_device(input, out)
+            with _device.on_stream(stream):
+                return self._on_device(input, out)
         check_array(input, "input")
         if input.dtype != np.float32:
             raise TypeError(f"input: expected dtype float32 (the network's weights), got {input.dtype}")
