@@ -678,3 +678,37 @@ def test_gpu_forced_fallback_warns(cp, rng):
     assert isinstance(y, cp.ndarray)
     ref.assert_identical(cp.asnumpy(y), np.maximum(x, 0))
     assert math.isfinite(float(cp.asnumpy(y).sum()))
+
+
+@pytest.mark.gpu
+def test_gpu_timed_with_cuda_events(cp, rng, capsys):
+    """The reference workloads' GPU rows, timed with CUDA events on the call's stream, and checked
+    against the CPU path. The times are printed (pytest -s), not asserted: a test is no benchmark."""
+    cases = {
+        "r18-c3": ((1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1)),
+        "fuse-mnist-b256": ((256, 1, 28, 28), (32, 1, 3, 3), None),
+    }
+    stream = cp.cuda.Stream(non_blocking=True)
+    for name, (xs, ws, kw) in cases.items():
+        x, w = ref.randn(rng, xs, np.float32), ref.randn(rng, ws, np.float32)
+        dx, dw = cp.asarray(x), cp.asarray(w)
+        if kw is None:
+            run = lambda: lk.conv2d_max_pool2d(dx, dw, stream=stream)  # noqa: E731
+            want = lk.conv2d_max_pool2d(x, w)
+        else:
+            run = lambda: lk.conv2d(dx, dw, stream=stream, **kw)  # noqa: E731
+            want = lk.conv2d(x, w, **kw)
+        run()  # plan and warm up
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        for _ in range(20):
+            y = run()
+        stop.record(stream)
+        stop.synchronize()
+        ms = cp.cuda.get_elapsed_time(start, stop) / 20
+        mag = conv_magnitude(x, w, None, **(kw or {}))
+        if kw is None:
+            mag, _ = ref.max_pool2d(mag, 2)
+        _tol_check(y, cp, want.astype(np.float64), mag, w[0].size, np.float32)
+        with capsys.disabled():
+            print(f"{name}: {ms * 1e3:.1f} us per call on {cp.cuda.runtime.getDeviceProperties(0)['name']}")

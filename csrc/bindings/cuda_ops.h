@@ -76,6 +76,7 @@ enum GpuOp : int64_t { kGpuConv2d = 101, kGpuConvPool = 102, kGpuLinear = 103 };
 inline PlanKey gpu_key(GpuOp op, DType dtype, int device) {
   PlanKey k;
   k.add(op).add(static_cast<int64_t>(dtype)).add(device).add(cuda::sm_count(device));
+  k.add(cuda::compute_capability(device));
   return k;
 }
 

@@ -69,6 +69,13 @@ int sm_count(int device) {
   return n;
 }
 
+int compute_capability(int device) {
+  int major = 0, minor = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  return major * 10 + minor;
+}
+
 void stream_wait(int device, Stream consumer, Stream producer) {
   if (consumer == producer) return;
   DeviceGuard guard(device);

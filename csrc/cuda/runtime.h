@@ -17,8 +17,10 @@ int current_device();
 // std::invalid_argument naming `what` for host memory or an invalid pointer.
 int pointer_device(const void* p, const char* what);
 
-// Multiprocessors of `device`: the GPU plans depend on it.
+// Multiprocessors of `device` and its compute capability (major * 10 +
+// minor): the GPU plans depend on both.
 int sm_count(int device);
+int compute_capability(int device);
 
 // Work enqueued on `consumer` from now on waits for what is already
 // enqueued on `producer` (an event, no host synchronisation). Stream
