@@ -416,7 +416,7 @@ def test_errors():
     with pytest.raises(ValueError, match="activation"):
         lkt.linear(torch.randn(2, 3), torch.randn(4, 3), activation="gelu")
     # Tensors on another device are refused with the reason (no device here: the meta device stands in).
-    with pytest.raises(ValueError, match="input is on meta.*CPU tensors only"):
+    with pytest.raises(ValueError, match="input is on meta.*take CPU and CUDA tensors"):
         _ops._check("conv2d", input=torch.empty(2, device="meta"))
     # The inference-only ops have no gradient, and say which op has one.
     x = torch.randn(1, 2, 4, 4, requires_grad=True)

@@ -89,7 +89,9 @@ class Runtime(NamedTuple):
 
 _lock = threading.Lock()
 _default = None
-_override = []
+# A runtime set by ``use_runtime`` (tests; the torch ops, whose array module
+# is torch): a context variable, so one thread's override is not another's.
+_override: contextvars.ContextVar = contextvars.ContextVar("lepton_runtime", default=None)
 
 
 def _kernels():
@@ -119,8 +121,9 @@ def _resolve() -> Runtime:
 
 def runtime() -> Runtime:
     """The runtime in force: an override (tests), else the one resolved at first use."""
-    if _override:
-        return _override[-1]
+    rt = _override.get()
+    if rt is not None:
+        return rt
     global _default
     if _default is None:
         with _lock:
@@ -131,12 +134,12 @@ def runtime() -> Runtime:
 
 @contextlib.contextmanager
 def use_runtime(rt: Runtime):
-    """Run device arrays with `rt` inside the block (for tests: fakes, the emulator, a forced fallback)."""
-    _override.append(rt)
+    """Run device arrays with `rt` inside the block (another array module, the emulator, a forced fallback)."""
+    token = _override.set(rt)
     try:
         yield rt
     finally:
-        _override.remove(rt)
+        _override.reset(token)
 
 
 _warned = False
@@ -617,7 +620,10 @@ def _as_xp(xp, obj):
 
 
 def _fallback_device(xp, obj):
-    return int(_as_xp(xp, obj).device.id)
+    if not _uses_cai(obj):
+        return int(obj.__dlpack_device__()[1])
+    device = _as_xp(xp, obj).device
+    return int(device.index if xp.__name__ == "torch" else device.id)
 
 
 def on_cpu(rt: Runtime, fn, args, kwargs, input):

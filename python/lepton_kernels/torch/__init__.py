@@ -6,8 +6,9 @@
 
 The ops live in the ``lepton`` namespace (``torch.ops.lepton.conv2d``, ...),
 each with a fake implementation (``torch.compile``, FakeTensor) and a
-backward that calls lepton's backward kernels. They run CPU float32 and
-float64 tensors of any strides; tensors reach the kernels without copies.
+backward that calls lepton's backward kernels. They run float32 and float64
+tensors of any strides, on the CPU and (with lepton's CUDA kernels) on CUDA
+devices; tensors reach the kernels without copies.
 Importing this module needs PyTorch 2.4 or later.
 """
 

@@ -6,10 +6,12 @@ output shape, and each differentiable op has its backward registered as
 another custom op (``lepton::*_backward``), so a compiled graph's backward
 pass calls our backward kernels too.
 
-Tensors cross into NumPy without copies through DLPack; outputs are
+CPU tensors cross into NumPy without copies through DLPack; outputs are
 allocated by torch (``torch.empty``) and written through the kernels' ``out=``,
 or, where a kernel has no ``out=``, its fresh NumPy result becomes the
-tensor (``torch.from_numpy``, no copy either).
+tensor (``torch.from_numpy``, no copy either). CUDA tensors go to lepton's
+device path with torch as its array module (``_cuda.py``): outputs from
+torch's allocator, kernels on torch's current stream.
 
 The ops take normalised arguments (pairs of ints, flags); the friendlier
 wrappers in ``lepton_kernels.torch.functional`` accept what
@@ -18,6 +20,7 @@ wrappers in ``lepton_kernels.torch.functional`` accept what
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -25,6 +28,9 @@ import torch
 from torch import Tensor
 
 import lepton_kernels as lk
+from lepton_kernels import _device
+
+from . import _cuda
 
 __all__ = [
     "conv2d",
@@ -49,25 +55,19 @@ _FLOATS = (torch.float32, torch.float64)
 # --- tensors <-> arrays ---------------------------------------------------------
 
 
-def _where_cuda_stands() -> str:
-    cfg = lk.get_config()
-    if not cfg["cuda_built"]:
-        return "this build of lepton_kernels has no CUDA support"
-    if not cfg["cuda_devices"]:
-        return "this build of lepton_kernels has CUDA kernels but no CUDA device is present"
-    return ("the lepton:: ops do not route CUDA tensors to lepton's device kernels (lepton_kernels' functional "
-            "API takes them directly)")
-
-
-def _check(op: str, **tensors) -> None:
-    """Every given tensor is a CPU float32/float64 tensor of one dtype; errors name the op and the argument."""
-    dtype = None
+def _check(op: str, **tensors) -> bool:
+    """Every given tensor is a dense float32/float64 tensor, all of one dtype and on one device (the CPU or a
+    CUDA device); errors name the op and the argument. True when they are CUDA tensors."""
+    dtype = device = None
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.device.type != "cpu":
-            raise ValueError(f"lepton::{op}: {name} is on {t.device}; the lepton ops run on CPU tensors only "
-                             f"({_where_cuda_stands()})")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"lepton::{op}: {name} is on {t.device}; the lepton ops take CPU and CUDA tensors")
+        if device is None:
+            device, first = t.device, name
+        elif t.device != device:
+            raise ValueError(f"lepton::{op}: {name} is on {t.device}, but {first} is on {device}")
         if t.layout != torch.strided:
             raise TypeError(f"lepton::{op}: {name}: expected a dense (strided) tensor, got layout {t.layout}")
         if t.dtype not in _FLOATS:
@@ -76,6 +76,7 @@ def _check(op: str, **tensors) -> None:
             dtype = t.dtype
         elif t.dtype != dtype:
             raise TypeError(f"lepton::{op}: {name}: dtype {t.dtype} does not match input dtype {dtype}")
+    return device is not None and device.type == "cuda"
 
 
 _GEOMETRY_MINIMUM = {"stride": 1, "padding": 0, "dilation": 1, "kernel_size": 1, "pool_stride": 1,
@@ -90,33 +91,43 @@ def _check_geometry(op: str, **lists) -> None:
             raise ValueError(f"lepton::{op}: {name}: expected two ints >= {least}, got {list(v)}")
 
 
-def _check_indices(op: str, name: str, t: Tensor) -> None:
-    if t.device.type != "cpu":
-        raise ValueError(f"lepton::{op}: {name} is on {t.device}; the lepton ops run on CPU tensors only "
-                         f"({_where_cuda_stands()})")
+def _check_indices(op: str, name: str, t: Tensor, like: Tensor) -> None:
+    if t.device != like.device:
+        raise ValueError(f"lepton::{op}: {name} is on {t.device}, but the data is on {like.device}")
     if t.dtype != torch.int64:
         raise TypeError(f"lepton::{op}: {name}: expected dtype torch.int64, got {t.dtype}")
 
 
-def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    """A NumPy view of a CPU tensor (DLPack, no copy; any strides)."""
+def _runs_on(cuda: bool):
+    """The block's CUDA tensors go to lepton's device path with torch as its array module: outputs from
+    torch's allocator on the input's device, kernels on torch's current stream (see _cuda.py)."""
+    return _device.use_runtime(_cuda.runtime()) if cuda else contextlib.nullcontext()
+
+
+def _np(t: Optional[Tensor], shape=None):
+    """What lepton's functional API takes for `t` (reshaped to `shape` if given): a NumPy view of a CPU
+    tensor (DLPack, no copy; any strides), a CUDA tensor itself (detached: DLPack exports no tensor that
+    requires grad)."""
     if t is None:
         return None
-    return np.from_dlpack(t.detach())
+    cuda = t.device.type == "cuda"
+    t = t.detach()
+    if shape is not None:
+        t = t.reshape(shape)
+    return _cuda.device_view(t) if cuda else np.from_dlpack(t)
 
 
-def _batch(t: Tensor) -> np.ndarray:
-    """A NumPy view of a (C, H, W) tensor as (1, C, H, W); of an (N, C, H, W) one as it is."""
-    a = _np(t)
-    return a[None] if a.ndim == 3 else a
+def _batch(t: Tensor):
+    """A view of a (C, H, W) tensor as (1, C, H, W); of an (N, C, H, W) one as it is."""
+    return _np(t, (1, *t.shape) if t.dim() == 3 else None)
 
 
-def _unbatch(a: Optional[np.ndarray], like: Tensor) -> Optional[np.ndarray]:
+def _unbatch(a, like: Tensor):
     return a[0] if a is not None and like.dim() == 3 else a
 
 
 def _out(shape, like: Tensor) -> Tuple[Tensor, np.ndarray]:
-    """A fresh tensor for a kernel to write through ``out=``, and its NumPy view."""
+    """A fresh CPU tensor for a kernel to write through ``out=``, and its NumPy view."""
     if any(d < 0 for d in shape):
         raise ValueError(f"input: of shape {tuple(like.shape)} is smaller than the (dilated, padded) kernel: "
                          f"the output would have shape {tuple(shape)}")
@@ -124,11 +135,14 @@ def _out(shape, like: Tensor) -> Tuple[Tensor, np.ndarray]:
     return t, np.from_dlpack(t)
 
 
-def _tensor(a: Optional[np.ndarray], like: Tensor) -> Tensor:
-    """A kernel's fresh NumPy result as a tensor (no copy); an empty tensor for a result not asked for."""
+def _tensor(a, like: Tensor) -> Tensor:
+    """A kernel's fresh result as a tensor (no copy): a NumPy array through torch.from_numpy, a device
+    result (already a tensor) as it is; an empty tensor for a result not asked for."""
     if a is None:
         return like.new_empty(0)
-    return torch.from_numpy(a)
+    if isinstance(a, Tensor):
+        return a
+    return torch.from_numpy(np.asarray(a))
 
 
 # --- output sizes (also on symbolic sizes, for the fake implementations) -----------
@@ -175,16 +189,17 @@ def _grads(grads, mask):
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
            dilation: List[int], groups: int, relu: bool) -> Tensor:
     """``conv2d`` (+ ReLU when ``relu``) of an (N, C, H, W) or (C, H, W) input."""
-    _check("conv2d", input=input, weight=weight, bias=bias)
+    cuda = _check("conv2d", input=input, weight=weight, bias=bias)
     _check_geometry("conv2d", stride=stride, padding=padding, dilation=dilation)
-    if input.dim() == 4 and weight.dim() == 4:
+    if not cuda and input.dim() == 4 and weight.dim() == 4:
         y, out = _out(_conv_shape(input, weight, stride, padding, dilation), input)
         lk.conv2d(_np(input), _np(weight), _np(bias), stride, padding, dilation, groups,
                   activation=_activation(relu), out=out)
         return y
     # lk.conv2d raises the clear error for a bad shape, or handles the unbatched input.
-    return _tensor(lk.conv2d(_np(input), _np(weight), _np(bias), stride, padding, dilation, groups,
-                             activation=_activation(relu)), input)
+    with _runs_on(cuda):
+        return _tensor(lk.conv2d(_np(input), _np(weight), _np(bias), stride, padding, dilation, groups,
+                                 activation=_activation(relu)), input)
 
 
 @conv2d.register_fake
@@ -200,13 +215,14 @@ def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: 
 
     A gradient not asked for in ``output_mask`` comes back as an empty tensor.
     """
-    _check("conv2d_backward", grad_output=grad_output, input=input, weight=weight, output=output)
+    cuda = _check("conv2d_backward", grad_output=grad_output, input=input, weight=weight, output=output)
     x = _batch(input)  # unbatched: the backward kernels see a batch of one
     g = _batch(grad_output)
-    if output is not None:
-        g = lk.relu_backward(g, _batch(output))
-    gi, gw, gb = lk.conv2d_backward(g, x, _np(weight), stride, padding, dilation, groups,
-                                    output_mask=tuple(output_mask))
+    with _runs_on(cuda):
+        if output is not None:
+            g = lk.relu_backward(g, _batch(output))
+        gi, gw, gb = lk.conv2d_backward(g, x, _np(weight), stride, padding, dilation, groups,
+                                        output_mask=tuple(output_mask))
     return _tensor(_unbatch(gi, input), input), _tensor(gw, input), _tensor(gb, input)
 
 
@@ -246,13 +262,14 @@ conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
 def max_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
                ceil_mode: bool) -> Tensor:
     """Max-pooling without indices: for inference (no gradient; ``max_pool2d_with_indices`` has one)."""
-    _check("max_pool2d", input=input)
+    cuda = _check("max_pool2d", input=input)
     _check_geometry("max_pool2d", kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
-    if input.dim() == 4:
+    if not cuda and input.dim() == 4:
         y, out = _out(_pool_shape(input.shape, kernel_size, stride, padding, dilation, ceil_mode), input)
         lk.max_pool2d(_np(input), kernel_size, stride, padding, dilation, ceil_mode, out=out)
         return y
-    return _tensor(lk.max_pool2d(_np(input), kernel_size, stride, padding, dilation, ceil_mode), input)
+    with _runs_on(cuda):
+        return _tensor(lk.max_pool2d(_np(input), kernel_size, stride, padding, dilation, ceil_mode), input)
 
 
 @max_pool2d.register_fake
@@ -275,16 +292,17 @@ max_pool2d.register_autograd(_no_gradient("max_pool2d", "max_pool2d_with_indices
 def max_pool2d_with_indices(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
                             dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
     """Max-pooling and the int64 index of each maximum, flattened per H*W plane (as in torch)."""
-    _check("max_pool2d_with_indices", input=input)
+    cuda = _check("max_pool2d_with_indices", input=input)
     _check_geometry("max_pool2d_with_indices", kernel_size=kernel_size, stride=stride, padding=padding,
                     dilation=dilation)
-    if input.dim() == 4:
+    if not cuda and input.dim() == 4:
         y, out = _out(_pool_shape(input.shape, kernel_size, stride, padding, dilation, ceil_mode), input)
         _, idx = lk.max_pool2d(_np(input), kernel_size, stride, padding, dilation, ceil_mode, return_indices=True,
                                out=out)
         return y, torch.from_numpy(idx)
-    y, idx = lk.max_pool2d(_np(input), kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
-    return torch.from_numpy(y), torch.from_numpy(idx)
+    with _runs_on(cuda):
+        y, idx = lk.max_pool2d(_np(input), kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    return _tensor(y, input), _tensor(idx, input)
 
 
 @max_pool2d_with_indices.register_fake
@@ -296,9 +314,10 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode):
 @torch.library.custom_op("lepton::max_pool2d_backward", mutates_args=())
 def max_pool2d_backward(grad_output: Tensor, indices: Tensor, input_size: List[int]) -> Tensor:
     """Gradient of max-pooling: each output's gradient added to the input element its index names."""
-    _check("max_pool2d_backward", grad_output=grad_output)
-    _check_indices("max_pool2d_backward", "indices", indices)
-    return _tensor(lk.max_pool2d_backward(_np(grad_output), _np(indices), tuple(input_size)), grad_output)
+    cuda = _check("max_pool2d_backward", grad_output=grad_output)
+    _check_indices("max_pool2d_backward", "indices", indices, grad_output)
+    with _runs_on(cuda):
+        return _tensor(lk.max_pool2d_backward(_np(grad_output), _np(indices), tuple(input_size)), grad_output)
 
 
 @max_pool2d_backward.register_fake
@@ -343,18 +362,19 @@ def conv2d_relu_max_pool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor]
                            pool_stride: List[int], pool_padding: List[int], pool_dilation: List[int],
                            ceil_mode: bool) -> Tensor:
     """``max_pool2d(relu(conv2d(...)))`` in one pass, without indices: for inference (no gradient)."""
-    _check("conv2d_relu_max_pool2d", input=input, weight=weight, bias=bias)
+    cuda = _check("conv2d_relu_max_pool2d", input=input, weight=weight, bias=bias)
     _check_geometry("conv2d_relu_max_pool2d", stride=stride, padding=padding, dilation=dilation,
                     kernel_size=kernel_size, pool_stride=pool_stride, pool_padding=pool_padding,
                     pool_dilation=pool_dilation)
     args = _fused_args(stride, padding, dilation, groups, kernel_size, pool_stride, pool_padding, pool_dilation,
                        ceil_mode)
-    if input.dim() == 4 and weight.dim() == 4:
+    if not cuda and input.dim() == 4 and weight.dim() == 4:
         y, out = _out(_fused_shape(input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding,
                                    pool_dilation, ceil_mode), input)
         lk.conv2d_max_pool2d(_np(input), _np(weight), _np(bias), out=out, **args)
         return y
-    return _tensor(lk.conv2d_max_pool2d(_np(input), _np(weight), _np(bias), **args), input)
+    with _runs_on(cuda):
+        return _tensor(lk.conv2d_max_pool2d(_np(input), _np(weight), _np(bias), **args), input)
 
 
 @conv2d_relu_max_pool2d.register_fake
@@ -374,19 +394,20 @@ def conv2d_relu_max_pool2d_with_indices(input: Tensor, weight: Tensor, bias: Opt
                                         kernel_size: List[int], pool_stride: List[int], pool_padding: List[int],
                                         pool_dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
     """The fused pass and the index of each maximum in its convolution output plane (int64, per P*Q plane)."""
-    _check("conv2d_relu_max_pool2d_with_indices", input=input, weight=weight, bias=bias)
+    cuda = _check("conv2d_relu_max_pool2d_with_indices", input=input, weight=weight, bias=bias)
     _check_geometry("conv2d_relu_max_pool2d_with_indices", stride=stride, padding=padding, dilation=dilation,
                     kernel_size=kernel_size, pool_stride=pool_stride, pool_padding=pool_padding,
                     pool_dilation=pool_dilation)
     args = _fused_args(stride, padding, dilation, groups, kernel_size, pool_stride, pool_padding, pool_dilation,
                        ceil_mode)
-    if input.dim() == 4 and weight.dim() == 4:
+    if not cuda and input.dim() == 4 and weight.dim() == 4:
         y, out = _out(_fused_shape(input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding,
                                    pool_dilation, ceil_mode), input)
         _, idx = lk.conv2d_max_pool2d(_np(input), _np(weight), _np(bias), out=out, return_indices=True, **args)
         return y, torch.from_numpy(idx)
-    y, idx = lk.conv2d_max_pool2d(_np(input), _np(weight), _np(bias), return_indices=True, **args)
-    return torch.from_numpy(y), torch.from_numpy(idx)
+    with _runs_on(cuda):
+        y, idx = lk.conv2d_max_pool2d(_np(input), _np(weight), _np(bias), return_indices=True, **args)
+    return _tensor(y, input), _tensor(idx, input)
 
 
 @conv2d_relu_max_pool2d_with_indices.register_fake
@@ -402,12 +423,14 @@ def conv2d_relu_max_pool2d_backward(grad_output: Tensor, input: Tensor, weight: 
                                     indices: Tensor, stride: List[int], padding: List[int], dilation: List[int],
                                     groups: int, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (input, weight, bias) of the fused pass; empty tensors for those not in ``output_mask``."""
-    _check("conv2d_relu_max_pool2d_backward", grad_output=grad_output, input=input, weight=weight, output=output)
-    _check_indices("conv2d_relu_max_pool2d_backward", "indices", indices)
+    cuda = _check("conv2d_relu_max_pool2d_backward", grad_output=grad_output, input=input, weight=weight,
+                  output=output)
+    _check_indices("conv2d_relu_max_pool2d_backward", "indices", indices, input)
     # An unbatched input: the backward kernels see a batch of one.
-    gi, gw, gb = lk.conv2d_max_pool2d_backward(_batch(grad_output), _batch(input), _np(weight), _batch(output),
-                                               _batch(indices), stride, padding, dilation, groups, activation="relu",
-                                               output_mask=tuple(output_mask))
+    with _runs_on(cuda):
+        gi, gw, gb = lk.conv2d_max_pool2d_backward(_batch(grad_output), _batch(input), _np(weight),
+                                                   _batch(output), _batch(indices), stride, padding, dilation, groups,
+                                                   activation="relu", output_mask=tuple(output_mask))
     return _tensor(_unbatch(gi, input), input), _tensor(gw, input), _tensor(gb, input)
 
 
@@ -443,12 +466,13 @@ conv2d_relu_max_pool2d_with_indices.register_autograd(_fused_backward, setup_con
 @torch.library.custom_op("lepton::linear", mutates_args=())
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], relu: bool) -> Tensor:
     """``input @ weight.T + bias`` (+ ReLU when ``relu``) for input (..., in_features), weight (out, in)."""
-    _check("linear", input=input, weight=weight, bias=bias)
-    if input.dim() >= 1 and weight.dim() == 2:
+    cuda = _check("linear", input=input, weight=weight, bias=bias)
+    if not cuda and input.dim() >= 1 and weight.dim() == 2:
         y, out = _out((*input.shape[:-1], weight.shape[0]), input)
         lk.linear(_np(input), _np(weight), _np(bias), activation=_activation(relu), out=out)
         return y
-    return _tensor(lk.linear(_np(input), _np(weight), _np(bias), activation=_activation(relu)), input)
+    with _runs_on(cuda):
+        return _tensor(lk.linear(_np(input), _np(weight), _np(bias), activation=_activation(relu)), input)
 
 
 @linear.register_fake
@@ -456,28 +480,26 @@ def _(input, weight, bias, relu):
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
-def _rows(a: np.ndarray) -> np.ndarray:
-    """(..., K) as (rows, K); a view when the layout allows."""
-    return a.reshape(-1, a.shape[-1]) if a.ndim != 2 else a
+def _rows(t: Tensor):
+    """_np of (..., K) as (rows, K); a view when the layout allows."""
+    return _np(t, (-1, t.shape[-1]) if t.dim() != 2 else None)
 
 
 @torch.library.custom_op("lepton::linear_backward", mutates_args=())
 def linear_backward(grad_output: Tensor, input: Tensor, weight: Tensor, output: Optional[Tensor],
                     output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (input, weight, bias) of ``linear``; with ``output`` given, of ``relu(linear)`` whose result it is."""
-    _check("linear_backward", grad_output=grad_output, input=input, weight=weight, output=output)
-    g = _np(grad_output)
-    if output is not None:
-        g = lk.relu_backward(g, _np(output))
-    x = _np(input)
-    if x.size == 0:  # reshape(-1, K) of an empty array is ambiguous: no rows, zero gradients
-        gi = np.zeros(x.shape, x.dtype) if output_mask[0] else None
-        gw = np.zeros(weight.shape, x.dtype) if output_mask[1] else None
-        gb = np.zeros(weight.shape[:1], x.dtype) if output_mask[2] else None
-    else:
-        gi, gw, gb = lk.linear_backward(_rows(g), _rows(x), _np(weight), output_mask=tuple(output_mask))
-        if gi is not None:
-            gi = gi.reshape(x.shape)
+    cuda = _check("linear_backward", grad_output=grad_output, input=input, weight=weight, output=output)
+    if input.numel() == 0:  # reshape(-1, K) of an empty array is ambiguous: no rows, zero gradients
+        shapes = (input.shape, weight.shape, weight.shape[:1])
+        return tuple(input.new_zeros(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+    g = _rows(grad_output)
+    with _runs_on(cuda):
+        if output is not None:
+            g = lk.relu_backward(g, _rows(output))
+        gi, gw, gb = lk.linear_backward(g, _rows(input), _np(weight), output_mask=tuple(output_mask))
+    if gi is not None:
+        gi = gi.reshape(input.shape)
     return _tensor(gi, input), _tensor(gw, input), _tensor(gb, input)
 
 
@@ -510,7 +532,9 @@ linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 @torch.library.custom_op("lepton::relu", mutates_args=())
 def relu(input: Tensor) -> Tensor:
     """max(input, 0) element-wise; NaN stays NaN."""
-    _check("relu", input=input)
+    if _check("relu", input=input):
+        with _runs_on(True):
+            return lk.relu(_np(input))
     y, out = _out(input.shape, input)
     lk.relu(_np(input), out=out)
     return y
@@ -524,8 +548,9 @@ def _(input):
 @torch.library.custom_op("lepton::relu_backward", mutates_args=())
 def relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     """Gradient of ``relu`` from its result: ``grad_output`` where ``output > 0``, else 0."""
-    _check("relu_backward", grad_output=grad_output, output=output)
-    return _tensor(lk.relu_backward(_np(grad_output), _np(output)), grad_output)
+    cuda = _check("relu_backward", grad_output=grad_output, output=output)
+    with _runs_on(cuda):
+        return _tensor(lk.relu_backward(_np(grad_output), _np(output)), grad_output)
 
 
 @relu_backward.register_fake
@@ -551,10 +576,11 @@ relu.register_autograd(_relu_backward, setup_context=_relu_setup)
 @torch.library.custom_op("lepton::cross_entropy", mutates_args=())
 def cross_entropy(input: Tensor, target: Tensor, reduction: str, ignore_index: int) -> Tensor:
     """Cross-entropy of logits (N, C) against class indices (N,) (int64)."""
-    _check("cross_entropy", input=input)
-    _check_indices("cross_entropy", "target", target)
-    loss = lk.cross_entropy(_np(input), _np(target), reduction=reduction, ignore_index=ignore_index)
-    return torch.from_numpy(np.asarray(loss))
+    cuda = _check("cross_entropy", input=input)
+    _check_indices("cross_entropy", "target", target, input)
+    with _runs_on(cuda):
+        return _tensor(lk.cross_entropy(_np(input), _np(target), reduction=reduction, ignore_index=ignore_index),
+                       input)
 
 
 @cross_entropy.register_fake
@@ -566,10 +592,11 @@ def _(input, target, reduction, ignore_index):
 def cross_entropy_backward(grad_loss: Tensor, input: Tensor, target: Tensor, reduction: str,
                            ignore_index: int) -> Tensor:
     """Gradient of ``cross_entropy`` with respect to the logits."""
-    _check("cross_entropy_backward", grad_loss=grad_loss, input=input)
-    _check_indices("cross_entropy_backward", "target", target)
-    return _tensor(lk.cross_entropy_backward(_np(grad_loss), _np(input), _np(target), reduction=reduction,
-                                             ignore_index=ignore_index), input)
+    cuda = _check("cross_entropy_backward", grad_loss=grad_loss, input=input)
+    _check_indices("cross_entropy_backward", "target", target, input)
+    with _runs_on(cuda):
+        return _tensor(lk.cross_entropy_backward(_np(grad_loss), _np(input), _np(target), reduction=reduction,
+                                                 ignore_index=ignore_index), input)
 
 
 @cross_entropy_backward.register_fake

@@ -4,8 +4,9 @@ Each module subclasses the torch module it replaces (``isinstance`` checks
 in user code keep working) and takes over that module's state: the same
 Parameter objects, hooks, mode and attributes. An optimizer made before the
 swap therefore keeps updating the weights the new module reads. An input the
-lepton ops cannot run (not a CPU float32/float64 tensor, e.g. after
-``model.cuda()`` or ``model.half()``) goes to the torch module's own forward.
+lepton ops cannot run (not a float32/float64 tensor on the CPU or on a CUDA
+device lepton's kernels run on, e.g. after ``model.half()``, or ``model.cuda()``
+in a build without CUDA) goes to the torch module's own forward.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _cuda
 from . import functional as LF
 
 __all__ = ["Conv2d", "Conv2dReLUMaxPool2d", "Linear", "MaxPool2d", "ReLU", "swap"]
@@ -23,11 +25,17 @@ __all__ = ["Conv2d", "Conv2dReLUMaxPool2d", "Linear", "MaxPool2d", "ReLU", "swap
 _FLOATS = (torch.float32, torch.float64)
 
 
+def _on_lepton_device(device) -> bool:
+    """The CPU, or a CUDA device when lepton's CUDA kernels can run there (not its host fallback: torch's
+    own forward is the better choice then)."""
+    return device.type == "cpu" or (device.type == "cuda" and _cuda.kernels_usable())
+
+
 def _runs(x, *params):
     """Whether the lepton ops run this input (and these parameters)."""
-    if x.device.type != "cpu" or x.dtype not in _FLOATS or x.layout != torch.strided:
+    if x.dtype not in _FLOATS or x.layout != torch.strided or not _on_lepton_device(x.device):
         return False
-    return all(p is None or (p.device.type == "cpu" and p.dtype == x.dtype) for p in params)
+    return all(p is None or (p.device == x.device and p.dtype == x.dtype) for p in params)
 
 
 def _adopt(cls, module):
@@ -162,7 +170,7 @@ def _has_hooks(m):
 
 
 def _float_params(m):
-    return all(p.dtype in _FLOATS and p.device.type == "cpu" and p.layout == torch.strided
+    return all(p.dtype in _FLOATS and p.device.type in ("cpu", "cuda") and p.layout == torch.strided
                for p in m.parameters(recurse=False))
 
 
