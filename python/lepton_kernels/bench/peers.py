@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 from .workloads import Conv2d, Instance, Linear, MaxPool2d, Prepared, Softmax, chain
 
-__all__ = ["Peer", "TorchPeer", "OrtPeer", "PEERS", "available"]
+__all__ = ["Peer", "TorchPeer", "TorchCompilePeer", "OrtPeer", "PEERS", "available"]
 
 try:
     import torch
@@ -47,6 +47,10 @@ class Peer:
     def version(self) -> Optional[str]:
         return None
 
+    def applies(self, workload) -> bool:
+        """Whether this peer runs `workload` (its cell is '-' otherwise)."""
+        return True
+
     def set_threads(self, n: int) -> None:
         raise NotImplementedError
 
@@ -54,7 +58,8 @@ class Peer:
         raise NotImplementedError
 
     def matmul(self, a, b, c):
-        """A zero-argument callable computing ``c = a @ b`` in place (for the ceiling), and what runs it."""
+        """A zero-argument callable computing ``c = a @ b`` in place (for the ceiling), and what runs it;
+        None for a peer that adds nothing to the ceiling."""
         raise NotImplementedError
 
 
@@ -106,6 +111,37 @@ class TorchPeer(Peer):
                 torch.matmul(ta, tb, out=tc)
 
         return run, f"torch {torch.__version__}, {blas}"
+
+
+class TorchCompilePeer(TorchPeer):
+    """The torch chain through ``torch.compile`` (inductor, static shapes), on the whole-network rows only:
+    each row costs a compilation of several seconds, and a single layer gives inductor nothing to fuse."""
+
+    name = "torch.compile"
+    reason = _TORCH_MISSING or (None if torch is None or hasattr(torch, "compile") else "no torch.compile")
+
+    def applies(self, workload) -> bool:
+        return workload.network
+
+    def prepare(self, inst: Instance) -> Prepared:
+        steps = [self._step(layer, shape, p) for layer, shape, p in inst.steps()]
+
+        def forward(x):
+            for step in steps:
+                x = step(x)
+            return x
+
+        # Compile in this process: inductor's pool of compile workers keeps the CPUs busy for a while after
+        # the compilation, which would slow every implementation timed next to it.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+        compiled = torch.compile(forward, dynamic=False)
+        x = torch.from_numpy(inst.x)
+        return Prepared(lambda: compiled(x), to_numpy=lambda y: y.numpy(), context=torch.no_grad)
+
+    def matmul(self, a, b, c):
+        return None
 
 
 class OrtPeer(Peer):
@@ -212,7 +248,7 @@ class OrtPeer(Peer):
         return partial(sess.run_with_iobinding, binding), f"onnxruntime {ort.__version__}, MLAS"
 
 
-PEERS: Tuple[Peer, ...] = (TorchPeer(), OrtPeer())
+PEERS: Tuple[Peer, ...] = (TorchPeer(), OrtPeer(), TorchCompilePeer())
 
 
 def available() -> Tuple[Peer, ...]:

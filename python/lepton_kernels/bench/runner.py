@@ -243,7 +243,10 @@ def measure_ceiling(size: int, threads: int, repeat: int, peers: Sequence[peers_
     libraries["numpy"] = {"gflops": flops / t / 1e9, "library": _numpy_blas()}
     for peer in peers:
         peer.set_threads(threads)
-        fn, library = peer.matmul(a, b, c)
+        got = peer.matmul(a, b, c)
+        if got is None:
+            continue
+        fn, library = got
         _settle()
         libraries[peer.name] = {"gflops": flops / _best_time(fn, repeat) / 1e9, "library": library}
     best = max(libraries, key=lambda k: libraries[k]["gflops"])
@@ -303,7 +306,7 @@ def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], setting
 
     prepared: Dict[str, wl.Prepared] = {}
     ours = None
-    for impl in (wl.LEPTON, *peers):
+    for impl in (wl.LEPTON, *(p for p in peers if p.applies(workload))):
         r = res.results[impl.name] = ImplResult(impl.name)
         try:
             start = time.perf_counter_ns()
@@ -537,7 +540,7 @@ def _print_header(out, threads, machine, ceiling, settings):
     print(file=out, flush=True)
 
 
-def _print_footer(out, results, other_load, usable_cpus, elapsed):
+def _print_footer(out, results, n_workflows, other_load, usable_cpus, elapsed):
     print(file=out)
     print("median/fastest: lepton's time per call over the loops; %ceil: its GFLOP/s against the ceiling above;",
           file=out)
@@ -552,7 +555,10 @@ def _print_footer(out, results, other_load, usable_cpus, elapsed):
               f"run: these timings are not reliable", file=out)
     for note in _notes(results):
         print(f"note: {note}", file=out)
-    print(f"{len(results)} workloads in {elapsed:.1f} s", file=out)
+    done = [f"{len(results)} workloads"] if results or not n_workflows else []
+    if n_workflows:
+        done.append(f"{n_workflows} workflows")
+    print(f"{' and '.join(done)} in {elapsed:.1f} s", file=out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -593,7 +599,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     workflow_results = torch_rows.run_rows(workflows, threads, settings, out) if workflows else []
     other_load = load.stop()
     elapsed = time.perf_counter() - start
-    _print_footer(out, results, other_load, machine["usable_cpus"], elapsed)
+    _print_footer(out, results, len(workflow_results), other_load, machine["usable_cpus"], elapsed)
 
     if args.json:
         doc = {
