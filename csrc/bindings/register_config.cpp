@@ -93,6 +93,10 @@ void register_config(py::module_& m) {
     py::gil_scoped_release release;
     return cpu::machine_model().describe();
   });
+  m.def("fma_peak_flops", [](int threads) {
+    py::gil_scoped_release release;
+    return cpu::fma_peak_flops(threads);
+  });
   m.def("plan_cache_set_capacity", &plan_cache_set_capacity);
   m.def("cuda_devices", [] {
     py::list out;

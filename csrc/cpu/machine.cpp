@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <mutex>
+#include <vector>
 
 #include "core/error.h"
 #include "core/memory.h"
@@ -92,6 +93,21 @@ MachineModel measure(Isa isa) {
 }
 
 }  // namespace
+
+double fma_peak_flops(int threads) {
+  const FmaPeakUkernel& k = ukernels().f32_fma_peak;
+  threads = std::clamp(threads, 1, get_num_threads());
+  const int64_t iters = int64_t{1} << 18;  // a few milliseconds a task
+  std::vector<float> sink(static_cast<size_t>(threads));
+  double best = 0;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto t0 = Clock::now();
+    parallel_for(threads, threads, [&](int64_t t) { sink[static_cast<size_t>(t)] = k.fn(iters); });
+    best = std::max(best, 2.0 * k.lanes * static_cast<double>(iters) * threads / seconds_since(t0));
+  }
+  __asm__ volatile("" : : "r"(sink.data()) : "memory");
+  return best;
+}
 
 std::string MachineModel::describe() const {
   std::string s = cat("isa=", isa_name(isa), " gemm_gflops_per_thread=");

@@ -19,4 +19,8 @@ struct MachineModel {
 
 const MachineModel& machine_model();  // for the active ISA level
 
+// Float32 FLOP/s of independent multiply-adds in registers on `threads`
+// threads at the active ISA level: the FMA ceiling (measured, tens of ms).
+double fma_peak_flops(int threads);
+
 }  // namespace lk::cpu

@@ -32,6 +32,7 @@ extern const UkernelTable kUkernels_avx512 = {
      {&maxpool_ukernel_window<double, 64, 2>, "f64_maxpool_ukernel_s2__avx512"}},
     {&transpose_ukernel<float, 64>, "f32_transpose_ukernel_16x16__avx512"},
     {&transpose_ukernel<double, 64>, "f64_transpose_ukernel_8x8__avx512"},
+    {&fma_peak_ukernel<64, 12>, 192, "f32_fma_peak_ukernel_12x16__avx512"},
 };
 
 }  // namespace lk::cpu

@@ -107,6 +107,14 @@ struct TransposeUkernel {
   const char* name;
 };
 
+// `iters` rounds of `lanes` independent float multiply-adds in registers
+// (2 * lanes flops a round): the FMA ceiling the benchmarks report against.
+struct FmaPeakUkernel {
+  float (*fn)(int64_t iters);
+  int lanes;
+  const char* name;
+};
+
 constexpr int kGemmShapes = 2;  // per level: a wide tile (more columns) and a tall one (more rows)
 
 struct UkernelTable {
@@ -119,6 +127,7 @@ struct UkernelTable {
   MaxPoolUkernels<double> f64_maxpool;
   TransposeUkernel<float> f32_transpose;
   TransposeUkernel<double> f64_transpose;
+  FmaPeakUkernel f32_fma_peak;
 
   template <class T> const GemmUkernel<T>& gemm(int shape = 0) const;
   template <class T> const DotUkernel<T>& dot() const;

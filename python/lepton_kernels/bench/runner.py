@@ -250,8 +250,10 @@ def measure_ceiling(size: int, threads: int, repeat: int, peers: Sequence[peers_
         _settle()
         libraries[peer.name] = {"gflops": flops / _best_time(fn, repeat) / 1e9, "library": library}
     best = max(libraries, key=lambda k: libraries[k]["gflops"])
+    _settle()
+    fma = lk._core.fma_peak_flops(threads) / 1e9
     return {"size": size, "threads": threads, "gflops": libraries[best]["gflops"], "source": best,
-            "libraries": libraries}
+            "libraries": libraries, "fma_peak_gflops": fma}
 
 
 # --- one run ---------------------------------------------------------------
@@ -269,6 +271,7 @@ class ImplResult:
     min_s: Optional[float] = None
     gflops: Optional[float] = None
     pct_ceiling: Optional[float] = None
+    pct_fma: Optional[float] = None  # against the FMA peak
     ratio: Optional[float] = None  # this implementation's median / lepton's: > 1 means lepton is faster
     page_faults_per_call: Optional[float] = None
     calls_per_repeat: Optional[int] = None
@@ -297,7 +300,7 @@ def _first_call(prepared: wl.Prepared):
 
 
 def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], settings: Settings,
-                 ceiling_gflops: float) -> WorkloadResult:
+                 ceiling_gflops: float, fma_gflops: Optional[float] = None) -> WorkloadResult:
     """Check lepton against the float64 reference and each peer against lepton, then time those that agree."""
     inst = workload.build()
     tol = wl.tolerance(workload)
@@ -345,18 +348,20 @@ def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], setting
         r.gflops = workload.flops / t.median_s / 1e9
         if workload.unit == "GFLOP/s":
             r.pct_ceiling = 100.0 * r.gflops / ceiling_gflops
+            if fma_gflops:
+                r.pct_fma = 100.0 * r.gflops / fma_gflops
         r.ratio = t.median_s / base
     return res
 
 
 def run(workloads: Sequence[wl.Workload], peers: Sequence[peers_mod.Peer], threads: int, settings: Settings,
-        ceiling_gflops: float, on_result=None) -> List[WorkloadResult]:
+        ceiling_gflops: float, on_result=None, fma_gflops: Optional[float] = None) -> List[WorkloadResult]:
     """Run the workloads in order on ``threads`` threads; ``on_result`` sees each result as it is done."""
     for impl in (wl.LEPTON, *peers):
         impl.set_threads(threads)
     results = []
     for w in workloads:
-        r = run_workload(w, peers, settings, ceiling_gflops)
+        r = run_workload(w, peers, settings, ceiling_gflops, fma_gflops)
         results.append(r)
         if on_result is not None:
             on_result(r)
@@ -445,7 +450,7 @@ def _unstable(r: ImplResult) -> bool:
 def _result_table(workloads, peers, file):
     name_width = max([len("workload")] + [len(w.name) for w in workloads])
     columns = [("workload", name_width, "<"), ("MFLOP", 8, ">"), ("median ", 11, ">"), ("fastest", 10, ">"),
-               ("GFLOP/s", 8, ">"), ("%ceil", 6, ">"), ("flt/call", 8, ">"), ("busy", 4, ">"), ("check", 8, "<")]
+               ("GFLOP/s", 8, ">"), ("%ceil", 6, ">"), ("%fma", 5, ">"), ("flt/call", 8, ">"), ("busy", 4, ">"), ("check", 8, "<")]
     columns += [(f"{p.name} x ", 10, ">") for p in peers]
     return Table(columns, file)
 
@@ -454,10 +459,11 @@ def _cells(r: WorkloadResult, peers) -> List[str]:
     ours = r.results[wl.LEPTON.name]
     rate = "-" if ours.gflops is None else f"{ours.gflops:.1f}" + ("*" if r.unit != "GFLOP/s" else "")
     pct = "-" if ours.pct_ceiling is None else f"{ours.pct_ceiling:.1f}"
+    pct_fma = "-" if ours.pct_fma is None else f"{ours.pct_fma:.0f}"
     faults = "-" if ours.page_faults_per_call is None else f"{ours.page_faults_per_call:.1f}"
     busy = "-" if r.other_load_cpus is None else f"{r.other_load_cpus:.1f}"
     median = _fmt_time(ours.median_s) + ("?" if _unstable(ours) else " ")
-    cells = [r.name, _fmt_work(r.flops), median, _fmt_time(ours.min_s), rate, pct, faults, busy,
+    cells = [r.name, _fmt_work(r.flops), median, _fmt_time(ours.min_s), rate, pct, pct_fma, faults, busy,
              "ok" if ours.check == "ok" else ours.check.upper()]
     for p in peers:
         pr = r.results.get(p.name)
@@ -534,6 +540,8 @@ def _print_header(out, threads, machine, ceiling, settings):
     libs = "; ".join(f"{k} {v['gflops']:.1f} ({v['library']})" for k, v in ceiling["libraries"].items())
     print(f"fp32 matmul ceiling, {n}x{n}x{n}: {ceiling['gflops']:.1f} GFLOP/s from {ceiling['source']} "
           f"[{libs}]; OPENBLAS_CORETYPE={machine['openblas_coretype'] or 'unset'}", file=out)
+    print(f"fp32 FMA peak ({lk.get_isa()}, {threads} thread(s), independent multiply-adds in registers): "
+          f"{ceiling['fma_peak_gflops']:.1f} GFLOP/s", file=out)
     warmup = settings.min_time if settings.warmup is None else settings.warmup
     print(f"timing: per implementation {settings.repeat} loops of >= {settings.min_time * 1e3:g} ms, each after "
           f"{warmup * 1e3:g} ms of untimed calls, round-robin; times are per call", file=out)
@@ -542,8 +550,8 @@ def _print_header(out, threads, machine, ceiling, settings):
 
 def _print_footer(out, results, n_workflows, other_load, usable_cpus, elapsed):
     print(file=out)
-    print("median/fastest: lepton's time per call over the loops; %ceil: its GFLOP/s against the ceiling above;",
-          file=out)
+    print("median/fastest: lepton's time per call over the loops; %ceil, %fma: its GFLOP/s against the matmul "
+          "ceiling and the FMA peak above;", file=out)
     print("flt/call: minor page faults per lepton call (outputs are fresh arrays); "
           "busy: CPUs other processes kept busy meanwhile;", file=out)
     print("'<peer> x': peer median / lepton median, > 1 means lepton is faster; "
@@ -595,7 +603,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         table = _result_table(workloads, peers, out)
         table.header()
         results = run(workloads, peers, threads, settings, ceiling["gflops"],
-                      on_result=lambda r: table.row(_cells(r, peers)))
+                      on_result=lambda r: table.row(_cells(r, peers)), fma_gflops=ceiling["fma_peak_gflops"])
     workflow_results = torch_rows.run_rows(workflows, threads, settings, out) if workflows else []
     other_load = load.stop()
     elapsed = time.perf_counter() - start
