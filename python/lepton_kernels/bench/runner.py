@@ -600,10 +600,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load = CpuLoad().start()
     results = []
     if workloads:
-        table = _result_table(workloads, peers, out)
+        shown = [p for p in peers if any(p.applies(w) for w in workloads)]  # a column per peer that runs a row
+        table = _result_table(workloads, shown, out)
         table.header()
         results = run(workloads, peers, threads, settings, ceiling["gflops"],
-                      on_result=lambda r: table.row(_cells(r, peers)), fma_gflops=ceiling["fma_peak_gflops"])
+                      on_result=lambda r: table.row(_cells(r, shown)), fma_gflops=ceiling["fma_peak_gflops"])
     workflow_results = torch_rows.run_rows(workflows, threads, settings, out) if workflows else []
     other_load = load.stop()
     elapsed = time.perf_counter() - start
