@@ -6,14 +6,16 @@ tests/reference.py, so a fused or re-laid-out stage is checked against the
 plain definition of every layer.
 
 Tolerance: the output of a chain carries the float32 rounding of each of its
-sums; as in the benchmark's check, each sum of L terms contributes errors
-growing like sqrt(L) eps relative to the magnitude of its terms, and the
-network's output stays O(1) (weights drawn like torch's default initialisation,
-so activations keep unit scale). 8 eps sqrt(sum of the chain's reduction
-lengths), absolute against the output's RMS plus relative per element, is
-well clear of blocked/FMA summation orders while a wrong tap, a missed bias,
-a shifted pooling window or a permuted weight column costs O(1/sqrt(L)) of
-the output, far above it.
+sums; each sum of L terms contributes errors growing like sqrt(L) eps
+relative to the magnitude of its terms, not of its result (a sum that cancels
+to a small value keeps the absolute error of its terms). The reference
+therefore carries, beside each value, that magnitude: the same chain on |x|
+with |weights| (through a softmax, the output times twice the largest logit
+magnitude of its row). 8 eps sqrt(sum of the chain's reduction lengths)
+times (magnitude + |output| + the output's RMS) is well clear of blocked/FMA
+summation orders, while a wrong tap, a missed bias, a shifted pooling window
+or a permuted weight column costs O(1/sqrt(L)) of the output, far above it
+(weights drawn like torch's default initialisation keep activations O(1)).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Net:
 
     def __init__(self, rng, in_shape, recipe):
         self.in_shape = in_shape  # per image
-        self.modules, self.steps = [], []
+        self.modules, self.steps, self.mags = [], [], []
         self.reduction = 0
         shape = in_shape
         for kind, args in recipe:
@@ -68,28 +70,34 @@ class Net:
         else:
             self.modules.append(lk.Conv2d(weight, b, stride=stride, padding=padding, activation=act))
         self.steps.append(lambda x: ref.conv2d(x, weight, b, stride=stride, padding=padding, activation=act))
+        self.mags.append(lambda m: ref.conv2d(m, np.abs(weight), None if b is None else np.abs(b), stride=stride,
+                                              padding=padding))
         if pool:
             pk, ps = pool
             if not fused:
                 self.modules.append(lk.MaxPool2d(pk, ps))
             self.steps.append(lambda x: ref.max_pool2d(x, pk, ps)[0])
+            self.mags.append(lambda m: ref.max_pool2d(m, pk, ps)[0])
             p, q = (p - pk) // ps + 1, (q - pk) // ps + 1
         return (k, p, q)
 
     def _pool(self, rng, shape, kernel, stride):
         self.modules.append(lk.MaxPool2d(kernel, stride))
         self.steps.append(lambda x: ref.max_pool2d(x, kernel, stride)[0])
+        self.mags.append(lambda m: ref.max_pool2d(m, kernel, stride)[0])
         c, h, w = shape
         return (c, (h - kernel) // stride + 1, (w - kernel) // stride + 1)
 
     def _relu(self, rng, shape):
         self.modules.append(lk.ReLU())
         self.steps.append(ref.relu)
+        self.mags.append(lambda m: m)
         return shape
 
     def _flatten(self, rng, shape):
         self.modules.append(lk.Flatten())
         self.steps.append(lambda x: x.reshape(x.shape[0], -1))
+        self.mags.append(lambda m: m.reshape(m.shape[0], -1))
         return (math.prod(shape),)
 
     def _linear(self, rng, shape, n, relu=False, bias=True):
@@ -100,11 +108,13 @@ class Net:
         self.reduction += k
         self.modules.append(lk.Linear(weight, b, activation=act))
         self.steps.append(lambda x: ref.linear(x, weight, b, activation=act))
+        self.mags.append(lambda m: ref.linear(m, np.abs(weight), None if b is None else np.abs(b)))
         return shape[:-1] + (n,)
 
     def _softmax(self, rng, shape, log=False):
         self.modules.append(lk.LogSoftmax(1) if log else lk.Softmax(1))
         self.steps.append(lambda x: ref.log_softmax(x, 1) if log else ref.softmax(x, 1))
+        self.mags.append("log_softmax" if log else "softmax")  # needs the values: see magnitude()
         return shape
 
     def _dropout(self, rng, shape):
@@ -115,18 +125,30 @@ class Net:
         return lk.Sequential(self.modules, **kwargs)
 
     def reference(self, x):
+        return self.reference_and_magnitude(x)[0]
+
+    def reference_and_magnitude(self, x):
+        """The float64 output, and the magnitude its float32 rounding errors scale with (module docstring)."""
         y = x.astype(np.float64)
-        for step in self.steps:
+        m = np.abs(y)
+        for step, mag in zip(self.steps, self.mags):
             y = step(y)
-        return y
+            if isinstance(mag, str):
+                # A logit error d moves softmax output p by about p * d, log-softmax by d (and by the row's
+                # weighted mean of d): twice the row's largest logit magnitude bounds both.
+                worst = 2 * m.max(axis=1, keepdims=True)
+                m = y * worst if mag == "softmax" else np.broadcast_to(worst, y.shape)
+            else:
+                m = mag(m)
+        return y, m
 
     def check(self, got, x, context=""):
-        expected = self.reference(x)
+        expected, magnitude = self.reference_and_magnitude(x)
         assert got.shape == expected.shape, f"shape {got.shape} != {expected.shape}; {context}"
         assert got.dtype == np.float32
         tol = 8 * EPS32 * math.sqrt(max(self.reduction, 1))
         scale = float(np.sqrt(np.mean(np.square(expected)))) if expected.size else 1.0
-        ref._assert_within(got, expected, tol * (scale + np.abs(expected)), context)
+        ref._assert_within(got, expected, tol * (magnitude + np.abs(expected) + scale), context)
 
 
 MNIST = [("conv", dict(k=32, relu=True)), ("pool", dict(kernel=2, stride=2)), ("flatten", {}),
