@@ -110,6 +110,25 @@ def test_batch_norm_folds_into_conv(tmp_path, rng):
     assert "BatchNormalization" not in [n.op for n in getattr(g, "graph", g).nodes]
 
 
+def test_depthwise_separable_and_leaky_layers(tmp_path, rng):
+    """The mobile-style layers: depthwise (with a depth multiplier), separable, ReLU6 and leaky ReLUs."""
+    model = keras.Sequential([
+        keras.Input((13, 11, 3)),
+        L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="relu"),
+        L.SeparableConv2D(8, (3, 2), strides=2, depth_multiplier=3),
+        L.ReLU(max_value=6.0),
+        L.DepthwiseConv2D((2, 3), dilation_rate=(1, 2), use_bias=False),
+        L.LeakyReLU(negative_slope=0.2),
+        L.SeparableConv2D(5, 1, use_bias=False, activation="relu"),
+        L.ReLU(negative_slope=0.1),
+        L.Flatten(),
+        L.Dense(4),
+    ])
+    g, _ = check(model, tmp_path, rng)
+    ops = [n.op for n in getattr(g, "graph", g).nodes]
+    assert ops.count("Conv") == 6 and "Clip" in ops and ops.count("LeakyRelu") == 2
+
+
 def test_no_convolution(tmp_path, rng):
     """Flatten straight on the NHWC input: no transposes at all."""
     model = keras.Sequential([keras.Input((6, 5, 3)), L.Flatten(), L.Dense(8, activation="relu"),

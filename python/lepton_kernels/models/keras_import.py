@@ -24,7 +24,7 @@ import numpy as np
 
 from .graph import Graph, Node, TensorInfo, UnsupportedOperatorError
 
-_SUPPORTED = {"InputLayer", "Conv2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
+_SUPPORTED = {"InputLayer", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "LeakyReLU", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
               "GlobalMaxPooling2D", "Flatten", "Dense", "Dropout", "SpatialDropout2D", "GaussianNoise",
               "GaussianDropout", "AlphaDropout", "Activation", "ReLU", "Softmax", "BatchNormalization",
               "Rescaling", "ZeroPadding2D"}
@@ -224,8 +224,8 @@ def _convert(config, layers, weights, where):
         w = weights.get(lname, [])
         if cls == "InputLayer" or cls in _IDENTITY:
             continue
-        if cls in ("Conv2D", "MaxPooling2D", "AveragePooling2D", "ZeroPadding2D", "GlobalAveragePooling2D",
-                   "GlobalMaxPooling2D"):
+        if cls in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling2D", "AveragePooling2D",
+                   "ZeroPadding2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D"):
             if len(kshape) != 3:
                 raise ValueError(f"{where}: layer {lname!r} ({cls}) expects a 4-D input, got shape "
                                  f"(N, {', '.join(map(str, kshape))})")
@@ -233,10 +233,10 @@ def _convert(config, layers, weights, where):
                 raise ValueError(f"{where}: layer {lname!r} ({cls}) after a Flatten is not supported")
             as_nchw()
             C, H, W = spatial()
-        if cls == "Conv2D":
+        if cls in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
             if not w:
                 raise ValueError(f"{where}: no weights for layer {lname!r}")
-            kernel = w[0]  # (kh, kw, in/groups, filters)
+            kernel = w[0]  # Conv2D: (kh, kw, in/groups, filters); the others: (kh, kw, in, depth_multiplier)
             k, s, d = kernel.shape[:2], _pair(c.get("strides", 1)), _pair(c.get("dilation_rate", 1))
             attrs = {"strides": s, "dilations": d, "group": int(c.get("groups", 1))}
             pad = c.get("padding", "valid")
@@ -244,12 +244,30 @@ def _convert(config, layers, weights, where):
                 attrs["auto_pad"] = "SAME_UPPER"
             elif pad != "valid":
                 raise ValueError(f"{where}: layer {lname!r}: padding {pad!r} is not supported")
-            ins = [x, b.param(lname + "/kernel", np.transpose(kernel, (3, 2, 0, 1)))]
-            if c.get("use_bias", True) and len(w) > 1:
-                ins.append(b.param(lname + "/bias", w[1]))
+            if cls == "Conv2D":
+                filters = kernel.shape[3]
+                ins = [x, b.param(lname + "/kernel", np.transpose(kernel, (3, 2, 0, 1)))]
+                bias = w[1] if len(w) > 1 else None
+            else:
+                # Depthwise: input channel c makes outputs c * depth_multiplier + m, each from its own filter.
+                cin, mult = kernel.shape[2], kernel.shape[3]
+                attrs["group"] = cin
+                filters = cin * mult
+                depthwise = np.transpose(kernel, (2, 3, 0, 1)).reshape(filters, 1, *kernel.shape[:2])
+                ins = [x, b.param(lname + "/depthwise_kernel", depthwise)]
+                bias = w[1] if cls == "DepthwiseConv2D" and len(w) > 1 else None
+            if c.get("use_bias", True) and bias is not None:
+                ins.append(b.param(lname + "/bias", bias))
             x = b.add("Conv", ins, attrs, hint=lname)
+            if cls == "SeparableConv2D":  # then a 1x1 convolution across channels, with the bias
+                pointwise = w[1]  # (1, 1, in * depth_multiplier, filters)
+                filters = pointwise.shape[3]
+                ins = [x, b.param(lname + "/pointwise_kernel", np.transpose(pointwise, (3, 2, 0, 1)))]
+                if c.get("use_bias", True) and len(w) > 2:
+                    ins.append(b.param(lname + "/bias", w[2]))
+                x = b.add("Conv", ins, {}, hint=lname + "/pointwise")
             H, W = (_out(H, k[0], s[0], d[0], pad), _out(W, k[1], s[1], d[1], pad))
-            set_spatial(kernel.shape[3], H, W)
+            set_spatial(filters, H, W)
             activation(c.get("activation"), lname + "/activation")
         elif cls in ("MaxPooling2D", "AveragePooling2D"):
             k = _pair(c.get("pool_size", 2))
@@ -310,11 +328,20 @@ def _convert(config, layers, weights, where):
                 as_native()
             activation(c.get("activation"), lname)
         elif cls == "ReLU":
-            if c.get("max_value") is not None or float(c.get("negative_slope", 0) or 0) != 0 \
-                    or float(c.get("threshold", 0) or 0) != 0:
-                raise ValueError(f"{where}: layer {lname!r}: ReLU with max_value, negative_slope or threshold "
-                                 f"is not supported")
-            x = b.add("Relu", [x], {}, hint=lname)
+            top, slope = c.get("max_value"), float(c.get("negative_slope", 0) or 0)
+            if float(c.get("threshold", 0) or 0) != 0 or (top is not None and slope != 0):
+                raise ValueError(f"{where}: layer {lname!r}: ReLU with a threshold, or with both max_value and "
+                                 f"negative_slope, is not supported")
+            if slope != 0:
+                x = b.add("LeakyRelu", [x], {"alpha": slope}, hint=lname)
+            elif top is not None:  # ReLU6 and the like
+                x = b.add("Clip", [x, b.param("min", np.float32(0)), b.param("max", np.float32(top))], {},
+                          hint=lname)
+            else:
+                x = b.add("Relu", [x], {}, hint=lname)
+        elif cls == "LeakyReLU":
+            slope = c.get("negative_slope", c.get("alpha", 0.3))
+            x = b.add("LeakyRelu", [x], {"alpha": float(slope)}, hint=lname)
         elif cls == "Softmax":
             as_native()
             x = b.add("Softmax", [x], {"axis": int(c.get("axis", -1))}, hint=lname)
