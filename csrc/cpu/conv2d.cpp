@@ -681,35 +681,48 @@ void Conv2dPlan<T>::indirect_tile(const TensorView& x, const Weights& wt, const 
 template <class T>
 void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k, int64_t r0,
                                 int64_t r1, T* out) const {
-  const int64_t Kg = d_.Kg(), Cg = d_.Cg(), R = d_.R, S = d_.S, Q = d_.Q(), g = k / Kg;
+  const int64_t Cg = d_.Cg(), R = d_.R, S = d_.S, Q = d_.Q(), g = k / d_.Kg();
   const int64_t sc = x.strides[1], sh = x.strides[2], sw = x.strides[3];
-  std::fill(out, out + (r1 - r0) * Q, wt.bias ? wt.bias[k] : T(0));
+  const int64_t sth = d_.stride_h, stw = d_.stride_w, dh = d_.dil_h;
+  // The input rows that output rows r0..r1 read are copied, with their zero
+  // padding, into rows wide enough for every tap of every column (and the
+  // lanes past Q that the microkernel's last vector reads): all of them as
+  // one band, or, when strides or dilations skip most rows, only the R rows
+  // of one output row at a time.
+  const DwconvUkernel<T>& uk = ukernels().dwconv<T>();
+  const int64_t rows_out = r1 - r0, band_rows = (rows_out - 1) * sth + (R - 1) * dh + 1;
+  const bool per_row = band_rows > 2 * rows_out * R;
+  const int64_t width = std::max(d_.pad_left + d_.W, (round_up(Q, uk.lanes) - 1) * stw + (S - 1) * d_.dil_w + stw);
+  T* band = scratch_array<T>(kInputBandSlot, static_cast<size_t>((per_row ? R : band_rows) * width));
   const T* wk = wt.w + k * Cg * R * S;
   for (int64_t c = 0; c < Cg; ++c) {
     const T* xc = x.ptr<T>() + n * x.strides[0] + (g * Cg + c) * sc;
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t s = 0; s < S; ++s) {
-        const T wv = wk[(c * R + r) * S + s];
-        const int64_t ih_off = r * d_.dil_h - d_.pad_top, iw_off = s * d_.dil_w - d_.pad_left;
-        int64_t qlo, qhi;
-        valid_columns(iw_off, d_.stride_w, d_.W, Q, &qlo, &qhi);
-        if (qlo == qhi) continue;
-        const int64_t step = d_.stride_w * sw;
-        for (int64_t p = r0; p < r1; ++p) {
-          const int64_t ih = p * d_.stride_h + ih_off;
-          if (ih < 0 || ih >= d_.H) continue;
-          T* o = out + (p - r0) * Q;
-          const T* src = xc + ih * sh + (qlo * d_.stride_w + iw_off) * sw;
-          if (step == 1)
-            for (int64_t q = qlo; q < qhi; ++q) o[q] += wv * src[q - qlo];
-          else
-            for (int64_t q = qlo; q < qhi; ++q) o[q] += wv * src[(q - qlo) * step];
-        }
+    auto copy_row = [&](T* b, int64_t ih) {
+      if (ih < 0 || ih >= d_.H) {
+        std::fill(b, b + width, T(0));
+        return;
       }
+      std::fill(b, b + d_.pad_left, T(0));
+      const T* src = xc + ih * sh;
+      if (sw == 1)
+        std::copy(src, src + d_.W, b + d_.pad_left);
+      else
+        for (int64_t j = 0; j < d_.W; ++j) b[d_.pad_left + j] = src[j * sw];
+      std::fill(b + d_.pad_left + d_.W, b + width, T(0));
+    };
+    const T* w = wk + c * R * S;
+    const T bias = wt.bias ? wt.bias[k] : T(0);
+    const bool relu = c + 1 == Cg && d_.act == Activation::relu;
+    if (per_row) {
+      for (int64_t p = r0; p < r1; ++p) {
+        for (int64_t r = 0; r < R; ++r) copy_row(band + r * width, p * sth - d_.pad_top + r * dh);
+        uk.fn(band, 1, 0, R, S, width, stw, d_.dil_w, w, bias, c > 0, relu, Q, out + (p - r0) * Q, Q);
+      }
+      continue;
     }
+    for (int64_t i = 0; i < band_rows; ++i) copy_row(band + i * width, r0 * sth - d_.pad_top + i);
+    uk.fn(band, rows_out, sth * width, R, S, dh * width, stw, d_.dil_w, w, bias, c > 0, relu, Q, out, Q);
   }
-  if (d_.act == Activation::relu)
-    for (int64_t i = 0; i < (r1 - r0) * Q; ++i) out[i] = out[i] < T(0) ? T(0) : out[i];
 }
 
 template <class T>

@@ -29,6 +29,8 @@ extern const UkernelTable kUkernels_avx2 = {
      {&maxpool_ukernel_window<double, 32, 2>, "f64_maxpool_ukernel_s2__avx2"}},
     {&transpose_ukernel<float, 32>, "f32_transpose_ukernel_8x8__avx2"},
     {&transpose_ukernel<double, 32>, "f64_transpose_ukernel_4x4__avx2"},
+    {&dwconv_ukernel<float, 32>, 8, "f32_dwconv_ukernel_8__avx2"},
+    {&dwconv_ukernel<double, 32>, 4, "f64_dwconv_ukernel_4__avx2"},
     {&fma_peak_ukernel<32, 12>, 96, "f32_fma_peak_ukernel_12x8__avx2"},
 };
 

@@ -29,6 +29,8 @@ extern const UkernelTable kUkernels_generic = {
      {&maxpool_ukernel_window<double, 16, 2>, "f64_maxpool_ukernel_s2__generic"}},
     {&transpose_ukernel<float, 16>, "f32_transpose_ukernel_4x4__generic"},
     {&transpose_ukernel<double, 16>, "f64_transpose_ukernel_2x2__generic"},
+    {&dwconv_ukernel<float, 16>, 4, "f32_dwconv_ukernel_4__generic"},
+    {&dwconv_ukernel<double, 16>, 2, "f64_dwconv_ukernel_2__generic"},
     {&fma_peak_ukernel<16, 12>, 48, "f32_fma_peak_ukernel_12x4__generic"},
 };
 

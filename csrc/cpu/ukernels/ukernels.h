@@ -107,6 +107,24 @@ struct TransposeUkernel {
   const char* name;
 };
 
+// A single-channel (depthwise) convolution of a padded band: y[p * ldy + q]
+// = act(bias + sum over r < R, s < S of w[r * S + s] * x[p * row_step +
+// r * dil_h + q * stride + s * dil_w]) for p < rows, q < n, every tap summed
+// in registers; with `accumulate`, y stands in for bias. Each band row must
+// be readable for (round_up(n, lanes) - 1) * stride + (S - 1) * dil_w +
+// stride elements (the caller pads it).
+template <class T>
+using DwconvUkernelFn = void (*)(const T* x, int64_t rows, int64_t row_step, int64_t R, int64_t S, int64_t dil_h,
+                                 int64_t stride, int64_t dil_w, const T* w, T bias, bool accumulate, bool relu,
+                                 int64_t n, T* y, int64_t ldy);
+
+template <class T>
+struct DwconvUkernel {
+  DwconvUkernelFn<T> fn;
+  int lanes;
+  const char* name;
+};
+
 // `iters` rounds of `lanes` independent float multiply-adds in registers
 // (2 * lanes flops a round): the FMA ceiling the benchmarks report against.
 struct FmaPeakUkernel {
@@ -127,12 +145,15 @@ struct UkernelTable {
   MaxPoolUkernels<double> f64_maxpool;
   TransposeUkernel<float> f32_transpose;
   TransposeUkernel<double> f64_transpose;
+  DwconvUkernel<float> f32_dwconv;
+  DwconvUkernel<double> f64_dwconv;
   FmaPeakUkernel f32_fma_peak;
 
   template <class T> const GemmUkernel<T>& gemm(int shape = 0) const;
   template <class T> const DotUkernel<T>& dot() const;
   template <class T> const MaxPoolUkernels<T>& maxpool() const;
   template <class T> const TransposeUkernel<T>& transpose() const;
+  template <class T> const DwconvUkernel<T>& dwconv() const;
 };
 
 template <> inline const GemmUkernel<float>& UkernelTable::gemm<float>(int shape) const { return f32_gemm[shape]; }
@@ -143,6 +164,8 @@ template <> inline const MaxPoolUkernels<float>& UkernelTable::maxpool<float>() 
 template <> inline const MaxPoolUkernels<double>& UkernelTable::maxpool<double>() const { return f64_maxpool; }
 template <> inline const TransposeUkernel<float>& UkernelTable::transpose<float>() const { return f32_transpose; }
 template <> inline const TransposeUkernel<double>& UkernelTable::transpose<double>() const { return f64_transpose; }
+template <> inline const DwconvUkernel<float>& UkernelTable::dwconv<float>() const { return f32_dwconv; }
+template <> inline const DwconvUkernel<double>& UkernelTable::dwconv<double>() const { return f64_dwconv; }
 
 // The table of the active level (see active_isa()).
 const UkernelTable& ukernels();
