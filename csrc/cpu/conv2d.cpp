@@ -697,29 +697,28 @@ void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t 
   const T* wk = wt.w + k * Cg * R * S;
   for (int64_t c = 0; c < Cg; ++c) {
     const T* xc = x.ptr<T>() + n * x.strides[0] + (g * Cg + c) * sc;
+    // Rows of the band are zeroed once, then the input rows copied in: one
+    // library call per row, which is what small planes pay for.
     auto copy_row = [&](T* b, int64_t ih) {
-      if (ih < 0 || ih >= d_.H) {
-        std::fill(b, b + width, T(0));
-        return;
-      }
-      std::fill(b, b + d_.pad_left, T(0));
+      if (ih < 0 || ih >= d_.H) return;
       const T* src = xc + ih * sh;
       if (sw == 1)
-        std::copy(src, src + d_.W, b + d_.pad_left);
+        std::memcpy(b + d_.pad_left, src, static_cast<size_t>(d_.W) * sizeof(T));
       else
         for (int64_t j = 0; j < d_.W; ++j) b[d_.pad_left + j] = src[j * sw];
-      std::fill(b + d_.pad_left + d_.W, b + width, T(0));
     };
     const T* w = wk + c * R * S;
     const T bias = wt.bias ? wt.bias[k] : T(0);
     const bool relu = c + 1 == Cg && d_.act == Activation::relu;
     if (per_row) {
       for (int64_t p = r0; p < r1; ++p) {
+        std::memset(band, 0, static_cast<size_t>(R * width) * sizeof(T));
         for (int64_t r = 0; r < R; ++r) copy_row(band + r * width, p * sth - d_.pad_top + r * dh);
         uk.fn(band, 1, 0, R, S, width, stw, d_.dil_w, w, bias, c > 0, relu, Q, out + (p - r0) * Q, Q);
       }
       continue;
     }
+    std::memset(band, 0, static_cast<size_t>(band_rows * width) * sizeof(T));
     for (int64_t i = 0; i < band_rows; ++i) copy_row(band + i * width, r0 * sth - d_.pad_top + i);
     uk.fn(band, rows_out, sth * width, R, S, dh * width, stw, d_.dil_w, w, bias, c > 0, relu, Q, out, Q);
   }
