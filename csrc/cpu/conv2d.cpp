@@ -448,8 +448,12 @@ void Conv2dPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t K = d_.K, G = d_.groups, Kg = d_.Kg(), P = d_.P(), PQ = P * d_.Q();
 
   if (algo_ == ConvAlgo::direct) {
-    parallel_for(d_.N * K, threads_, [&](int64_t task) {
-      direct_rows(x, wt, task / K, task % K, 0, P, y + task * PQ);
+    // Runs of channels: a few tasks per thread for balance, each one call of the microkernel.
+    const int64_t per_image = std::min(K, std::max<int64_t>(1, 4 * threads_ / std::max<int64_t>(d_.N, 1)));
+    const int64_t run = ceil_div(K, per_image), runs = ceil_div(K, run);
+    parallel_for(d_.N * runs, threads_, [&](int64_t task) {
+      const int64_t n = task / runs, k0 = task % runs * run, k1 = std::min(K, k0 + run);
+      direct_rows(x, wt, n, k0, k1, 0, P, y + (n * K + k0) * PQ, PQ);
     });
     return;
   }
@@ -487,7 +491,7 @@ void Conv2dPlan<T>::run_rows(const TensorView& x, const Weights& wt, int64_t n, 
                              int64_t ldc) const {
   const int64_t K = d_.K, G = d_.groups, Kg = d_.Kg(), Q = d_.Q();
   if (algo_ == ConvAlgo::direct) {
-    for (int64_t k = 0; k < K; ++k) direct_rows(x, wt, n, k, r0, r1, dst + k * ldc);
+    direct_rows(x, wt, n, 0, K, r0, r1, dst, ldc);
     return;
   }
   if (transposed()) {
@@ -679,49 +683,26 @@ void Conv2dPlan<T>::indirect_tile(const TensorView& x, const Weights& wt, const 
 }
 
 template <class T>
-void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k, int64_t r0,
-                                int64_t r1, T* out) const {
-  const int64_t Cg = d_.Cg(), R = d_.R, S = d_.S, Q = d_.Q(), g = k / d_.Kg();
-  const int64_t sc = x.strides[1], sh = x.strides[2], sw = x.strides[3];
-  const int64_t sth = d_.stride_h, stw = d_.stride_w, dh = d_.dil_h;
-  // The input rows that output rows r0..r1 read are copied, with their zero
-  // padding, into rows wide enough for every tap of every column (and the
-  // lanes past Q that the microkernel's last vector reads): all of them as
-  // one band, or, when strides or dilations skip most rows, only the R rows
-  // of one output row at a time.
+void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k0, int64_t k1,
+                                int64_t r0, int64_t r1, T* out, int64_t ldk) const {
   const DwconvUkernel<T>& uk = ukernels().dwconv<T>();
-  const int64_t rows_out = r1 - r0, band_rows = (rows_out - 1) * sth + (R - 1) * dh + 1;
-  const bool per_row = band_rows > 2 * rows_out * R;
-  const int64_t width = std::max(d_.pad_left + d_.W, (round_up(Q, uk.lanes) - 1) * stw + (S - 1) * d_.dil_w + stw);
-  T* band = scratch_array<T>(kInputBandSlot, static_cast<size_t>((per_row ? R : band_rows) * width));
-  const T* wk = wt.w + k * Cg * R * S;
-  for (int64_t c = 0; c < Cg; ++c) {
-    const T* xc = x.ptr<T>() + n * x.strides[0] + (g * Cg + c) * sc;
-    // Rows of the band are zeroed once, then the input rows copied in: one
-    // library call per row, which is what small planes pay for.
-    auto copy_row = [&](T* b, int64_t ih) {
-      if (ih < 0 || ih >= d_.H) return;
-      const T* src = xc + ih * sh;
-      if (sw == 1)
-        std::memcpy(b + d_.pad_left, src, static_cast<size_t>(d_.W) * sizeof(T));
-      else
-        for (int64_t j = 0; j < d_.W; ++j) b[d_.pad_left + j] = src[j * sw];
-    };
-    const T* w = wk + c * R * S;
-    const T bias = wt.bias ? wt.bias[k] : T(0);
-    const bool relu = c + 1 == Cg && d_.act == Activation::relu;
-    if (per_row) {
-      for (int64_t p = r0; p < r1; ++p) {
-        std::memset(band, 0, static_cast<size_t>(R * width) * sizeof(T));
-        for (int64_t r = 0; r < R; ++r) copy_row(band + r * width, p * sth - d_.pad_top + r * dh);
-        uk.fn(band, 1, 0, R, S, width, stw, d_.dil_w, w, bias, c > 0, relu, Q, out + (p - r0) * Q, Q);
-      }
-      continue;
-    }
-    std::memset(band, 0, static_cast<size_t>(band_rows * width) * sizeof(T));
-    for (int64_t i = 0; i < band_rows; ++i) copy_row(band + i * width, r0 * sth - d_.pad_top + i);
-    uk.fn(band, rows_out, sth * width, R, S, dh * width, stw, d_.dil_w, w, bias, c > 0, relu, Q, out, Q);
-  }
+  DwconvJob<T> j;
+  j.x = x.ptr<T>() + n * x.strides[0];
+  j.x_c = x.strides[1], j.x_h = x.strides[2], j.x_w = x.strides[3];
+  j.H = d_.H, j.W = d_.W, j.pad_top = d_.pad_top, j.pad_left = d_.pad_left;
+  j.R = d_.R, j.S = d_.S, j.stride_h = d_.stride_h, j.stride_w = d_.stride_w, j.dil_h = d_.dil_h, j.dil_w = d_.dil_w;
+  j.Cg = d_.Cg(), j.Kg = d_.Kg();
+  j.k0 = k0, j.k1 = k1, j.r0 = r0, j.r1 = r1, j.Q = d_.Q();
+  j.w = wt.w, j.bias = wt.bias, j.relu = d_.act == Activation::relu;
+  j.y = out, j.y_k = ldk;
+  // All the input rows of the output rows as one band, unless strides or
+  // dilations skip most of them: then the R rows of one output row at a time.
+  const int64_t rows_out = r1 - r0;
+  j.band_rows = (rows_out - 1) * j.stride_h + (j.R - 1) * j.dil_h + 1;
+  j.per_row = j.band_rows > 2 * rows_out * j.R;
+  j.width = std::max(j.pad_left + j.W, (round_up(j.Q, uk.lanes) - 1) * j.stride_w + (j.S - 1) * j.dil_w + j.stride_w);
+  j.band = scratch_array<T>(kInputBandSlot, static_cast<size_t>((j.per_row ? j.R : j.band_rows) * j.width));
+  uk.fn(j);
 }
 
 template <class T>

@@ -130,9 +130,9 @@ class Conv2dPlan {
   bool padded() const { return d_.pad_top || d_.pad_bottom || d_.pad_left || d_.pad_right; }
   int64_t band_rows() const;  // rows of the padded band an indirect tile of mc_ pixels reads, at most
   bool transposed() const { return algo_ == ConvAlgo::implicit_gemm_t || algo_ == ConvAlgo::indirect_gemm; }
-  // Output rows [r0, r1) of channel k.
-  void direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k, int64_t r0, int64_t r1,
-                   T* out) const;
+  // Output rows [r0, r1) of channels [k0, k1) of image n: channel k at out + (k - k0) * ldk.
+  void direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k0, int64_t k1, int64_t r0, int64_t r1,
+                   T* out, int64_t ldk) const;
 
   Conv2dDesc d_;
   GemmUkernel<T> uk_;

@@ -107,20 +107,39 @@ struct TransposeUkernel {
   const char* name;
 };
 
-// A single-channel (depthwise) convolution of a padded band: y[p * ldy + q]
-// = act(bias + sum over r < R, s < S of w[r * S + s] * x[p * row_step +
-// r * dil_h + q * stride + s * dil_w]) for p < rows, q < n, every tap summed
-// in registers; with `accumulate`, y stands in for bias. Each band row must
-// be readable for (round_up(n, lanes) - 1) * stride + (S - 1) * dil_w +
-// stride elements (the caller pads it).
+// Output channels k0..k1 of one image, rows r0..r1, of a convolution with
+// few channels per group (depthwise: one), each computed directly: the input
+// rows each channel reads are copied with their zero padding into `band`
+// (all of them, or only the R rows of one output row when strides or
+// dilations skip most rows), and every tap of a vector of outputs is summed
+// in registers. Channel k reads input channels (k / Kg) * Cg .. + Cg.
 template <class T>
-using DwconvUkernelFn = void (*)(const T* x, int64_t rows, int64_t row_step, int64_t R, int64_t S, int64_t dil_h,
-                                 int64_t stride, int64_t dil_w, const T* w, T bias, bool accumulate, bool relu,
-                                 int64_t n, T* y, int64_t ldy);
+struct DwconvJob {
+  const T* x;                  // the image's first channel
+  int64_t x_c, x_h, x_w;       // strides of x in elements
+  int64_t H, W, pad_top, pad_left;
+  int64_t R, S, stride_h, stride_w, dil_h, dil_w;
+  int64_t Cg, Kg;
+  int64_t k0, k1, r0, r1, Q;
+  const T* w;                  // (K, Cg, R, S)
+  const T* bias;               // K entries, or null
+  bool relu;
+  T* y;                        // channel k0's row r0
+  int64_t y_k;                 // elements between output channels (rows are Q apart)
+  T* band;                     // (per_row ? R : band_rows) rows of `width`
+  int64_t width, band_rows;
+  bool per_row;
+};
+
+// The band's rows must hold every tap of every column and the lanes past Q
+// that the last vector reads: (round_up(Q, lanes) - 1) * stride_w +
+// (S - 1) * dil_w + stride_w elements at least, and pad_left + W.
+template <class T>
+using DwconvFn = void (*)(const DwconvJob<T>& job);
 
 template <class T>
 struct DwconvUkernel {
-  DwconvUkernelFn<T> fn;
+  DwconvFn<T> fn;
   int lanes;
   const char* name;
 };
