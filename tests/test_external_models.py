@@ -237,8 +237,8 @@ def test_keras_sequential_matches_keras(name, rng, tmp_path):
 def test_keras_unsupported_layers_fail_at_load(tmp_path):
     keras = _keras()
     L = keras.layers
-    model = keras.Sequential([keras.Input((8, 8, 2)), L.DepthwiseConv2D(3), L.Flatten(), L.Dense(2)])
-    path = tmp_path / "dw.keras"
+    model = keras.Sequential([keras.Input((8, 8, 2)), L.Conv2DTranspose(3, 3), L.Flatten(), L.Dense(2)])
+    path = tmp_path / "transposed.keras"
     model.save(str(path))
-    with pytest.raises(lk.UnsupportedOperatorError, match="DepthwiseConv2D"):
+    with pytest.raises(lk.UnsupportedOperatorError, match="Conv2DTranspose"):
         lk.load_model(str(path))
