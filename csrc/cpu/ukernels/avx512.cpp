@@ -32,9 +32,9 @@ extern const UkernelTable kUkernels_avx512 = {
      {&maxpool_ukernel_window<double, 64, 2>, "f64_maxpool_ukernel_s2__avx512"}},
     {&transpose_ukernel<float, 64>, "f32_transpose_ukernel_16x16__avx512"},
     {&transpose_ukernel<double, 64>, "f64_transpose_ukernel_8x8__avx512"},
-    // 256-bit vectors: called once per channel plane from the ISA-independent
-    // layer code, the 512-bit version ran 3-7x slower than the 256-bit one on
-    // the development machine (AMD), though as fast in a loop of its own.
+    // 256-bit vectors: on the development machine (AMD, 512-bit operations in
+    // two halves) the 512-bit version was no faster, and up to 7x slower
+    // before the window and stride were compile-time constants.
     {&dwconv_ukernel<float, 32>, 8, "f32_dwconv_ukernel_8__avx512"},
     {&dwconv_ukernel<double, 32>, 4, "f64_dwconv_ukernel_4__avx512"},
     {&fma_peak_ukernel<64, 12>, 192, "f32_fma_peak_ukernel_12x16__avx512"},
