@@ -700,7 +700,10 @@ void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t 
   const int64_t rows_out = r1 - r0;
   j.band_rows = (rows_out - 1) * j.stride_h + (j.R - 1) * j.dil_h + 1;
   j.per_row = j.band_rows > 2 * rows_out * j.R;
-  j.width = std::max(j.pad_left + j.W, (round_up(j.Q, uk.lanes) - 1) * j.stride_w + (j.S - 1) * j.dil_w + j.stride_w);
+  // Even, so that a row split in two phases (stride 2) splits into halves.
+  j.width = round_up(std::max(j.pad_left + j.W, (round_up(j.Q, uk.lanes) - 1) * j.stride_w + (j.S - 1) * j.dil_w +
+                                                    j.stride_w),
+                     2);
   j.band = scratch_array<T>(kInputBandSlot, static_cast<size_t>((j.per_row ? j.R : j.band_rows) * j.width));
   uk.fn(j);
 }
