@@ -190,6 +190,45 @@ def test_thread_counts(rng, restore_threads, threads):
         net.check(net.sequential()(x), x, f"{make.__name__} batch {n} on {threads} threads")
 
 
+# Winograd F(2x2, 3x3) with the pool fused: a 3x3 stride-1 convolution after a
+# direct stage (channels interleaved), channels a multiple of 16, a 2x2 pool.
+# Filter counts on and off its 32-filter blocks, widths on and off its 8- and
+# 4-tile blocks (pooled widths 1, 4, 7, 8, 9, 17), odd sizes that drop the
+# last convolution row or column, padding 0 and 1, with and without bias and
+# ReLU, the pool as its own layer or fused; every ISA level.
+WINO_CASES = [  # (channels, filters, H, W, padding, relu, bias, fused)
+    (16, 16, 6, 6, 1, True, True, False),
+    (32, 64, 16, 16, 1, True, True, False),
+    (16, 48, 11, 19, 0, False, True, True),
+    (48, 80, 17, 15, 1, True, False, False),
+    (32, 32, 9, 36, 1, False, False, True),
+    (16, 16, 4, 18, 1, True, True, False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(WINO_CASES)))
+def test_winograd_stage(rng, isa, case):
+    c, k, h, w, padding, relu, bias, fused = WINO_CASES[case]
+    recipe = [("conv", dict(k=c, padding=1, relu=True, pool=(2, 2), fused=True)),
+              ("conv", dict(k=k, padding=padding, relu=relu, bias=bias, pool=(2, 2), fused=fused)),
+              ("flatten", {}), ("linear", dict(n=10))]
+    net = Net(rng, (3, 2 * h, 2 * w), recipe)
+    seq = net.sequential()
+    for n in (1, 3, 8):
+        assert "conv2d(winograd)" in seq.describe((n, 3, 2 * h, 2 * w)), seq.describe((n, 3, 2 * h, 2 * w))
+        x = _input(rng, net, n)
+        net.check(seq(x), x, f"case {WINO_CASES[case]}, batch {n} at {isa}")
+    # A NaN in the input reaches exactly the outputs whose windows hold it.
+    x = _input(rng, net, 2)
+    x[1, :, 5, 7] = np.nan
+    y = seq(x)
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
+    # Spatial only: the last stage writes channel planes.
+    spatial = Net(rng, (3, 2 * h, 2 * w), recipe[:2])
+    x = _input(rng, spatial, 3)
+    spatial.check(spatial.sequential()(x), x, f"case {WINO_CASES[case]}, spatial only at {isa}")
+
+
 # --- random chains -------------------------------------------------------------------
 
 
@@ -330,7 +369,7 @@ def test_describe(rng, restore_threads):
     seq(np.zeros((5, 1, 28, 28), np.float32))
     assert "with N=5" in seq.describe()
     cif = cifar(rng).sequential().describe((64, 3, 32, 32))
-    assert "[layers 2-3] conv2d(direct)+relu+max_pool2d" in cif and "linear+relu" in cif, cif
+    assert "[layers 2-3] conv2d(winograd)+relu+max_pool2d" in cif and "linear+relu" in cif, cif
     # Filters not a multiple of 16: the GEMM convolution with pooling fused band by band.
     gemm = Net(rng, (3, 12, 12), [("conv", dict(k=24, padding=1)), ("relu", {}), ("pool", dict(kernel=2, stride=2)),
                                   ("flatten", {}), ("linear", dict(n=5))])

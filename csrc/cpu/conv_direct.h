@@ -4,6 +4,8 @@
 // calls too short to amortise; here each output pixel's filters sit in vector
 // lanes (16 per vector), the input is broadcast tap by tap, and a 2x2 block of
 // output pixels is reduced to its maximum in registers before it is stored.
+// Longer reductions over interleaved channels (a second 3x3 layer) take
+// Winograd's F(2x2, 3x3) instead, its 2x2 output tiles the pooling windows.
 // The kernels live in ukernels/conv_direct_<isa>.cpp, one per ISA level.
 #pragma once
 #include <cstdint>
@@ -31,7 +33,17 @@ struct DirectConvArgs {
   float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*P*Q + p*Q + q]
   bool hwc;
   float* tile;             // Q*K floats of scratch for a row (not hwc)
+  // Winograd F(2x2, 3x3) instead of the taps (3x3, stride 1, pool, pix = C
+  // with C a multiple of 16): w is then the transformed filters, 16 x C x K
+  // (G g G^T, element (r, s) of the 4x4 at r*4 + s), and tap_off is unused.
+  bool wino;
+  int64_t C;
+  float* work;             // wino_work_floats(C) floats of scratch
 };
+
+// Scratch a Winograd call needs: the input transforms of a block of tiles
+// and the products of one block of filters for them.
+constexpr int64_t wino_work_floats(int64_t C) { return 16 * 8 * (C + 32); }
 
 using DirectConvFn = void (*)(const DirectConvArgs&);
 

@@ -67,6 +67,14 @@ constexpr int64_t kDirectMaxTapsPooled = 512;
 // 0.85 with 288 (cifar's second layer).
 double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 
+// Winograd F(2x2, 3x3) with the pool fused (conv_direct.inc): 16 multiply-adds
+// per channel and filter per pooled output against the taps' 36, at a lower
+// rate: the reduction is only C long per product, and the transforms add
+// about C/16 + K/16 vector operations per element of the tile. Measured on
+// lepton-cifar's 32 -> 64 3x3 (C = 32): 0.6 of the wide GEMM microkernel's
+// rate, so it wins over the taps (0.85 / 2.25 = 0.38) from C = 16 up.
+double wino_efficiency(int64_t C) { return C < 32 ? 0.45 : 0.6; }
+
 enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };
 
 const char* stage_name(StageKind k) {
@@ -92,6 +100,7 @@ struct Stage {
   Activation act = Activation::none;    // conv, linear
   bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
   bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
+  bool wino = false;                    // direct: Winograd F(2x2, 3x3) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
   int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
   int64_t outer = 0, dim = 0, inner = 0;  // softmax, per image
@@ -290,6 +299,18 @@ struct Builder {
         next.hwc_shape = g.out;
       }
     }
+    // Winograd where its kernel applies (3x3, stride 1, the 2x2 pool fused,
+    // channels interleaved in vectors) and the cost model prefers it.
+    for (Stage& g : stages) {
+      if (g.kind != StageKind::direct) continue;
+      const Conv2dDesc& d = g.conv;
+      if (!g.hwc_in || !g.pool || d.R != 3 || d.S != 3 || d.stride_h != 1 || d.stride_w != 1 || d.dil_h != 1 ||
+          d.dil_w != 1 || d.C % 16 != 0)
+        continue;
+      const double taps_s = 36.0 * d.C / direct_efficiency(9 * d.C);  // per pooled output and filter
+      const double wino_s = 16.0 * d.C / wino_efficiency(d.C);
+      g.wino = wino_s < taps_s;
+    }
   }
 };
 
@@ -417,7 +438,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
     case StageKind::direct: {
       const Conv2dDesc& d = s.conv;
       const int64_t K = d.K, taps = d.C * d.R * d.S;
-      p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
+      if (!s.wino) p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
       const float* w = s.layer->weight.data();  // K x C x R x S
       // Taps in the order the input is laid out: (c, r, s) for planes,
       // (r, s, c) for interleaved channels (consecutive taps, consecutive addresses).
@@ -429,16 +450,36 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
         std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
           return a % (d.R * d.S) < b % (d.R * d.S);
         });
-      for (int64_t t = 0; t < taps; ++t)
-        for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
+      if (s.wino) {
+        // U = G g G^T per channel and filter, in double, stored 16 x C x K.
+        p.dw = aligned_alloc_array<float>(static_cast<size_t>(16 * d.C * K));
+        for (int64_t c = 0; c < d.C; ++c)
+          for (int64_t k = 0; k < K; ++k) {
+            const float* g = w + (k * d.C + c) * 9;
+            double gg[4][3];  // G g, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+            for (int q = 0; q < 3; ++q) {
+              const double g0 = g[q], g1 = g[3 + q], g2 = g[6 + q];
+              gg[0][q] = g0, gg[1][q] = 0.5 * (g0 + g1 + g2), gg[2][q] = 0.5 * (g0 - g1 + g2), gg[3][q] = g2;
+            }
+            for (int r = 0; r < 4; ++r) {
+              const double u[4] = {gg[r][0], 0.5 * (gg[r][0] + gg[r][1] + gg[r][2]),
+                                   0.5 * (gg[r][0] - gg[r][1] + gg[r][2]), gg[r][2]};
+              for (int q = 0; q < 4; ++q) p.dw[((r * 4 + q) * d.C + c) * K + k] = static_cast<float>(u[q]);
+            }
+          }
+      } else {
+        for (int64_t t = 0; t < taps; ++t)
+          for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
+      }
       if (d.has_bias) {
         p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
         std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
       }
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
-      const double flops = 2.0 * images * K * taps * convP * d.Q();
-      const double one = flops / (m.gemm_flops[0][0] * direct_efficiency(taps));
+      const double flops = s.wino ? 2.0 * images * K * 16 * d.C * P * s.out[2]  // per pooled output
+                                  : 2.0 * images * K * taps * convP * d.Q();
+      const double one = flops / (m.gemm_flops[0][0] * (s.wino ? wino_efficiency(d.C) : direct_efficiency(taps)));
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
       p.threads = !lane && threads_ > 1 && images * P > 1 && one / threads_ + m.wake_s < one ? threads_ : 1;
@@ -458,8 +499,12 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       }
       p.predicted_s = one / p.threads * imbalance(images * ceil_div(P, p.rows_per_band), p.threads) +
                       (p.threads > 1 ? m.wake_s : 0);
-      p.plan = cat("direct ukernel=f32_conv_direct_", active_isa() == Isa::avx512 ? 8 : 4, "x", K >= 32 ? 32 : 16,
-                   "__", isa_name(active_isa()), " taps=", taps, " filters=", K,
+      const int tiles = active_isa() == Isa::avx512 ? 8 : 4;
+      p.plan = s.wino ? cat("winograd F(2x2,3x3) pooled per tile ukernel=f32_conv_wino_", tiles, "__",
+                            isa_name(active_isa()), " channels=", d.C, " filters=", K)
+                      : cat("direct ukernel=f32_conv_direct_", tiles, "x", K >= 32 ? 32 : 16, "__",
+                            isa_name(active_isa()), " taps=", taps, " filters=", K);
+      p.plan += cat(
                    s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
                    " rows_per_task=", p.rows_per_band,
                    " threads=", p.threads, " predicted_us=", p.predicted_s * 1e6);
@@ -623,6 +668,9 @@ void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_
     a.y = y + n * K * P * Q;
     a.hwc = s.hwc_out;
     a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
+    a.wino = s.wino;
+    a.C = C;
+    a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
     p.fn(a);
   };
   parallel_for(images * bands, p.threads, task);
@@ -742,7 +790,7 @@ std::string NetPlan::describe() const {
   for (size_t i = 0; i < stages_.size(); ++i) {
     const Planned& p = stages_[i];
     std::string layers = p.s.first == p.s.last ? cat("layer ", p.s.first) : cat("layers ", p.s.first, "-", p.s.last);
-    std::string fused = stage_name(p.s.kind);
+    std::string fused = p.s.wino ? "conv2d(winograd)" : stage_name(p.s.kind);
     if (p.s.act == Activation::relu && (p.s.kind != StageKind::relu)) fused += "+relu";
     if (p.s.kind == StageKind::direct && p.s.pooled()) fused += "+max_pool2d";
     if (p.s.softmax_after) fused += p.s.softmax_after == 2 ? "+log_softmax" : "+softmax";
