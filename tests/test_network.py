@@ -229,6 +229,32 @@ def test_winograd_stage(rng, isa, case):
     spatial.check(spatial.sequential()(x), x, f"case {WINO_CASES[case]}, spatial only at {isa}")
 
 
+@pytest.mark.parametrize("channels,padding,relu", [(1, 0, True), (3, 1, False), (32, 1, True)])
+def test_pooled_nan_and_inf(rng, isa, channels, padding, relu):
+    # The direct and Winograd kernels pool in registers with torch's rule (a
+    # NaN in a window wins); infinities give the reference's infinities, or its
+    # NaN where they meet with opposite signs. The 32-channel layer runs after
+    # a direct stage, so it reaches the Winograd kernel (where an infinity of
+    # the first layer meets filters of both signs: NaN, as in the reference).
+    recipe = [("conv", dict(k=channels, padding=1, relu=True, pool=(2, 2)))] if channels > 3 else []
+    recipe.append(("conv", dict(k=32, padding=padding, relu=relu, pool=(2, 2))))
+    c0 = 3 if channels > 3 else channels
+    net = Net(rng, (c0, 24, 24), recipe)
+    seq = net.sequential()
+    x = _input(rng, net, 5)
+    x[0, 0, 3, 4] = np.nan
+    x[1, -1, 6, 6] = np.inf
+    x[2, 0, 0, 0] = -np.inf
+    x[3, 0, 23, 23] = np.nan
+    x[4, 0, 9, 9], x[4, 0, 9, 10] = np.inf, -np.inf
+    y = seq(x)
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums
+        expected = net.reference(x)
+    assert np.isnan(expected).any() and (channels > 3 or np.isinf(expected).any())
+    ref._assert_within(y, expected, 8 * EPS32 * math.sqrt(net.reduction) * (1 + np.abs(np.nan_to_num(expected))),
+                       f"at {isa}")
+
+
 # --- random chains -------------------------------------------------------------------
 
 

@@ -73,6 +73,9 @@ double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 // about C/16 + K/16 vector operations per element of the tile. Measured on
 // lepton-cifar's 32 -> 64 3x3 (C = 32): 0.6 of the wide GEMM microkernel's
 // rate, so it wins over the taps (0.85 / 2.25 = 0.38) from C = 16 up.
+// Finite inputs give the convolution's values (the transforms' rounding is
+// a few ulps); an infinity mixes into its whole 4x4 tile, so a lone one gives
+// NaN where the taps would give an infinity.
 double wino_efficiency(int64_t C) { return C < 32 ? 0.45 : 0.6; }
 
 enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };

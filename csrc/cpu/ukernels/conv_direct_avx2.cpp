@@ -1,4 +1,6 @@
 // The direct convolution kernel of the avx2 level: this translation unit alone is compiled with that level's flags (CMakeLists.txt).
+#include <immintrin.h>
+
 #include "cpu/conv_direct.h"
 
 namespace lk::cpu {
