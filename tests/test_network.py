@@ -255,6 +255,23 @@ def test_pooled_nan_and_inf(rng, isa, channels, padding, relu):
                        f"at {isa}")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_split_direct_and_linear(rng, restore_threads, threads):
+    # A few images in layer mode: the direct stage's rows and the linear's
+    # features split among the threads in one hand-off, partial sums added
+    # after (with the bias, ReLU and softmax). Rows not a multiple of the
+    # threads, a thread without rows (2 pooled rows on 3 threads), batches 1-4.
+    lk.set_num_threads(threads)
+    small = Net(rng, (2, 7, 40), [("conv", dict(k=32, relu=True, pool=(2, 2), fused=True)), ("flatten", {}),
+                                  ("linear", dict(n=7, relu=True)), ("linear", dict(n=3)), ("softmax", {})])
+    for net in (mnist(rng), small):
+        seq = net.sequential()
+        for n in (1, 2, 3, 4):
+            x = _input(rng, net, n)
+            net.check(seq(x), x, f"batch {n} on {threads} threads")
+    assert "split with the next stage's features" in mnist(rng).sequential().describe((1, 1, 28, 28))
+
+
 # --- random chains -------------------------------------------------------------------
 
 

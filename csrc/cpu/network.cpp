@@ -362,6 +362,8 @@ class NetPlan {
   void plan_stage(Planned& p, int64_t images);
   void run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   void run_direct(const Planned& p, const TensorView& in, float* out, int64_t images) const;
+  void direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1) const;
+  void run_split(const TensorView& x, float* y0, float* y1);
   void run_conv_pool_bands(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   TensorView view(const float* data, const Shape& per_image, int64_t images) const;
 
@@ -371,6 +373,11 @@ class NetPlan {
   std::vector<Planned> stages_;
   size_t spatial_ = 0;  // stages [0, spatial_) run image by image in tile mode
   bool tile_ = false;
+  // Layer mode, a few images: the first (direct) stage's rows split among the
+  // threads, each thread then taking the next (linear) stage's dot products
+  // over the features of its rows; the partial sums are added after.
+  bool split_ = false;
+  std::vector<float> partial_;  // threads x images x outputs
   int lanes_ = 1;
   int64_t lane_elems_ = 0, batch_elems_ = 0, arena_elems_ = 0;
   AlignedPtr<float> arena_;
@@ -408,8 +415,20 @@ NetPlan::NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched) 
   }
   if (!tile_) mode_why_ = spatial_ == 0 ? "no convolutional stages" : cat("batch ", N_, " < 2 x ", threads_, " threads");
   lanes_ = tile_ ? static_cast<int>(std::min<int64_t>(threads_, N_)) : 1;
+  // The split saves the linear stage's hand-off to the threads and its wait
+  // for the slowest, and each thread streams only its share of the weights.
+  // The dot kernel takes up to 4 input rows at once: batches up to 4.
+  split_ = !tile_ && threads_ > 1 && N_ <= 4 && stages_.size() >= 2 && stages_[0].s.kind == StageKind::direct &&
+           stages_[0].s.hwc_out && stages_[1].s.kind == StageKind::linear && stages_[1].s.hwc_in;
 
   for (size_t i = 0; i < stages_.size(); ++i) plan_stage(stages_[i], tile_ && i < spatial_ ? 1 : N_);
+  // Only when the direct stage was worth running on the threads anyway (the
+  // hand-off is paid once), and the linear reads its weights as rows.
+  if (split_ && (stages_[0].threads < 2 || stages_[1].linear->weight_layout() != 0)) split_ = false;
+  if (split_) {
+    stages_[0].plan += cat(" split with the next stage's features over ", threads_, " threads");
+    partial_.assign(static_cast<size_t>(threads_ * N_ * stages_[1].s.out.back()), 0.0f);
+  }
 
   // Arena: per lane, two per-image buffers for the tile stages' intermediates;
   // two batch-sized buffers for everything else that is not the output.
@@ -432,6 +451,7 @@ NetPlan::NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched) 
     predicted_s_ += tile_ && i < spatial_ ? stages_[i].predicted_s * static_cast<double>(ceil_div(N_, lanes_))
                                           : stages_[i].predicted_s;
   if (tile_ && lanes_ > 1) predicted_s_ += machine_model().wake_s;
+  if (split_ && stages_[1].threads > 1) predicted_s_ -= machine_model().wake_s;  // one hand-off for both
 }
 
 void NetPlan::plan_stage(Planned& p, int64_t images) {
@@ -490,6 +510,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       // enough for every thread to get a few.
       int64_t bands = 1;
       if (p.threads > 1) bands = std::min<int64_t>(P, ceil_div(4 * p.threads, images));
+      if (split_ && &p == &stages_[0] && p.threads > 1) bands = std::min<int64_t>(P, threads_);  // one per thread
       p.rows_per_band = ceil_div(P, bands);
       const int64_t conv_rows = s.pooled() ? 2 * p.rows_per_band : p.rows_per_band;
       p.band_rows = (conv_rows - 1) * d.stride_h + (d.R - 1) * d.dil_h + 1;
@@ -611,13 +632,22 @@ TensorView NetPlan::view(const float* data, const Shape& per_image, int64_t imag
 }
 
 void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_t images) const {
+  const int64_t P = p.s.out[1];
+  parallel_for(images * ceil_div(P, p.rows_per_band), p.threads, [&](int64_t t) {
+    const int64_t bands = ceil_div(P, p.rows_per_band);
+    const int64_t n = t / bands, p0 = (t % bands) * p.rows_per_band;
+    direct_band(p, x, y, n, p0, std::min(P, p0 + p.rows_per_band));
+  });
+}
+
+// Pooled (or plain) output rows [p0, p1) of image n.
+void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1) const {
   const Stage& s = p.s;
   const Conv2dDesc& d = s.conv;
   const int64_t C = d.C, H = d.H, W = d.W, K = d.K, P = s.out[1], Q = s.out[2];
-  const int64_t bands = ceil_div(P, p.rows_per_band), Wp = p.Wp, plane = p.band_rows * Wp;
+  const int64_t Wp = p.Wp, plane = p.band_rows * Wp;
   const bool pool = s.pooled();
-  auto task = [&](int64_t t) {
-    const int64_t n = t / bands, p0 = (t % bands) * p.rows_per_band, p1 = std::min(P, p0 + p.rows_per_band);
+  {
     const int64_t cr0 = pool ? 2 * p0 : p0, cr1 = pool ? 2 * p1 : p1;  // convolution rows
     const int64_t rows = (cr1 - 1 - cr0) * d.stride_h + (d.R - 1) * d.dil_h + 1;
     // The padded input rows this band reads, contiguous: the kernel's taps
@@ -675,8 +705,36 @@ void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_
     a.C = C;
     a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
     p.fn(a);
-  };
-  parallel_for(images * bands, p.threads, task);
+  }
+}
+
+// split_: stage 0's rows and stage 1's features in one hand-off to the threads.
+void NetPlan::run_split(const TensorView& x, float* y0, float* y1) {
+  const Planned& conv = stages_[0];
+  const Planned& lin = stages_[1];
+  const int64_t P = conv.s.out[1], row = conv.s.out[2] * conv.s.conv.K, F = P * row;  // features per image
+  const int64_t Nout = lin.s.out.back();
+  const int T = threads_;
+  const DotUkernel<float>& dot = ukernels().dot<float>();
+  parallel_for(T, T, [&](int64_t t) {
+    const int64_t p0 = ceil_div(P, T) * t, p1 = std::min(P, p0 + ceil_div(P, T));
+    float* part = partial_.data() + t * N_ * Nout;
+    if (p0 >= p1) {
+      std::fill(part, part + N_ * Nout, 0.0f);
+      return;
+    }
+    for (int64_t n = 0; n < N_; ++n) direct_band(conv, x, y0, n, p0, p1);
+    dot.fn((p1 - p0) * row, y0 + p0 * row, F, static_cast<int>(N_), lin.lpacked.w.get() + p0 * row, F, Nout, part,
+           Nout, nullptr, false);
+  });
+  const float* bias = lin.lpacked.bias.get();
+  for (int64_t n = 0; n < N_; ++n)
+    for (int64_t j = 0; j < Nout; ++j) {
+      float v = bias ? bias[j] : 0.0f;
+      for (int t = 0; t < T; ++t) v += partial_[(t * N_ + n) * Nout + j];
+      y1[n * Nout + j] = lin.s.act == Activation::relu && v < 0.0f ? 0.0f : v;
+    }
+  if (lin.s.softmax_after) softmax<float>(y1, y1, N_, Nout, 1, lin.s.softmax_after == 2);
 }
 
 // Bands of convolution rows computed into a buffer that stays in L2 and
@@ -769,6 +827,10 @@ void NetPlan::run(const TensorView& x, float* y) {
       }
     });
     i = spatial_;
+  }
+  if (split_) {
+    run_split(x, batch[0], n_stages == 2 ? y : batch[1]);
+    i = 2;
   }
   TensorView in = x;
   if (i > 0) in = view(batch[(i - 1) % 2], stages_[i - 1].s.out, N_);
