@@ -272,6 +272,28 @@ def test_split_direct_and_linear(rng, restore_threads, threads):
     assert "split with the next stage's features" in mnist(rng).sequential().describe((1, 1, 28, 28))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_dense_stages_in_the_lanes(rng, restore_threads, threads):
+    # Tile mode with small linears after the spatial stages: the lane that
+    # finishes the last image of a block of 4 runs the block through them
+    # (two linears: the lane's own buffers between them; ReLU, softmax;
+    # batches with a short last block). Linears the batch's plan gives the GEMM
+    # (a 2 MB one here) stay stages of their own.
+    lk.set_num_threads(threads)
+    net = Net(rng, (3, 14, 14), [("conv", dict(k=16, padding=1, relu=True, pool=(2, 2))), ("flatten", {}),
+                                 ("linear", dict(n=16, relu=True)), ("linear", dict(n=10, bias=False)),
+                                 ("softmax", dict(log=True))])
+    seq = net.sequential()
+    for n in (2 * threads, 9, 16, 33):
+        x = _input(rng, net, n)
+        net.check(seq(x), x, f"batch {n} on {threads} threads")
+        assert "run in the lanes" in seq.describe(x.shape), seq.describe(x.shape)
+    net = mnist(rng)
+    x = _input(rng, net, 17)
+    net.check(net.sequential()(x), x)
+    assert "run in the lanes" not in cifar(rng).sequential().describe((8, 3, 32, 32))
+
+
 # --- random chains -------------------------------------------------------------------
 
 
