@@ -274,10 +274,9 @@ def test_split_direct_and_linear(rng, restore_threads, threads):
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_dense_stages_in_the_lanes(rng, restore_threads, threads):
-    # Tile mode with small linears after the spatial stages: the lane that
-    # finishes the last image of a block of 4 runs the block through them
-    # (two linears: the lane's own buffers between them; ReLU, softmax;
-    # batches with a short last block). Linears the batch's plan gives the GEMM
+    # Tile mode with small linears after the spatial stages: each lane runs
+    # every 4 images it takes through them (two linears: the lane's own
+    # buffers between them; ReLU, softmax; lanes ending with a short block). Linears the batch's plan gives the GEMM
     # (a 2 MB one here) stay stages of their own.
     lk.set_num_threads(threads)
     net = Net(rng, (3, 14, 14), [("conv", dict(k=16, padding=1, relu=True, pool=(2, 2))), ("flatten", {}),

@@ -379,15 +379,18 @@ class NetPlan {
   bool split_ = false;
   std::vector<float> partial_;  // threads x images x outputs
   // Tile mode whose stages after the spatial ones are all linears on the dot
-  // kernel: the lane that finishes the last image of a block of kDenseRows
-  // runs the block through them, so no second hand-off and no wait for the
-  // slowest lane between the spatial and the dense stages.
+  // kernel: each lane collects the features of the images it takes in a block
+  // of its own and runs every kDenseRows of them through those stages, so
+  // there is no second hand-off, no wait for the slowest lane between the
+  // spatial and the dense stages, and the lanes' dense work grows with their
+  // share of the images.
   static constexpr int64_t kDenseRows = 4;  // the dot kernel's input rows
   bool lane_dense_ = false;
-  int64_t dense_width_ = 0;                      // widest output of those stages
-  std::vector<float> dense_buf_;                 // lanes x 2 x kDenseRows x dense_width_
-  std::unique_ptr<std::atomic<int>[]> block_done_;  // images finished per block
-  void run_dense_block(int lane, int64_t r0, int64_t rows, const float* in, float* y);
+  int64_t dense_width_ = 0;     // widest output of those stages
+  int64_t features_ = 0;        // the last spatial stage's output per image
+  AlignedPtr<float> lane_block_;  // lanes x kDenseRows x features_
+  std::vector<float> dense_buf_;  // lanes x 2 x kDenseRows x dense_width_
+  void run_dense_block(int lane, const int64_t* images, int64_t rows, float* y);
   int lanes_ = 1;
   int64_t lane_elems_ = 0, batch_elems_ = 0, arena_elems_ = 0;
   AlignedPtr<float> arena_;
@@ -453,10 +456,11 @@ NetPlan::NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched) 
   }
   if (dense_bytes > kLaneDenseBytes) lane_dense_ = false;
   if (lane_dense_) {
-    block_done_ = std::make_unique<std::atomic<int>[]>(static_cast<size_t>(ceil_div(N_, kDenseRows)));
+    features_ = round_up(numel(stages_[spatial_ - 1].s.out), 16);
+    lane_block_ = aligned_alloc_array<float>(static_cast<size_t>(lanes_ * kDenseRows * features_));
     dense_buf_.assign(static_cast<size_t>(lanes_ * 2 * kDenseRows * dense_width_), 0.0f);
-    mode_why_ += cat("; stages ", spatial_, "-", stages_.size() - 1, " run in the lanes, ", kDenseRows,
-                     " images at a time, by the lane finishing the last of them");
+    mode_why_ += cat("; stages ", spatial_, "-", stages_.size() - 1, " run in the lanes on every ", kDenseRows,
+                     " images a lane takes");
   }
 
   // Arena: per lane, two per-image buffers for the tile stages' intermediates;
@@ -739,22 +743,26 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   }
 }
 
-// lane_dense_: rows [r0, r0 + rows) of the last spatial stage's output (in)
-// through the linear stages, their intermediates in the lane's buffers.
-void NetPlan::run_dense_block(int lane, int64_t r0, int64_t rows, const float* in, float* y) {
+// lane_dense_: the lane's block (features of `rows` images) through the
+// linear stages, in the lane's buffers; the last one's rows go to the images'
+// rows of y.
+void NetPlan::run_dense_block(int lane, const int64_t* images, int64_t rows, float* y) {
   const DotUkernel<float>& dot = ukernels().dot<float>();
   float* buf[2] = {dense_buf_.data() + (2 * lane) * kDenseRows * dense_width_,
                    dense_buf_.data() + (2 * lane + 1) * kDenseRows * dense_width_};
-  const float* x = in + r0 * stages_[spatial_].s.in.back();
+  const float* x = lane_block_.get() + lane * kDenseRows * features_;
+  int64_t ldx = features_;
   for (size_t i = spatial_; i < stages_.size(); ++i) {
     const Planned& p = stages_[i];
     const int64_t K = p.s.in.back(), Nout = p.s.out.back();
-    float* out = i + 1 == stages_.size() ? y + r0 * Nout : buf[(i - spatial_) % 2];
-    dot.fn(K, x, K, static_cast<int>(rows), p.lpacked.w.get(), K, Nout, out, Nout, p.lpacked.bias.get(),
+    float* out = buf[(i - spatial_) % 2];
+    dot.fn(K, x, ldx, static_cast<int>(rows), p.lpacked.w.get(), K, Nout, out, Nout, p.lpacked.bias.get(),
            p.s.act == Activation::relu);
     if (p.s.softmax_after) softmax<float>(out, out, rows, Nout, 1, p.s.softmax_after == 2);
-    x = out;
+    x = out, ldx = Nout;
   }
+  const int64_t Nout = stages_.back().s.out.back();
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(y + images[r] * Nout, x + r * Nout, sizeof(float) * Nout);
 }
 
 // split_: stage 0's rows and stage 1's features in one hand-off to the threads.
@@ -857,10 +865,9 @@ void NetPlan::run(const TensorView& x, float* y) {
     // and sends it through every spatial stage before taking another: a lane
     // whose thread starts late, or is slowed by other work, takes fewer.
     std::atomic<int64_t> next{0};
-    if (lane_dense_)
-      for (int64_t b = 0; b < ceil_div(N_, kDenseRows); ++b) block_done_[b].store(0, std::memory_order_relaxed);
     parallel_for(lanes_, lanes_, [&](int64_t lane) {
       float* buf[2] = {lane_base + 2 * lane * lane_elems_, lane_base + (2 * lane + 1) * lane_elems_};
+      int64_t block[kDenseRows], rows = 0;  // lane_dense_: the images in the lane's block
       for (int64_t n; (n = next.fetch_add(1, std::memory_order_relaxed)) < N_;) {
         TensorView in = x;
         in.shape[0] = 1;
@@ -868,7 +875,9 @@ void NetPlan::run(const TensorView& x, float* y) {
         for (size_t k = 0; k < spatial_; ++k) {
           const Planned& p = stages_[k];
           float* out;
-          if (k + 1 == spatial_)
+          if (k + 1 == spatial_ && lane_dense_)
+            out = lane_block_.get() + (lane * kDenseRows + rows) * features_;
+          else if (k + 1 == spatial_)
             out = (k + 1 == n_stages ? y : batch[k % 2]) + n * numel(p.s.out);
           else
             out = buf[k % 2];
@@ -876,12 +885,11 @@ void NetPlan::run(const TensorView& x, float* y) {
           in = view(out, p.s.out, 1);
         }
         if (lane_dense_) {
-          // acq_rel: the last of a block's lanes sees the others' images.
-          const int64_t b = n / kDenseRows, r0 = b * kDenseRows, rows = std::min(kDenseRows, N_ - r0);
-          if (block_done_[b].fetch_add(1, std::memory_order_acq_rel) + 1 == rows)
-            run_dense_block(static_cast<int>(lane), r0, rows, batch[(spatial_ - 1) % 2], y);
+          block[rows++] = n;
+          if (rows == kDenseRows) run_dense_block(static_cast<int>(lane), block, rows, y), rows = 0;
         }
       }
+      if (rows > 0) run_dense_block(static_cast<int>(lane), block, rows, y);
     });
     i = lane_dense_ ? n_stages : spatial_;
   }
