@@ -256,15 +256,16 @@ def test_pooled_nan_and_inf(rng, isa, channels, padding, relu):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_split_direct_and_linear(rng, restore_threads, threads):
-    # A few images in layer mode: the direct stage's rows and the linear's
-    # features split among the threads in one hand-off, partial sums added
-    # after (with the bias, ReLU and softmax). Rows not a multiple of the
-    # threads, a thread without rows (2 pooled rows on 3 threads), batches 1-4.
+def test_split_direct_and_linear(rng, restore_threads, isa, threads):
+    # A few images in layer mode: the direct stage's output pixels and the
+    # linear's features split among the threads in one hand-off, partial sums
+    # added after (with the bias, ReLU and softmax). Runs of pixels starting and
+    # ending inside rows, pooled and not, batches 1-4, every ISA level.
     lk.set_num_threads(threads)
     small = Net(rng, (2, 7, 40), [("conv", dict(k=32, relu=True, pool=(2, 2), fused=True)), ("flatten", {}),
                                   ("linear", dict(n=7, relu=True)), ("linear", dict(n=3)), ("softmax", {})])
-    for net in (mnist(rng), small):
+    plain = Net(rng, (3, 9, 23), [("conv", dict(k=16, padding=1)), ("flatten", {}), ("linear", dict(n=5))])
+    for net in (mnist(rng), small, plain):
         seq = net.sequential()
         for n in (1, 2, 3, 4):
             x = _input(rng, net, n)

@@ -30,6 +30,7 @@ struct DirectConvArgs {
   bool pool;               // a 2x2, stride 2 max-pool of the convolution's output
   int64_t P, Q;            // output size (pooled when pool)
   int64_t p0, p1;          // output rows to compute
+  int64_t q0, q1;          // and columns of them
   float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*P*Q + p*Q + q]
   bool hwc;
   float* tile;             // Q*K floats of scratch for a row (not hwc)

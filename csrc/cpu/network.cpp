@@ -362,7 +362,9 @@ class NetPlan {
   void plan_stage(Planned& p, int64_t images);
   void run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   void run_direct(const Planned& p, const TensorView& in, float* out, int64_t images) const;
-  void direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1) const;
+  void direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1, int64_t q0,
+                   int64_t q1) const;
+  void direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e) const;
   void run_split(const TensorView& x, float* y0, float* y1);
   void run_conv_pool_bands(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   TensorView view(const float* data, const Shape& per_image, int64_t images) const;
@@ -373,9 +375,9 @@ class NetPlan {
   std::vector<Planned> stages_;
   size_t spatial_ = 0;  // stages [0, spatial_) run image by image in tile mode
   bool tile_ = false;
-  // Layer mode, a few images: the first (direct) stage's rows split among the
-  // threads, each thread then taking the next (linear) stage's dot products
-  // over the features of its rows; the partial sums are added after.
+  // Layer mode, a few images: the first (direct) stage's output pixels split
+  // among the threads, each thread then taking the next (linear) stage's dot
+  // products over the features of its pixels; the partial sums are added after.
   bool split_ = false;
   std::vector<float> partial_;  // threads x images x outputs
   // Tile mode whose stages after the spatial ones are all linears on the dot
@@ -545,8 +547,10 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       // enough for every thread to get a few.
       int64_t bands = 1;
       if (p.threads > 1) bands = std::min<int64_t>(P, ceil_div(4 * p.threads, images));
-      if (split_ && &p == &stages_[0] && p.threads > 1) bands = std::min<int64_t>(P, threads_);  // one per thread
       p.rows_per_band = ceil_div(P, bands);
+      // split_: each thread an equal run of pixels, at most this many whole rows
+      if (split_ && &p == &stages_[0] && p.threads > 1)
+        p.rows_per_band = std::max<int64_t>(1, ceil_div(P * s.out[2], threads_) / s.out[2]);
       const int64_t conv_rows = s.pooled() ? 2 * p.rows_per_band : p.rows_per_band;
       p.band_rows = (conv_rows - 1) * d.stride_h + (d.R - 1) * d.dil_h + 1;
       p.Wp = d.W + d.pad_left + d.pad_right;
@@ -671,12 +675,31 @@ void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_
   parallel_for(images * ceil_div(P, p.rows_per_band), p.threads, [&](int64_t t) {
     const int64_t bands = ceil_div(P, p.rows_per_band);
     const int64_t n = t / bands, p0 = (t % bands) * p.rows_per_band;
-    direct_band(p, x, y, n, p0, std::min(P, p0 + p.rows_per_band));
+    direct_band(p, x, y, n, p0, std::min(P, p0 + p.rows_per_band), 0, p.s.out[2]);
   });
 }
 
-// Pooled (or plain) output rows [p0, p1) of image n.
-void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1) const {
+// Output pixels [s, e) of image n in raster order (pooled ones when pooled):
+// a partial first row, whole rows, a partial last row.
+void NetPlan::direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e) const {
+  const int64_t Q = p.s.out[2];
+  while (s < e) {
+    const int64_t r = s / Q, q0 = s % Q;
+    if (q0 > 0 || e - s < Q) {  // within one row
+      const int64_t q1 = std::min(Q, q0 + e - s);
+      direct_band(p, x, y, n, r, r + 1, q0, q1);
+      s += q1 - q0;
+    } else {
+      const int64_t rows = (e - s) / Q;
+      direct_band(p, x, y, n, r, r + rows, 0, Q);
+      s += rows * Q;
+    }
+  }
+}
+
+// Pooled (or plain) output rows [p0, p1), columns [q0, q1), of image n.
+void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1,
+                          int64_t q0, int64_t q1) const {
   const Stage& s = p.s;
   const Conv2dDesc& d = s.conv;
   const int64_t C = d.C, H = d.H, W = d.W, K = d.K, P = s.out[1], Q = s.out[2];
@@ -732,7 +755,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
     a.row0 = cr0;
     a.relu = s.act == Activation::relu;
     a.pool = pool;
-    a.P = P, a.Q = Q, a.p0 = p0, a.p1 = p1;
+    a.P = P, a.Q = Q, a.p0 = p0, a.p1 = p1, a.q0 = q0, a.q1 = q1;
     a.y = y + n * K * P * Q;
     a.hwc = s.hwc_out;
     a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
@@ -769,20 +792,21 @@ void NetPlan::run_dense_block(int lane, const int64_t* images, int64_t rows, flo
 void NetPlan::run_split(const TensorView& x, float* y0, float* y1) {
   const Planned& conv = stages_[0];
   const Planned& lin = stages_[1];
-  const int64_t P = conv.s.out[1], row = conv.s.out[2] * conv.s.conv.K, F = P * row;  // features per image
+  const int64_t PQ = conv.s.out[1] * conv.s.out[2], K = conv.s.conv.K, F = PQ * K;  // features per image
   const int64_t Nout = lin.s.out.back();
   const int T = threads_;
   const DotUkernel<float>& dot = ukernels().dot<float>();
   parallel_for(T, T, [&](int64_t t) {
-    const int64_t p0 = ceil_div(P, T) * t, p1 = std::min(P, p0 + ceil_div(P, T));
+    // An equal run of output pixels each (pixels x channels: a run of features).
+    const int64_t s = PQ * t / T, e = PQ * (t + 1) / T;
     float* part = partial_.data() + t * N_ * Nout;
-    if (p0 >= p1) {
+    if (s >= e) {
       std::fill(part, part + N_ * Nout, 0.0f);
       return;
     }
-    for (int64_t n = 0; n < N_; ++n) direct_band(conv, x, y0, n, p0, p1);
-    dot.fn((p1 - p0) * row, y0 + p0 * row, F, static_cast<int>(N_), lin.lpacked.w.get() + p0 * row, F, Nout, part,
-           Nout, nullptr, false);
+    for (int64_t n = 0; n < N_; ++n) direct_pixels(conv, x, y0, n, s, e);
+    dot.fn((e - s) * K, y0 + s * K, F, static_cast<int>(N_), lin.lpacked.w.get() + s * K, F, Nout, part, Nout,
+           nullptr, false);
   });
   const float* bias = lin.lpacked.bias.get();
   for (int64_t n = 0; n < N_; ++n)
