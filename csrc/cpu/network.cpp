@@ -390,7 +390,7 @@ class NetPlan {
   bool lane_dense_ = false;
   int64_t dense_width_ = 0;     // widest output of those stages
   int64_t features_ = 0;        // the last spatial stage's output per image
-  AlignedPtr<float> lane_block_;  // lanes x kDenseRows x features_
+  float* lane_block_ = nullptr;  // in the arena: lanes x kDenseRows x features_
   std::vector<float> dense_buf_;  // lanes x 2 x kDenseRows x dense_width_
   void run_dense_block(int lane, const int64_t* images, int64_t rows, float* y);
   int lanes_ = 1;
@@ -459,27 +459,30 @@ NetPlan::NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched) 
   if (dense_bytes > kLaneDenseBytes) lane_dense_ = false;
   if (lane_dense_) {
     features_ = round_up(numel(stages_[spatial_ - 1].s.out), 16);
-    lane_block_ = aligned_alloc_array<float>(static_cast<size_t>(lanes_ * kDenseRows * features_));
     dense_buf_.assign(static_cast<size_t>(lanes_ * 2 * kDenseRows * dense_width_), 0.0f);
     mode_why_ += cat("; stages ", spatial_, "-", stages_.size() - 1, " run in the lanes on every ", kDenseRows,
                      " images a lane takes");
   }
 
   // Arena: per lane, two per-image buffers for the tile stages' intermediates;
-  // two batch-sized buffers for everything else that is not the output.
+  // two batch-sized buffers for everything else that is not the output
+  // (lane_dense_: the lanes' blocks instead, for the last spatial stage's
+  // output, and nothing batch-sized after it).
   lane_elems_ = 0, batch_elems_ = 0;
   for (size_t i = 0; i + 1 < stages_.size(); ++i) {
     const int64_t e = numel(stages_[i].s.out);
     if (tile_ && i + 1 < spatial_)
       lane_elems_ = std::max(lane_elems_, round_up(e, 16));
-    else
+    else if (!lane_dense_)
       batch_elems_ = std::max(batch_elems_, round_up(N_ * e, 16));
   }
-  arena_elems_ = 2 * lanes_ * lane_elems_ + 2 * batch_elems_;
+  const int64_t block_elems = lane_dense_ ? lanes_ * kDenseRows * features_ : 0;
+  arena_elems_ = 2 * lanes_ * lane_elems_ + 2 * batch_elems_ + block_elems;
   if (arena_elems_ > 0) {
     arena_ = aligned_alloc_array<float>(static_cast<size_t>(arena_elems_));
     g_arenas.fetch_add(1, std::memory_order_relaxed);
   }
+  lane_block_ = arena_.get() + 2 * lanes_ * lane_elems_ + 2 * batch_elems_;
 
   predicted_s_ = 0;
   for (size_t i = 0; i < stages_.size(); ++i)
@@ -773,7 +776,7 @@ void NetPlan::run_dense_block(int lane, const int64_t* images, int64_t rows, flo
   const DotUkernel<float>& dot = ukernels().dot<float>();
   float* buf[2] = {dense_buf_.data() + (2 * lane) * kDenseRows * dense_width_,
                    dense_buf_.data() + (2 * lane + 1) * kDenseRows * dense_width_};
-  const float* x = lane_block_.get() + lane * kDenseRows * features_;
+  const float* x = lane_block_ + lane * kDenseRows * features_;
   int64_t ldx = features_;
   for (size_t i = spatial_; i < stages_.size(); ++i) {
     const Planned& p = stages_[i];
@@ -900,7 +903,7 @@ void NetPlan::run(const TensorView& x, float* y) {
           const Planned& p = stages_[k];
           float* out;
           if (k + 1 == spatial_ && lane_dense_)
-            out = lane_block_.get() + (lane * kDenseRows + rows) * features_;
+            out = lane_block_ + (lane * kDenseRows + rows) * features_;
           else if (k + 1 == spatial_)
             out = (k + 1 == n_stages ? y : batch[k % 2]) + n * numel(p.s.out);
           else
@@ -952,7 +955,8 @@ std::string NetPlan::describe() const {
              (tile_ && i < spatial_) ? " (per image)" : "", ": ", p.plan, "\n");
   }
   s += cat("  arena_bytes=", arena_bytes(), " (", lanes_, " lane(s) x 2 x ", lane_elems_ * 4, " + 2 x ",
-           batch_elems_ * 4, ")\n");
+           batch_elems_ * 4, lane_dense_ ? cat(" + ", lanes_, " lane block(s) x ", kDenseRows * features_ * 4) : "",
+           ")\n");
   s += cat("  predicted_us=", predicted_s_ * 1e6);
   return s;
 }
