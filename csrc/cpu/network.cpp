@@ -70,13 +70,14 @@ double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 // Winograd F(2x2, 3x3) with the pool fused (conv_direct.inc): 16 multiply-adds
 // per channel and filter per pooled output against the taps' 36, at a lower
 // rate: the reduction is only C long per product, and the transforms add
-// about C/16 + K/16 vector operations per element of the tile. Measured on
-// lepton-cifar's 32 -> 64 3x3 (C = 32): 0.6 of the wide GEMM microkernel's
-// rate, so it wins over the taps (0.85 / 2.25 = 0.38) from C = 16 up.
+// about C/16 + K/16 vector operations per element of the tile. Measured (one
+// thread, against the wide GEMM microkernel's rate): 0.71 with 16 -> 32
+// channels, 0.84 with 32 -> 64, 0.64 with 48 -> 48 (a 16-filter tail block);
+// it wins over the taps from 0.85 / 2.25 = 0.38 on.
 // Finite inputs give the convolution's values (the transforms' rounding is
 // a few ulps); an infinity mixes into its whole 4x4 tile, so a lone one gives
 // NaN where the taps would give an infinity.
-double wino_efficiency(int64_t C) { return C < 32 ? 0.45 : 0.6; }
+constexpr double kWinoEfficiency = 0.7;
 
 enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };
 
@@ -311,7 +312,7 @@ struct Builder {
           d.dil_w != 1 || d.C % 16 != 0)
         continue;
       const double taps_s = 36.0 * d.C / direct_efficiency(9 * d.C);  // per pooled output and filter
-      const double wino_s = 16.0 * d.C / wino_efficiency(d.C);
+      const double wino_s = 16.0 * d.C / kWinoEfficiency;
       g.wino = wino_s < taps_s;
     }
   }
@@ -542,7 +543,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       const int64_t P = s.out[1], convP = d.P();
       const double flops = s.wino ? 2.0 * images * K * 16 * d.C * P * s.out[2]  // per pooled output
                                   : 2.0 * images * K * taps * convP * d.Q();
-      const double one = flops / (m.gemm_flops[0][0] * (s.wino ? wino_efficiency(d.C) : direct_efficiency(taps)));
+      const double one = flops / (m.gemm_flops[0][0] * (s.wino ? kWinoEfficiency : direct_efficiency(taps)));
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
       p.threads = !lane && threads_ > 1 && images * P > 1 && one / threads_ + m.wake_s < one ? threads_ : 1;
