@@ -571,10 +571,8 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                             isa_name(active_isa()), " channels=", d.C, " filters=", K)
                       : cat("direct ukernel=f32_conv_direct_", tiles, "x", K >= 32 ? 32 : 16, "__",
                             isa_name(active_isa()), " taps=", taps, " filters=", K);
-      p.plan += cat(
-                   s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
-                   " rows_per_task=", p.rows_per_band,
-                   " threads=", p.threads, " predicted_us=", p.predicted_s * 1e6);
+      p.plan += cat(s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
+                    " rows_per_task=", p.rows_per_band, " threads=", p.threads, " predicted_us=", p.predicted_s * 1e6);
       break;
     }
     case StageKind::conv:
@@ -709,65 +707,63 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   const int64_t C = d.C, H = d.H, W = d.W, K = d.K, P = s.out[1], Q = s.out[2];
   const int64_t Wp = p.Wp, plane = p.band_rows * Wp;
   const bool pool = s.pooled();
-  {
-    const int64_t cr0 = pool ? 2 * p0 : p0, cr1 = pool ? 2 * p1 : p1;  // convolution rows
-    const int64_t rows = (cr1 - 1 - cr0) * d.stride_h + (d.R - 1) * d.dil_h + 1;
-    // The padded input rows this band reads, contiguous: the kernel's taps
-    // then are fixed offsets.
-    float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(C * plane));
-    if (s.hwc_in) {  // pixels x channels from the direct stage before: whole padded rows
-      const float* xn = x.ptr<float>() + n * H * W * C;
-      const int64_t row = Wp * C;
-      for (int64_t r = 0; r < rows; ++r) {
-        float* o = band + r * row;
-        const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
-        if (ih < 0 || ih >= H) {
-          std::fill(o, o + row, 0.0f);
-          continue;
-        }
-        std::fill(o, o + d.pad_left * C, 0.0f);
-        std::memcpy(o + d.pad_left * C, xn + ih * W * C, static_cast<size_t>(W * C) * sizeof(float));
-        std::fill(o + (d.pad_left + W) * C, o + row, 0.0f);
+  const int64_t cr0 = pool ? 2 * p0 : p0, cr1 = pool ? 2 * p1 : p1;  // convolution rows
+  const int64_t rows = (cr1 - 1 - cr0) * d.stride_h + (d.R - 1) * d.dil_h + 1;
+  // The padded input rows this band reads, contiguous: the kernel's taps
+  // then are fixed offsets.
+  float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(C * plane));
+  if (s.hwc_in) {  // pixels x channels from the direct stage before: whole padded rows
+    const float* xn = x.ptr<float>() + n * H * W * C;
+    const int64_t row = Wp * C;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = band + r * row;
+      const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
+      if (ih < 0 || ih >= H) {
+        std::fill(o, o + row, 0.0f);
+        continue;
       }
+      std::fill(o, o + d.pad_left * C, 0.0f);
+      std::memcpy(o + d.pad_left * C, xn + ih * W * C, static_cast<size_t>(W * C) * sizeof(float));
+      std::fill(o + (d.pad_left + W) * C, o + row, 0.0f);
     }
-    const float* xn = x.ptr<float>() + n * x.strides[0];
-    for (int64_t c = 0; c < C && !s.hwc_in; ++c)
-      for (int64_t r = 0; r < rows; ++r) {
-        float* o = band + c * plane + r * Wp;
-        const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
-        if (ih < 0 || ih >= H) {
-          std::fill(o, o + Wp, 0.0f);
-          continue;
-        }
-        const float* in = xn + c * x.strides[1] + ih * x.strides[2];
-        std::fill(o, o + d.pad_left, 0.0f);
-        if (x.strides[3] == 1)
-          std::memcpy(o + d.pad_left, in, static_cast<size_t>(W) * sizeof(float));
-        else
-          for (int64_t w = 0; w < W; ++w) o[d.pad_left + w] = in[w * x.strides[3]];
-        std::fill(o + d.pad_left + W, o + Wp, 0.0f);
-      }
-    DirectConvArgs a;
-    a.x = band;
-    a.Wp = Wp, a.pix = s.hwc_in ? C : 1;
-    a.tap_off = p.taps.data();
-    a.taps = static_cast<int64_t>(p.taps.size());
-    a.w = p.dw.get();
-    a.bias = p.dbias.get();
-    a.K = K;
-    a.stride_h = d.stride_h, a.stride_w = d.stride_w;
-    a.row0 = cr0;
-    a.relu = s.act == Activation::relu;
-    a.pool = pool;
-    a.P = P, a.Q = Q, a.p0 = p0, a.p1 = p1, a.q0 = q0, a.q1 = q1;
-    a.y = y + n * K * P * Q;
-    a.hwc = s.hwc_out;
-    a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
-    a.wino = s.wino;
-    a.C = C;
-    a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
-    p.fn(a);
   }
+  const float* xn = x.ptr<float>() + n * x.strides[0];
+  for (int64_t c = 0; c < C && !s.hwc_in; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = band + c * plane + r * Wp;
+      const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
+      if (ih < 0 || ih >= H) {
+        std::fill(o, o + Wp, 0.0f);
+        continue;
+      }
+      const float* in = xn + c * x.strides[1] + ih * x.strides[2];
+      std::fill(o, o + d.pad_left, 0.0f);
+      if (x.strides[3] == 1)
+        std::memcpy(o + d.pad_left, in, static_cast<size_t>(W) * sizeof(float));
+      else
+        for (int64_t w = 0; w < W; ++w) o[d.pad_left + w] = in[w * x.strides[3]];
+      std::fill(o + d.pad_left + W, o + Wp, 0.0f);
+    }
+  DirectConvArgs a;
+  a.x = band;
+  a.Wp = Wp, a.pix = s.hwc_in ? C : 1;
+  a.tap_off = p.taps.data();
+  a.taps = static_cast<int64_t>(p.taps.size());
+  a.w = p.dw.get();
+  a.bias = p.dbias.get();
+  a.K = K;
+  a.stride_h = d.stride_h, a.stride_w = d.stride_w;
+  a.row0 = cr0;
+  a.relu = s.act == Activation::relu;
+  a.pool = pool;
+  a.P = P, a.Q = Q, a.p0 = p0, a.p1 = p1, a.q0 = q0, a.q1 = q1;
+  a.y = y + n * K * P * Q;
+  a.hwc = s.hwc_out;
+  a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
+  a.wino = s.wino;
+  a.C = C;
+  a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
+  p.fn(a);
 }
 
 // lane_dense_: the lane's block (features of `rows` images) through the
