@@ -270,7 +270,12 @@ def test_split_direct_and_linear(rng, restore_threads, isa, threads):
         for n in (1, 2, 3, 4):
             x = _input(rng, net, n)
             net.check(seq(x), x, f"batch {n} on {threads} threads")
-    assert "split with the next stage's features" in mnist(rng).sequential().describe((1, 1, 28, 28))
+    # The split rides on the direct stage's own hand-off: it is there whenever
+    # the cost model (the pool's measured hand-off time) runs that stage on
+    # several threads.
+    d = mnist(rng).sequential().describe((1, 1, 28, 28))
+    stage0 = next(line for line in d.splitlines() if "stage 0" in line)
+    assert ("split with the next stage's features" in stage0) == (" threads=1 " not in stage0), d
 
 
 @pytest.mark.parametrize("threads", [2, 3])
