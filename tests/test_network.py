@@ -282,11 +282,12 @@ def test_split_direct_and_linear(rng, restore_threads, isa, threads):
 def test_dense_stages_in_the_lanes(rng, restore_threads, isa, threads):
     # Tile mode with small linears after the spatial stages: each lane runs
     # every 4 images it takes through them (two linears: the lane's own
-    # buffers between them; ReLU, softmax; lanes ending with a short block). Linears the batch's plan gives the GEMM
+    # buffers between them; ReLU, softmax; lanes ending with a short block;
+    # 13 outputs: passes of the dense kernel; 13 features: its scalar tail). Linears the batch's plan gives the GEMM
     # (a 2 MB one here) stay stages of their own.
     lk.set_num_threads(threads)
     net = Net(rng, (3, 14, 14), [("conv", dict(k=16, padding=1, relu=True, pool=(2, 2))), ("flatten", {}),
-                                 ("linear", dict(n=16, relu=True)), ("linear", dict(n=10, bias=False)),
+                                 ("linear", dict(n=13, relu=True)), ("linear", dict(n=10, bias=False)),
                                  ("softmax", dict(log=True))])
     seq = net.sequential()
     for n in (2 * threads, 9, 16, 33):

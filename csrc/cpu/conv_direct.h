@@ -51,4 +51,25 @@ using DirectConvFn = void (*)(const DirectConvArgs&);
 // The kernel of an ISA level.
 DirectConvFn direct_conv_f32(Isa isa);
 
+// y[r][j] = act(bias[j] + dot(x[r], w[j])) for r < rows (1 to 4), j < n: a
+// network's small linear layers on a few rows (a lane's block of images, a
+// thread's share of the features). The outputs are taken in as few passes
+// over x as the registers allow, split evenly (10 outputs: two of 5 on 4
+// rows, one of 10 on 1 row), so no pass computes outputs it throws away.
+struct DenseRowsArgs {
+  int64_t k;
+  const float* x;
+  int64_t ldx;
+  int rows;
+  const float* w;  // n rows of k, ldw apart
+  int64_t ldw;
+  int64_t n;
+  float* y;
+  int64_t ldy;
+  const float* bias;  // n entries, or null
+  bool relu;
+};
+using DenseRowsFn = void (*)(const DenseRowsArgs&);
+DenseRowsFn dense_rows_f32(Isa isa);
+
 }  // namespace lk::cpu

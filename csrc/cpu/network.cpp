@@ -36,6 +36,21 @@ DirectConvFn direct_conv_f32(Isa isa) {
   return kConvDirect_generic;
 }
 
+extern const DenseRowsFn kDenseRows_generic;
+#ifdef LK_HAVE_X86_KERNELS
+extern const DenseRowsFn kDenseRows_avx2;
+extern const DenseRowsFn kDenseRows_avx512;
+#endif
+
+DenseRowsFn dense_rows_f32(Isa isa) {
+#ifdef LK_HAVE_X86_KERNELS
+  if (isa == Isa::avx512) return kDenseRows_avx512;
+  if (isa == Isa::avx2) return kDenseRows_avx2;
+#endif
+  (void)isa;
+  return kDenseRows_generic;
+}
+
 namespace {
 
 std::atomic<int64_t> g_arenas{0};
@@ -770,7 +785,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
 // linear stages, in the lane's buffers; the last one's rows go to the images'
 // rows of y.
 void NetPlan::run_dense_block(int lane, const int64_t* images, int64_t rows, float* y) {
-  const DotUkernel<float>& dot = ukernels().dot<float>();
+  const DenseRowsFn dense = dense_rows_f32(active_isa());
   float* buf[2] = {dense_buf_.data() + (2 * lane) * kDenseRows * dense_width_,
                    dense_buf_.data() + (2 * lane + 1) * kDenseRows * dense_width_};
   const float* x = lane_block_ + lane * kDenseRows * features_;
@@ -779,8 +794,8 @@ void NetPlan::run_dense_block(int lane, const int64_t* images, int64_t rows, flo
     const Planned& p = stages_[i];
     const int64_t K = p.s.in.back(), Nout = p.s.out.back();
     float* out = buf[(i - spatial_) % 2];
-    dot.fn(K, x, ldx, static_cast<int>(rows), p.lpacked.w.get(), K, Nout, out, Nout, p.lpacked.bias.get(),
-           p.s.act == Activation::relu);
+    dense({K, x, ldx, static_cast<int>(rows), p.lpacked.w.get(), K, Nout, out, Nout, p.lpacked.bias.get(),
+           p.s.act == Activation::relu});
     if (p.s.softmax_after) softmax<float>(out, out, rows, Nout, 1, p.s.softmax_after == 2);
     x = out, ldx = Nout;
   }
@@ -795,7 +810,7 @@ void NetPlan::run_split(const TensorView& x, float* y0, float* y1) {
   const int64_t PQ = conv.s.out[1] * conv.s.out[2], K = conv.s.conv.K, F = PQ * K;  // features per image
   const int64_t Nout = lin.s.out.back();
   const int T = threads_;
-  const DotUkernel<float>& dot = ukernels().dot<float>();
+  const DenseRowsFn dense = dense_rows_f32(active_isa());
   parallel_for(T, T, [&](int64_t t) {
     // An equal run of output pixels each (pixels x channels: a run of features).
     const int64_t s = PQ * t / T, e = PQ * (t + 1) / T;
@@ -805,8 +820,8 @@ void NetPlan::run_split(const TensorView& x, float* y0, float* y1) {
       return;
     }
     for (int64_t n = 0; n < N_; ++n) direct_pixels(conv, x, y0, n, s, e);
-    dot.fn((e - s) * K, y0 + s * K, F, static_cast<int>(N_), lin.lpacked.w.get() + s * K, F, Nout, part, Nout,
-           nullptr, false);
+    dense({(e - s) * K, y0 + s * K, F, static_cast<int>(N_), lin.lpacked.w.get() + s * K, F, Nout, part, Nout,
+           nullptr, false});
   });
   const float* bias = lin.lpacked.bias.get();
   for (int64_t n = 0; n < N_; ++n)

@@ -10,5 +10,6 @@ namespace {
 }  // namespace
 
 extern const DirectConvFn kConvDirect_avx512 = &conv_direct_f32;
+extern const DenseRowsFn kDenseRows_avx512 = &dense_rows_f32;
 
 }  // namespace lk::cpu
