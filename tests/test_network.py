@@ -190,8 +190,11 @@ def test_thread_counts(rng, restore_threads, threads):
         net.check(net.sequential()(x), x, f"{make.__name__} batch {n} on {threads} threads")
 
 
-# Winograd F(2x2, 3x3) with the pool fused: a 3x3 stride-1 convolution after a
-# direct stage (channels interleaved), channels a multiple of 16, a 2x2 pool.
+# Winograd with the pool fused: a 3x3 stride-1 convolution after a direct
+# stage (channels interleaved), channels a multiple of 16, a 2x2 pool;
+# F(4x4, 3x3) when a linear follows (pixels x channels out: 2x2 pooled outputs
+# per tile, partial tiles at odd pooled sizes), F(2x2, 3x3) when the stage is
+# last (channel planes out).
 # Filter counts on and off its 32-filter blocks, widths on and off its 8- and
 # 4-tile blocks (pooled widths 1, 4, 7, 8, 9, 17), odd sizes that drop the
 # last convolution row or column, padding 0 and 1, with and without bias and
@@ -215,7 +218,7 @@ def test_winograd_stage(rng, isa, case):
     net = Net(rng, (3, 2 * h, 2 * w), recipe)
     seq = net.sequential()
     for n in (1, 3, 8):
-        assert "conv2d(winograd)" in seq.describe((n, 3, 2 * h, 2 * w)), seq.describe((n, 3, 2 * h, 2 * w))
+        assert "winograd F(4x4,3x3)" in seq.describe((n, 3, 2 * h, 2 * w)), seq.describe((n, 3, 2 * h, 2 * w))
         x = _input(rng, net, n)
         net.check(seq(x), x, f"case {WINO_CASES[case]}, batch {n} at {isa}")
     # A NaN in the input reaches exactly the outputs whose windows hold it.
@@ -226,11 +229,13 @@ def test_winograd_stage(rng, isa, case):
     # Spatial only: the last stage writes channel planes.
     spatial = Net(rng, (3, 2 * h, 2 * w), recipe[:2])
     x = _input(rng, spatial, 3)
+    assert "winograd F(2x2,3x3)" in spatial.sequential().describe(x.shape)
     spatial.check(spatial.sequential()(x), x, f"case {WINO_CASES[case]}, spatial only at {isa}")
 
 
-@pytest.mark.parametrize("channels,padding,relu", [(1, 0, True), (3, 1, False), (32, 1, True)])
-def test_pooled_nan_and_inf(rng, isa, channels, padding, relu):
+@pytest.mark.parametrize("channels,padding,relu,dense", [(1, 0, True, False), (3, 1, False, False),
+                                                         (32, 1, True, False), (32, 0, False, True)])
+def test_pooled_nan_and_inf(rng, isa, channels, padding, relu, dense):
     # The direct and Winograd kernels pool in registers with torch's rule (a
     # NaN in a window wins); infinities give the reference's infinities, or its
     # NaN where they meet with opposite signs. The 32-channel layer runs after
@@ -238,6 +243,8 @@ def test_pooled_nan_and_inf(rng, isa, channels, padding, relu):
     # the first layer meets filters of both signs: NaN, as in the reference).
     recipe = [("conv", dict(k=channels, padding=1, relu=True, pool=(2, 2)))] if channels > 3 else []
     recipe.append(("conv", dict(k=32, padding=padding, relu=relu, pool=(2, 2))))
+    if dense:  # F(4x4, 3x3) for the 32-channel layer
+        recipe += [("flatten", {}), ("linear", dict(n=5))]
     c0 = 3 if channels > 3 else channels
     net = Net(rng, (c0, 24, 24), recipe)
     seq = net.sequential()

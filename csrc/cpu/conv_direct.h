@@ -34,17 +34,21 @@ struct DirectConvArgs {
   float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*P*Q + p*Q + q]
   bool hwc;
   float* tile;             // Q*K floats of scratch for a row (not hwc)
-  // Winograd F(2x2, 3x3) instead of the taps (3x3, stride 1, pool, pix = C
-  // with C a multiple of 16): w is then the transformed filters, 16 x C x K
-  // (G g G^T, element (r, s) of the 4x4 at r*4 + s), and tap_off is unused.
-  bool wino;
+  // Winograd F(2x2, 3x3) (wino 2) or F(4x4, 3x3) (wino 4, hwc only) instead
+  // of the taps (3x3, stride 1, pool, pix = C with C a multiple of 16): w is
+  // then the transformed filters, E x C x K (G g G^T, element (r, s) of the
+  // n x n at r*n + s; E = 16 or 36), and tap_off is unused. F(4x4) reads
+  // whole 6x6 patches: up to 2 rows and columns past the last pooled output's
+  // window, which x must hold (zeros).
+  int wino;
   int64_t C;
   float* work;             // wino_work_floats(C) floats of scratch
 };
 
 // Scratch a Winograd call needs: the input transforms of a block of tiles
-// and the products of one block of filters for them.
-constexpr int64_t wino_work_floats(int64_t C) { return 16 * 8 * (C + 32); }
+// and the products of one block of filters for them (the larger of F(2x2)'s
+// 16 elements x 8 tiles and F(4x4)'s 36 x 4).
+constexpr int64_t wino_work_floats(int64_t C) { return 36 * 4 * (C + 32); }
 
 using DirectConvFn = void (*)(const DirectConvArgs&);
 
