@@ -212,6 +212,127 @@ def test_thread_counts(rng, restore_threads, threads):
         net.check(net.sequential()(x), x, f"{make.__name__} batch {n} on {threads} threads")
 
 
+# Winograd with the pool fused: a 3x3 stride-1 convolution after a direct
+# stage (channels interleaved), channels a multiple of 16, a 2x2 pool;
+# F(4x4, 3x3) when a linear follows (pixels x channels out: 2x2 pooled outputs
+# per tile, partial tiles at odd pooled sizes), F(2x2, 3x3) when the stage is
+# last (channel planes out).
+# Filter counts on and off its 32-filter blocks, widths on and off its 8- and
+# 4-tile blocks (pooled widths 1, 4, 7, 8, 9, 17), odd sizes that drop the
+# last convolution row or column, padding 0 and 1, with and without bias and
+# ReLU, the pool as its own layer or fused; every ISA level.
+WINO_CASES = [  # (channels, filters, H, W, padding, relu, bias, fused)
+    (16, 16, 6, 6, 1, True, True, False),
+    (32, 64, 16, 16, 1, True, True, False),
+    (16, 48, 11, 19, 0, False, True, True),
+    (48, 80, 17, 15, 1, True, False, False),
+    (32, 32, 9, 36, 1, False, False, True),
+    (16, 16, 4, 18, 1, True, True, False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(WINO_CASES)))
+def test_winograd_stage(rng, isa, case):
+    c, k, h, w, padding, relu, bias, fused = WINO_CASES[case]
+    recipe = [("conv", dict(k=c, padding=1, relu=True, pool=(2, 2), fused=True)),
+              ("conv", dict(k=k, padding=padding, relu=relu, bias=bias, pool=(2, 2), fused=fused)),
+              ("flatten", {}), ("linear", dict(n=10))]
+    net = Net(rng, (3, 2 * h, 2 * w), recipe)
+    seq = net.sequential()
+    for n in (1, 3, 8):
+        assert "winograd F(4x4,3x3)" in seq.describe((n, 3, 2 * h, 2 * w)), seq.describe((n, 3, 2 * h, 2 * w))
+        x = _input(rng, net, n)
+        net.check(seq(x), x, f"case {WINO_CASES[case]}, batch {n} at {isa}")
+    # A NaN in the input reaches exactly the outputs whose windows hold it.
+    x = _input(rng, net, 2)
+    x[1, :, 5, 7] = np.nan
+    y = seq(x)
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all()
+    # Spatial only: the last stage writes channel planes.
+    spatial = Net(rng, (3, 2 * h, 2 * w), recipe[:2])
+    x = _input(rng, spatial, 3)
+    assert "winograd F(2x2,3x3)" in spatial.sequential().describe(x.shape)
+    spatial.check(spatial.sequential()(x), x, f"case {WINO_CASES[case]}, spatial only at {isa}")
+
+
+@pytest.mark.parametrize("channels,padding,relu,dense", [(1, 0, True, False), (3, 1, False, False),
+                                                         (32, 1, True, False), (32, 0, False, True)])
+def test_pooled_nan_and_inf(rng, isa, channels, padding, relu, dense):
+    # The direct and Winograd kernels pool in registers with torch's rule (a
+    # NaN in a window wins); infinities give the reference's infinities, or its
+    # NaN where they meet with opposite signs. The 32-channel layer runs after
+    # a direct stage, so it reaches the Winograd kernel (where an infinity of
+    # the first layer meets filters of both signs: NaN, as in the reference).
+    recipe = [("conv", dict(k=channels, padding=1, relu=True, pool=(2, 2)))] if channels > 3 else []
+    recipe.append(("conv", dict(k=32, padding=padding, relu=relu, pool=(2, 2))))
+    if dense:  # F(4x4, 3x3) for the 32-channel layer
+        recipe += [("flatten", {}), ("linear", dict(n=5))]
+    c0 = 3 if channels > 3 else channels
+    net = Net(rng, (c0, 24, 24), recipe)
+    seq = net.sequential()
+    x = _input(rng, net, 5)
+    x[0, 0, 3, 4] = np.nan
+    x[1, -1, 6, 6] = np.inf
+    x[2, 0, 0, 0] = -np.inf
+    x[3, 0, 23, 23] = np.nan
+    x[4, 0, 9, 9], x[4, 0, 9, 10] = np.inf, -np.inf
+    y = seq(x)
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums
+        expected = net.reference(x)
+    assert np.isnan(expected).any() and (channels > 3 or np.isinf(expected).any())
+    ref._assert_within(y, expected, 8 * EPS32 * math.sqrt(net.reduction) * (1 + np.abs(np.nan_to_num(expected))),
+                       f"at {isa}")
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_split_direct_and_linear(rng, restore_threads, isa, threads):
+    # A few images in layer mode: the direct stage's output pixels and the
+    # linear's features split among the threads in one hand-off, partial sums
+    # added after (with the bias, ReLU and softmax). Runs of pixels starting and
+    # ending inside rows, pooled and not, batches 1-4, every ISA level.
+    lk.set_num_threads(threads)
+    small = Net(rng, (2, 7, 40), [("conv", dict(k=32, relu=True, pool=(2, 2), fused=True)), ("flatten", {}),
+                                  ("linear", dict(n=7, relu=True)), ("linear", dict(n=3)), ("softmax", {})])
+    plain = Net(rng, (3, 9, 23), [("conv", dict(k=16, padding=1)), ("flatten", {}), ("linear", dict(n=5))])
+    for net in (mnist(rng), small, plain):
+        seq = net.sequential()
+        for n in (1, 2, 3, 4):
+            x = _input(rng, net, n)
+            net.check(seq(x), x, f"batch {n} on {threads} threads")
+    # The split rides on the direct stage's own hand-off: it is there whenever
+    # the cost model (the pool's measured hand-off time) runs that stage on
+    # several threads.
+    d = mnist(rng).sequential().describe((1, 1, 28, 28))
+    stage0 = next(line for line in d.splitlines() if "stage 0" in line)
+    assert ("split with the next stage's features" in stage0) == (" threads=1 " not in stage0), d
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_dense_stages_in_the_lanes(rng, restore_threads, isa, threads):
+    # Tile mode with small linears after the spatial stages: each lane runs
+    # every 4 images it takes through them (two linears: the lane's own
+    # buffers between them; ReLU, softmax; lanes ending with a short block;
+    # 13 outputs: passes of the dense kernel; 13 features: its scalar tail). Linears the batch's plan gives the GEMM
+    # (a 2 MB one here) stay stages of their own.
+    lk.set_num_threads(threads)
+    net = Net(rng, (3, 14, 14), [("conv", dict(k=16, padding=1, relu=True, pool=(2, 2))), ("flatten", {}),
+                                 ("linear", dict(n=13, relu=True)), ("linear", dict(n=10, bias=False)),
+                                 ("softmax", dict(log=True))])
+    seq = net.sequential()
+    for n in (2 * threads, 9, 16, 33):
+        x = _input(rng, net, n)
+        net.check(seq(x), x, f"batch {n} on {threads} threads")
+        # In the lanes when the batch's plans give both linears the dot kernel
+        # (always with AVX-512's 32-wide GEMM tiles; narrower ones may take the GEMM).
+        d = seq.describe(x.shape)
+        dot = all("algo=dot" in line for line in d.splitlines() if "] linear" in line)
+        assert ("run in the lanes" in d) == dot and (dot or isa != "avx512"), d
+    net = mnist(rng)
+    x = _input(rng, net, 17)
+    net.check(net.sequential()(x), x)
+    assert "run in the lanes" not in cifar(rng).sequential().describe((8, 3, 32, 32))
+
+
 # --- random chains -------------------------------------------------------------------
 
 
@@ -352,7 +473,7 @@ def test_describe(rng, restore_threads):
     seq(np.zeros((5, 1, 28, 28), np.float32))
     assert "with N=5" in seq.describe()
     cif = cifar(rng).sequential().describe((64, 3, 32, 32))
-    assert "[layers 2-3] conv2d(direct)+relu+max_pool2d" in cif and "linear+relu" in cif, cif
+    assert "[layers 2-3] conv2d(winograd)+relu+max_pool2d" in cif and "linear+relu" in cif, cif
     # Filters not a multiple of 16: the GEMM convolution with pooling fused band by band.
     gemm = Net(rng, (3, 12, 12), [("conv", dict(k=24, padding=1)), ("relu", {}), ("pool", dict(kernel=2, stride=2)),
                                   ("flatten", {}), ("linear", dict(n=5))])

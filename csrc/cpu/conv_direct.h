@@ -4,6 +4,8 @@
 // calls too short to amortise; here each output pixel's filters sit in vector
 // lanes (16 per vector), the input is broadcast tap by tap, and a 2x2 block of
 // output pixels is reduced to its maximum in registers before it is stored.
+// Longer reductions over interleaved channels (a second 3x3 layer) take
+// Winograd's F(2x2, 3x3) instead, its 2x2 output tiles the pooling windows.
 // The kernels live in ukernels/conv_direct_<isa>.cpp, one per ISA level.
 #pragma once
 #include <cstdint>
@@ -28,14 +30,50 @@ struct DirectConvArgs {
   bool pool;               // a 2x2, stride 2 max-pool of the convolution's output
   int64_t P, Q;            // output size (pooled when pool)
   int64_t p0, p1;          // output rows to compute
+  int64_t q0, q1;          // and columns of them
   float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*P*Q + p*Q + q]
   bool hwc;
   float* tile;             // Q*K floats of scratch for a row (not hwc)
+  // Winograd F(2x2, 3x3) (wino 2) or F(4x4, 3x3) (wino 4, hwc only) instead
+  // of the taps (3x3, stride 1, pool, pix = C with C a multiple of 16): w is
+  // then the transformed filters, E x C x K (G g G^T, element (r, s) of the
+  // n x n at r*n + s; E = 16 or 36), and tap_off is unused. F(4x4) reads
+  // whole 6x6 patches: up to 2 rows and columns past the last pooled output's
+  // window, which x must hold (zeros).
+  int wino;
+  int64_t C;
+  float* work;             // wino_work_floats(C) floats of scratch
 };
+
+// Scratch a Winograd call needs: the input transforms of a block of tiles
+// and the products of one block of filters for them (the larger of F(2x2)'s
+// 16 elements x 8 tiles and F(4x4)'s 36 x 4).
+constexpr int64_t wino_work_floats(int64_t C) { return 36 * 4 * (C + 32); }
 
 using DirectConvFn = void (*)(const DirectConvArgs&);
 
 // The kernel of an ISA level.
 DirectConvFn direct_conv_f32(Isa isa);
+
+// y[r][j] = act(bias[j] + dot(x[r], w[j])) for r < rows (1 to 4), j < n: a
+// network's small linear layers on a few rows (a lane's block of images, a
+// thread's share of the features). The outputs are taken in as few passes
+// over x as the registers allow, split evenly (10 outputs: two of 5 on 4
+// rows, one of 10 on 1 row), so no pass computes outputs it throws away.
+struct DenseRowsArgs {
+  int64_t k;
+  const float* x;
+  int64_t ldx;
+  int rows;
+  const float* w;  // n rows of k, ldw apart
+  int64_t ldw;
+  int64_t n;
+  float* y;
+  int64_t ldy;
+  const float* bias;  // n entries, or null
+  bool relu;
+};
+using DenseRowsFn = void (*)(const DenseRowsArgs&);
+DenseRowsFn dense_rows_f32(Isa isa);
 
 }  // namespace lk::cpu

@@ -36,6 +36,21 @@ DirectConvFn direct_conv_f32(Isa isa) {
   return kConvDirect_generic;
 }
 
+extern const DenseRowsFn kDenseRows_generic;
+#ifdef LK_HAVE_X86_KERNELS
+extern const DenseRowsFn kDenseRows_avx2;
+extern const DenseRowsFn kDenseRows_avx512;
+#endif
+
+DenseRowsFn dense_rows_f32(Isa isa) {
+#ifdef LK_HAVE_X86_KERNELS
+  if (isa == Isa::avx512) return kDenseRows_avx512;
+  if (isa == Isa::avx2) return kDenseRows_avx2;
+#endif
+  (void)isa;
+  return kDenseRows_generic;
+}
+
 namespace {
 
 std::atomic<int64_t> g_arenas{0};
@@ -67,6 +82,25 @@ constexpr int64_t kDirectMaxTapsPooled = 512;
 // 0.85 with 288 (cifar's second layer).
 double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 
+// Winograd F(2x2, 3x3) with the pool fused (conv_direct.inc): 16 multiply-adds
+// per channel and filter per pooled output against the taps' 36, at a lower
+// rate: the reduction is only C long per product, and the transforms add
+// about C/16 + K/16 vector operations per element of the tile. Measured (one
+// thread, against the wide GEMM microkernel's rate): 0.71 with 16 -> 32
+// channels, 0.84 with 32 -> 64, 0.64 with 48 -> 48 (a 16-filter tail block);
+// it wins over the taps from 0.85 / 2.25 = 0.38 on.
+// Finite inputs give the convolution's values (the transforms' rounding is
+// a few ulps); an infinity mixes into its whole 4x4 tile, so a lone one gives
+// NaN where the taps would give an infinity.
+constexpr double kWinoEfficiency = 0.7;
+// F(4x4, 3x3): 9 multiply-adds per channel and filter per pooled output, at
+// a lower rate still (36 elements per tile, transforms twice as long).
+// Measured: 0.66 with 16 -> 32 channels, 0.80 with 32 -> 64, 0.61 with
+// 48 -> 48; the stage 1.66-1.70x faster than with F(2x2). Its rounding
+// error stays a few percent of the tests' tolerance (transforms with
+// entries up to 8 and 1/24, against F(2x2)'s 1 and 1/2).
+constexpr double kWino4Efficiency = 0.65;
+
 enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };
 
 const char* stage_name(StageKind k) {
@@ -92,6 +126,7 @@ struct Stage {
   Activation act = Activation::none;    // conv, linear
   bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
   bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
+  int wino = 0;                         // direct: Winograd F(2x2, 3x3) (2) or F(4x4, 3x3) (4) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
   int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
   int64_t outer = 0, dim = 0, inner = 0;  // softmax, per image
@@ -290,6 +325,22 @@ struct Builder {
         next.hwc_shape = g.out;
       }
     }
+    // Winograd where its kernel applies (3x3, stride 1, the 2x2 pool fused,
+    // channels interleaved in vectors) and the cost model prefers it.
+    for (Stage& g : stages) {
+      if (g.kind != StageKind::direct) continue;
+      const Conv2dDesc& d = g.conv;
+      if (!g.hwc_in || !g.pool || d.R != 3 || d.S != 3 || d.stride_h != 1 || d.stride_w != 1 || d.dil_h != 1 ||
+          d.dil_w != 1 || d.C % 16 != 0)
+        continue;
+      const double taps_s = 36.0 * d.C / direct_efficiency(9 * d.C);  // per pooled output and filter
+      const double wino_s = 16.0 * d.C / kWinoEfficiency;
+      const double wino4_s = g.hwc_out ? 9.0 * d.C / kWino4Efficiency : taps_s;  // F(4x4) writes pixels x channels
+      if (wino4_s < std::min(wino_s, taps_s))
+        g.wino = 4;
+      else if (wino_s < taps_s)
+        g.wino = 2;
+    }
   }
 };
 
@@ -338,6 +389,10 @@ class NetPlan {
   void plan_stage(Planned& p, int64_t images);
   void run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   void run_direct(const Planned& p, const TensorView& in, float* out, int64_t images) const;
+  void direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1, int64_t q0,
+                   int64_t q1) const;
+  void direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e) const;
+  void run_split(const TensorView& x, float* y0, float* y1);
   void run_conv_pool_bands(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   TensorView view(const float* data, const Shape& per_image, int64_t images) const;
 
@@ -347,6 +402,24 @@ class NetPlan {
   std::vector<Planned> stages_;
   size_t spatial_ = 0;  // stages [0, spatial_) run image by image in tile mode
   bool tile_ = false;
+  // Layer mode, a few images: the first (direct) stage's output pixels split
+  // among the threads, each thread then taking the next (linear) stage's dot
+  // products over the features of its pixels; the partial sums are added after.
+  bool split_ = false;
+  std::vector<float> partial_;  // threads x images x outputs
+  // Tile mode whose stages after the spatial ones are all linears on the dot
+  // kernel: each lane collects the features of the images it takes in a block
+  // of its own and runs every kDenseRows of them through those stages, so
+  // there is no second hand-off, no wait for the slowest lane between the
+  // spatial and the dense stages, and the lanes' dense work grows with their
+  // share of the images.
+  static constexpr int64_t kDenseRows = 4;  // the dot kernel's input rows
+  bool lane_dense_ = false;
+  int64_t dense_width_ = 0;     // widest output of those stages
+  int64_t features_ = 0;        // the last spatial stage's output per image
+  float* lane_block_ = nullptr;  // in the arena: lanes x kDenseRows x features_
+  std::vector<float> dense_buf_;  // lanes x 2 x kDenseRows x dense_width_
+  void run_dense_block(int lane, const int64_t* images, int64_t rows, float* y);
   int lanes_ = 1;
   int64_t lane_elems_ = 0, batch_elems_ = 0, arena_elems_ = 0;
   AlignedPtr<float> arena_;
@@ -384,30 +457,68 @@ NetPlan::NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched) 
   }
   if (!tile_) mode_why_ = spatial_ == 0 ? "no convolutional stages" : cat("batch ", N_, " < 2 x ", threads_, " threads");
   lanes_ = tile_ ? static_cast<int>(std::min<int64_t>(threads_, N_)) : 1;
+  // The split saves the linear stage's hand-off to the threads and its wait
+  // for the slowest, and each thread streams only its share of the weights.
+  // The dot kernel takes up to 4 input rows at once: batches up to 4.
+  split_ = !tile_ && threads_ > 1 && N_ <= 4 && stages_.size() >= 2 && stages_[0].s.kind == StageKind::direct &&
+           stages_[0].s.hwc_out && stages_[1].s.kind == StageKind::linear && stages_[1].s.hwc_in;
 
   for (size_t i = 0; i < stages_.size(); ++i) plan_stage(stages_[i], tile_ && i < spatial_ ? 1 : N_);
+  // Only when the direct stage was worth running on the threads anyway (the
+  // hand-off is paid once), and the linear reads its weights as rows.
+  if (split_ && (stages_[0].threads < 2 || stages_[1].linear->weight_layout() != 0)) split_ = false;
+  if (split_) {
+    stages_[0].plan += cat(" split with the next stage's features over ", threads_, " threads");
+    partial_.assign(static_cast<size_t>(threads_ * N_ * stages_[1].s.out.back()), 0.0f);
+  }
+  lane_dense_ = tile_ && spatial_ > 0 && spatial_ < stages_.size();
+  // A lane reads every weight of those stages per block (the dot plan's
+  // threads each read their share): only while they stay in its L2 beside
+  // its images. 512 KB: half the L2 of the cores measured (1 MB on Zen 4).
+  constexpr int64_t kLaneDenseBytes = 512 * 1024;
+  int64_t dense_bytes = 0;
+  for (size_t i = spatial_; i < stages_.size() && lane_dense_; ++i) {
+    const Planned& p = stages_[i];
+    lane_dense_ = p.s.kind == StageKind::linear && p.s.in.size() == 1 && p.linear->weight_layout() == 0;
+    dense_width_ = std::max(dense_width_, p.s.out.back());
+    dense_bytes += p.s.in.back() * p.s.out.back() * static_cast<int64_t>(sizeof(float));
+  }
+  if (dense_bytes > kLaneDenseBytes) lane_dense_ = false;
+  if (lane_dense_) {
+    features_ = round_up(numel(stages_[spatial_ - 1].s.out), 16);
+    dense_buf_.assign(static_cast<size_t>(lanes_ * 2 * kDenseRows * dense_width_), 0.0f);
+    mode_why_ += cat("; stages ", spatial_, "-", stages_.size() - 1, " run in the lanes on every ", kDenseRows,
+                     " images a lane takes");
+  }
 
   // Arena: per lane, two per-image buffers for the tile stages' intermediates;
-  // two batch-sized buffers for everything else that is not the output.
+  // two batch-sized buffers for everything else that is not the output
+  // (lane_dense_: the lanes' blocks instead, for the last spatial stage's
+  // output, and nothing batch-sized after it).
   lane_elems_ = 0, batch_elems_ = 0;
   for (size_t i = 0; i + 1 < stages_.size(); ++i) {
     const int64_t e = numel(stages_[i].s.out);
     if (tile_ && i + 1 < spatial_)
       lane_elems_ = std::max(lane_elems_, round_up(e, 16));
-    else
+    else if (!lane_dense_)
       batch_elems_ = std::max(batch_elems_, round_up(N_ * e, 16));
   }
-  arena_elems_ = 2 * lanes_ * lane_elems_ + 2 * batch_elems_;
+  const int64_t block_elems = lane_dense_ ? lanes_ * kDenseRows * features_ : 0;
+  arena_elems_ = 2 * lanes_ * lane_elems_ + 2 * batch_elems_ + block_elems;
   if (arena_elems_ > 0) {
     arena_ = aligned_alloc_array<float>(static_cast<size_t>(arena_elems_));
     g_arenas.fetch_add(1, std::memory_order_relaxed);
   }
+  lane_block_ = arena_.get() + 2 * lanes_ * lane_elems_ + 2 * batch_elems_;
 
   predicted_s_ = 0;
   for (size_t i = 0; i < stages_.size(); ++i)
     predicted_s_ += tile_ && i < spatial_ ? stages_[i].predicted_s * static_cast<double>(ceil_div(N_, lanes_))
                                           : stages_[i].predicted_s;
   if (tile_ && lanes_ > 1) predicted_s_ += machine_model().wake_s;
+  if (split_ && stages_[1].threads > 1) predicted_s_ -= machine_model().wake_s;  // one hand-off for both
+  for (size_t i = spatial_; i < stages_.size() && lane_dense_; ++i)  // in the lanes: no hand-offs of their own
+    if (stages_[i].threads > 1) predicted_s_ -= machine_model().wake_s;
 }
 
 void NetPlan::plan_stage(Planned& p, int64_t images) {
@@ -417,7 +528,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
     case StageKind::direct: {
       const Conv2dDesc& d = s.conv;
       const int64_t K = d.K, taps = d.C * d.R * d.S;
-      p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
+      if (!s.wino) p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
       const float* w = s.layer->weight.data();  // K x C x R x S
       // Taps in the order the input is laid out: (c, r, s) for planes,
       // (r, s, c) for interleaved channels (consecutive taps, consecutive addresses).
@@ -429,16 +540,57 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
         std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
           return a % (d.R * d.S) < b % (d.R * d.S);
         });
-      for (int64_t t = 0; t < taps; ++t)
-        for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
+      if (s.wino == 4) {
+        // U = G g G^T per channel and filter, in double, stored 36 x C x K.
+        static const double G[6][3] = {{0.25, 0, 0},
+                                       {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                       {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                       {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                       {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                       {0, 0, 1}};
+        p.dw = aligned_alloc_array<float>(static_cast<size_t>(36 * d.C * K));
+        for (int64_t c = 0; c < d.C; ++c)
+          for (int64_t k = 0; k < K; ++k) {
+            const float* g = w + (k * d.C + c) * 9;
+            double gg[6][3];  // G g
+            for (int r = 0; r < 6; ++r)
+              for (int q = 0; q < 3; ++q) gg[r][q] = G[r][0] * g[q] + G[r][1] * g[3 + q] + G[r][2] * g[6 + q];
+            for (int r = 0; r < 6; ++r)
+              for (int q = 0; q < 6; ++q)
+                p.dw[((r * 6 + q) * d.C + c) * K + k] =
+                    static_cast<float>(gg[r][0] * G[q][0] + gg[r][1] * G[q][1] + gg[r][2] * G[q][2]);
+          }
+      } else if (s.wino) {
+        // U = G g G^T per channel and filter, in double, stored 16 x C x K.
+        p.dw = aligned_alloc_array<float>(static_cast<size_t>(16 * d.C * K));
+        for (int64_t c = 0; c < d.C; ++c)
+          for (int64_t k = 0; k < K; ++k) {
+            const float* g = w + (k * d.C + c) * 9;
+            double gg[4][3];  // G g, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+            for (int q = 0; q < 3; ++q) {
+              const double g0 = g[q], g1 = g[3 + q], g2 = g[6 + q];
+              gg[0][q] = g0, gg[1][q] = 0.5 * (g0 + g1 + g2), gg[2][q] = 0.5 * (g0 - g1 + g2), gg[3][q] = g2;
+            }
+            for (int r = 0; r < 4; ++r) {
+              const double u[4] = {gg[r][0], 0.5 * (gg[r][0] + gg[r][1] + gg[r][2]),
+                                   0.5 * (gg[r][0] - gg[r][1] + gg[r][2]), gg[r][2]};
+              for (int q = 0; q < 4; ++q) p.dw[((r * 4 + q) * d.C + c) * K + k] = static_cast<float>(u[q]);
+            }
+          }
+      } else {
+        for (int64_t t = 0; t < taps; ++t)
+          for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
+      }
       if (d.has_bias) {
         p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
         std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
       }
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
-      const double flops = 2.0 * images * K * taps * convP * d.Q();
-      const double one = flops / (m.gemm_flops[0][0] * direct_efficiency(taps));
+      const double flops = s.wino ? 2.0 * images * K * (s.wino == 4 ? 9 : 16) * d.C * P * s.out[2]  // per pooled output
+                                  : 2.0 * images * K * taps * convP * d.Q();
+      const double rate = s.wino == 4 ? kWino4Efficiency : s.wino ? kWinoEfficiency : direct_efficiency(taps);
+      const double one = flops / (m.gemm_flops[0][0] * rate);
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
       p.threads = !lane && threads_ > 1 && images * P > 1 && one / threads_ + m.wake_s < one ? threads_ : 1;
@@ -447,9 +599,16 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       int64_t bands = 1;
       if (p.threads > 1) bands = std::min<int64_t>(P, ceil_div(4 * p.threads, images));
       p.rows_per_band = ceil_div(P, bands);
+      // split_: each thread an equal run of pixels, at most this many whole rows
+      if (split_ && &p == &stages_[0] && p.threads > 1)
+        p.rows_per_band = std::max<int64_t>(1, ceil_div(P * s.out[2], threads_) / s.out[2]);
       const int64_t conv_rows = s.pooled() ? 2 * p.rows_per_band : p.rows_per_band;
       p.band_rows = (conv_rows - 1) * d.stride_h + (d.R - 1) * d.dil_h + 1;
       p.Wp = d.W + d.pad_left + d.pad_right;
+      if (s.wino == 4) {  // whole 6x6 patches: rows and columns in pairs of pooled outputs, zeros past the input
+        p.band_rows = 2 * round_up(p.rows_per_band, 2) + 2;
+        p.Wp = std::max(p.Wp, 2 * round_up(s.out[2], 2) + 2);
+      }
       const int64_t plane = p.band_rows * p.Wp;
       for (int64_t t = 0; t < taps; ++t) {
         const int64_t c = order[t] / (d.R * d.S), r = order[t] / d.S % d.R, q = order[t] % d.S;
@@ -458,11 +617,15 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       }
       p.predicted_s = one / p.threads * imbalance(images * ceil_div(P, p.rows_per_band), p.threads) +
                       (p.threads > 1 ? m.wake_s : 0);
-      p.plan = cat("direct ukernel=f32_conv_direct_", active_isa() == Isa::avx512 ? 8 : 4, "x", K >= 32 ? 32 : 16,
-                   "__", isa_name(active_isa()), " taps=", taps, " filters=", K,
-                   s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
-                   " rows_per_task=", p.rows_per_band,
-                   " threads=", p.threads, " predicted_us=", p.predicted_s * 1e6);
+      const int tiles = active_isa() == Isa::avx512 ? 8 : 4;
+      p.plan = s.wino == 4 ? cat("winograd F(4x4,3x3) pooled per tile ukernel=f32_conv_wino4_4__",
+                                 isa_name(active_isa()), " channels=", d.C, " filters=", K)
+               : s.wino ? cat("winograd F(2x2,3x3) pooled per tile ukernel=f32_conv_wino_", tiles, "__",
+                            isa_name(active_isa()), " channels=", d.C, " filters=", K)
+                      : cat("direct ukernel=f32_conv_direct_", tiles, "x", K >= 32 ? 32 : 16, "__",
+                            isa_name(active_isa()), " taps=", taps, " filters=", K);
+      p.plan += cat(s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
+                    " rows_per_task=", p.rows_per_band, " threads=", p.threads, " predicted_us=", p.predicted_s * 1e6);
       break;
     }
     case StageKind::conv:
@@ -563,69 +726,150 @@ TensorView NetPlan::view(const float* data, const Shape& per_image, int64_t imag
 }
 
 void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_t images) const {
+  const int64_t P = p.s.out[1];
+  parallel_for(images * ceil_div(P, p.rows_per_band), p.threads, [&](int64_t t) {
+    const int64_t bands = ceil_div(P, p.rows_per_band);
+    const int64_t n = t / bands, p0 = (t % bands) * p.rows_per_band;
+    direct_band(p, x, y, n, p0, std::min(P, p0 + p.rows_per_band), 0, p.s.out[2]);
+  });
+}
+
+// Output pixels [s, e) of image n in raster order (pooled ones when pooled):
+// a partial first row, whole rows, a partial last row.
+void NetPlan::direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e) const {
+  const int64_t Q = p.s.out[2];
+  while (s < e) {
+    const int64_t r = s / Q, q0 = s % Q;
+    if (q0 > 0 || e - s < Q) {  // within one row
+      const int64_t q1 = std::min(Q, q0 + e - s);
+      direct_band(p, x, y, n, r, r + 1, q0, q1);
+      s += q1 - q0;
+    } else {
+      const int64_t rows = (e - s) / Q;
+      direct_band(p, x, y, n, r, r + rows, 0, Q);
+      s += rows * Q;
+    }
+  }
+}
+
+// Pooled (or plain) output rows [p0, p1), columns [q0, q1), of image n.
+void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1,
+                          int64_t q0, int64_t q1) const {
   const Stage& s = p.s;
   const Conv2dDesc& d = s.conv;
   const int64_t C = d.C, H = d.H, W = d.W, K = d.K, P = s.out[1], Q = s.out[2];
-  const int64_t bands = ceil_div(P, p.rows_per_band), Wp = p.Wp, plane = p.band_rows * Wp;
+  const int64_t Wp = p.Wp, plane = p.band_rows * Wp;
   const bool pool = s.pooled();
-  auto task = [&](int64_t t) {
-    const int64_t n = t / bands, p0 = (t % bands) * p.rows_per_band, p1 = std::min(P, p0 + p.rows_per_band);
-    const int64_t cr0 = pool ? 2 * p0 : p0, cr1 = pool ? 2 * p1 : p1;  // convolution rows
-    const int64_t rows = (cr1 - 1 - cr0) * d.stride_h + (d.R - 1) * d.dil_h + 1;
-    // The padded input rows this band reads, contiguous: the kernel's taps
-    // then are fixed offsets.
-    float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(C * plane));
-    if (s.hwc_in) {  // pixels x channels from the direct stage before: whole padded rows
-      const float* xn = x.ptr<float>() + n * H * W * C;
-      const int64_t row = Wp * C;
-      for (int64_t r = 0; r < rows; ++r) {
-        float* o = band + r * row;
-        const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
-        if (ih < 0 || ih >= H) {
-          std::fill(o, o + row, 0.0f);
-          continue;
-        }
-        std::fill(o, o + d.pad_left * C, 0.0f);
-        std::memcpy(o + d.pad_left * C, xn + ih * W * C, static_cast<size_t>(W * C) * sizeof(float));
-        std::fill(o + (d.pad_left + W) * C, o + row, 0.0f);
+  const int64_t cr0 = pool ? 2 * p0 : p0, cr1 = pool ? 2 * p1 : p1;  // convolution rows
+  const int64_t rows = s.wino == 4 ? 2 * round_up(p1 - p0, 2) + 2  // whole 6x6 patches
+                                   : (cr1 - 1 - cr0) * d.stride_h + (d.R - 1) * d.dil_h + 1;
+  // The padded input rows this band reads, contiguous: the kernel's taps
+  // then are fixed offsets.
+  float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(C * plane));
+  if (s.hwc_in) {  // pixels x channels from the direct stage before: whole padded rows
+    const float* xn = x.ptr<float>() + n * H * W * C;
+    const int64_t row = Wp * C;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = band + r * row;
+      const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
+      if (ih < 0 || ih >= H) {
+        std::fill(o, o + row, 0.0f);
+        continue;
       }
+      std::fill(o, o + d.pad_left * C, 0.0f);
+      std::memcpy(o + d.pad_left * C, xn + ih * W * C, static_cast<size_t>(W * C) * sizeof(float));
+      std::fill(o + (d.pad_left + W) * C, o + row, 0.0f);
     }
-    const float* xn = x.ptr<float>() + n * x.strides[0];
-    for (int64_t c = 0; c < C && !s.hwc_in; ++c)
-      for (int64_t r = 0; r < rows; ++r) {
-        float* o = band + c * plane + r * Wp;
-        const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
-        if (ih < 0 || ih >= H) {
-          std::fill(o, o + Wp, 0.0f);
-          continue;
-        }
-        const float* in = xn + c * x.strides[1] + ih * x.strides[2];
-        std::fill(o, o + d.pad_left, 0.0f);
-        if (x.strides[3] == 1)
-          std::memcpy(o + d.pad_left, in, static_cast<size_t>(W) * sizeof(float));
-        else
-          for (int64_t w = 0; w < W; ++w) o[d.pad_left + w] = in[w * x.strides[3]];
-        std::fill(o + d.pad_left + W, o + Wp, 0.0f);
+  }
+  const float* xn = x.ptr<float>() + n * x.strides[0];
+  for (int64_t c = 0; c < C && !s.hwc_in; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = band + c * plane + r * Wp;
+      const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
+      if (ih < 0 || ih >= H) {
+        std::fill(o, o + Wp, 0.0f);
+        continue;
       }
-    DirectConvArgs a;
-    a.x = band;
-    a.Wp = Wp, a.pix = s.hwc_in ? C : 1;
-    a.tap_off = p.taps.data();
-    a.taps = static_cast<int64_t>(p.taps.size());
-    a.w = p.dw.get();
-    a.bias = p.dbias.get();
-    a.K = K;
-    a.stride_h = d.stride_h, a.stride_w = d.stride_w;
-    a.row0 = cr0;
-    a.relu = s.act == Activation::relu;
-    a.pool = pool;
-    a.P = P, a.Q = Q, a.p0 = p0, a.p1 = p1;
-    a.y = y + n * K * P * Q;
-    a.hwc = s.hwc_out;
-    a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
-    p.fn(a);
-  };
-  parallel_for(images * bands, p.threads, task);
+      const float* in = xn + c * x.strides[1] + ih * x.strides[2];
+      std::fill(o, o + d.pad_left, 0.0f);
+      if (x.strides[3] == 1)
+        std::memcpy(o + d.pad_left, in, static_cast<size_t>(W) * sizeof(float));
+      else
+        for (int64_t w = 0; w < W; ++w) o[d.pad_left + w] = in[w * x.strides[3]];
+      std::fill(o + d.pad_left + W, o + Wp, 0.0f);
+    }
+  DirectConvArgs a;
+  a.x = band;
+  a.Wp = Wp, a.pix = s.hwc_in ? C : 1;
+  a.tap_off = p.taps.data();
+  a.taps = static_cast<int64_t>(p.taps.size());
+  a.w = p.dw.get();
+  a.bias = p.dbias.get();
+  a.K = K;
+  a.stride_h = d.stride_h, a.stride_w = d.stride_w;
+  a.row0 = cr0;
+  a.relu = s.act == Activation::relu;
+  a.pool = pool;
+  a.P = P, a.Q = Q, a.p0 = p0, a.p1 = p1, a.q0 = q0, a.q1 = q1;
+  a.y = y + n * K * P * Q;
+  a.hwc = s.hwc_out;
+  a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
+  a.wino = s.wino;
+  a.C = C;
+  a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
+  p.fn(a);
+}
+
+// lane_dense_: the lane's block (features of `rows` images) through the
+// linear stages, in the lane's buffers; the last one's rows go to the images'
+// rows of y.
+void NetPlan::run_dense_block(int lane, const int64_t* images, int64_t rows, float* y) {
+  const DenseRowsFn dense = dense_rows_f32(active_isa());
+  float* buf[2] = {dense_buf_.data() + (2 * lane) * kDenseRows * dense_width_,
+                   dense_buf_.data() + (2 * lane + 1) * kDenseRows * dense_width_};
+  const float* x = lane_block_ + lane * kDenseRows * features_;
+  int64_t ldx = features_;
+  for (size_t i = spatial_; i < stages_.size(); ++i) {
+    const Planned& p = stages_[i];
+    const int64_t K = p.s.in.back(), Nout = p.s.out.back();
+    float* out = buf[(i - spatial_) % 2];
+    dense({K, x, ldx, static_cast<int>(rows), p.lpacked.w.get(), K, Nout, out, Nout, p.lpacked.bias.get(),
+           p.s.act == Activation::relu});
+    if (p.s.softmax_after) softmax<float>(out, out, rows, Nout, 1, p.s.softmax_after == 2);
+    x = out, ldx = Nout;
+  }
+  const int64_t Nout = stages_.back().s.out.back();
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(y + images[r] * Nout, x + r * Nout, sizeof(float) * Nout);
+}
+
+// split_: stage 0's rows and stage 1's features in one hand-off to the threads.
+void NetPlan::run_split(const TensorView& x, float* y0, float* y1) {
+  const Planned& conv = stages_[0];
+  const Planned& lin = stages_[1];
+  const int64_t PQ = conv.s.out[1] * conv.s.out[2], K = conv.s.conv.K, F = PQ * K;  // features per image
+  const int64_t Nout = lin.s.out.back();
+  const int T = threads_;
+  const DenseRowsFn dense = dense_rows_f32(active_isa());
+  parallel_for(T, T, [&](int64_t t) {
+    // An equal run of output pixels each (pixels x channels: a run of features).
+    const int64_t s = PQ * t / T, e = PQ * (t + 1) / T;
+    float* part = partial_.data() + t * N_ * Nout;
+    if (s >= e) {
+      std::fill(part, part + N_ * Nout, 0.0f);
+      return;
+    }
+    for (int64_t n = 0; n < N_; ++n) direct_pixels(conv, x, y0, n, s, e);
+    dense({(e - s) * K, y0 + s * K, F, static_cast<int>(N_), lin.lpacked.w.get() + s * K, F, Nout, part, Nout,
+           nullptr, false});
+  });
+  const float* bias = lin.lpacked.bias.get();
+  for (int64_t n = 0; n < N_; ++n)
+    for (int64_t j = 0; j < Nout; ++j) {
+      float v = bias ? bias[j] : 0.0f;
+      for (int t = 0; t < T; ++t) v += partial_[(t * N_ + n) * Nout + j];
+      y1[n * Nout + j] = lin.s.act == Activation::relu && v < 0.0f ? 0.0f : v;
+    }
+  if (lin.s.softmax_after) softmax<float>(y1, y1, N_, Nout, 1, lin.s.softmax_after == 2);
 }
 
 // Bands of convolution rows computed into a buffer that stays in L2 and
@@ -701,6 +945,7 @@ void NetPlan::run(const TensorView& x, float* y) {
     std::atomic<int64_t> next{0};
     parallel_for(lanes_, lanes_, [&](int64_t lane) {
       float* buf[2] = {lane_base + 2 * lane * lane_elems_, lane_base + (2 * lane + 1) * lane_elems_};
+      int64_t block[kDenseRows], rows = 0;  // lane_dense_: the images in the lane's block
       for (int64_t n; (n = next.fetch_add(1, std::memory_order_relaxed)) < N_;) {
         TensorView in = x;
         in.shape[0] = 1;
@@ -708,16 +953,27 @@ void NetPlan::run(const TensorView& x, float* y) {
         for (size_t k = 0; k < spatial_; ++k) {
           const Planned& p = stages_[k];
           float* out;
-          if (k + 1 == spatial_)
+          if (k + 1 == spatial_ && lane_dense_)
+            out = lane_block_ + (lane * kDenseRows + rows) * features_;
+          else if (k + 1 == spatial_)
             out = (k + 1 == n_stages ? y : batch[k % 2]) + n * numel(p.s.out);
           else
             out = buf[k % 2];
           run_stage(p, in, out, 1);
           in = view(out, p.s.out, 1);
         }
+        if (lane_dense_) {
+          block[rows++] = n;
+          if (rows == kDenseRows) run_dense_block(static_cast<int>(lane), block, rows, y), rows = 0;
+        }
       }
+      if (rows > 0) run_dense_block(static_cast<int>(lane), block, rows, y);
     });
-    i = spatial_;
+    i = lane_dense_ ? n_stages : spatial_;
+  }
+  if (split_) {
+    run_split(x, batch[0], n_stages == 2 ? y : batch[1]);
+    i = 2;
   }
   TensorView in = x;
   if (i > 0) in = view(batch[(i - 1) % 2], stages_[i - 1].s.out, N_);
@@ -742,7 +998,7 @@ std::string NetPlan::describe() const {
   for (size_t i = 0; i < stages_.size(); ++i) {
     const Planned& p = stages_[i];
     std::string layers = p.s.first == p.s.last ? cat("layer ", p.s.first) : cat("layers ", p.s.first, "-", p.s.last);
-    std::string fused = stage_name(p.s.kind);
+    std::string fused = p.s.wino ? "conv2d(winograd)" : stage_name(p.s.kind);
     if (p.s.act == Activation::relu && (p.s.kind != StageKind::relu)) fused += "+relu";
     if (p.s.kind == StageKind::direct && p.s.pooled()) fused += "+max_pool2d";
     if (p.s.softmax_after) fused += p.s.softmax_after == 2 ? "+log_softmax" : "+softmax";
@@ -750,7 +1006,8 @@ std::string NetPlan::describe() const {
              (tile_ && i < spatial_) ? " (per image)" : "", ": ", p.plan, "\n");
   }
   s += cat("  arena_bytes=", arena_bytes(), " (", lanes_, " lane(s) x 2 x ", lane_elems_ * 4, " + 2 x ",
-           batch_elems_ * 4, ")\n");
+           batch_elems_ * 4, lane_dense_ ? cat(" + ", lanes_, " lane block(s) x ", kDenseRows * features_ * 4) : "",
+           ")\n");
   s += cat("  predicted_us=", predicted_s_ * 1e6);
   return s;
 }

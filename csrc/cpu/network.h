@@ -12,8 +12,13 @@
 // each thread takes its share of the images and sends each through every
 // convolutional stage while its intermediates are still in L2 ("tile" mode).
 // Small batches run stage after stage with each stage split across threads
-// ("layer" mode). Dense layers always run over the whole batch at once, so
-// their weights are read once per batch instead of once per image.
+// ("layer" mode). Dense layers run over the whole batch at once, so their
+// weights are read once per batch instead of once per image; small ones (the
+// dot kernel's, weights within half an L2) instead run in the tile lanes, four
+// of a lane's images at a time, and in layer mode with a few images the first
+// linear is split with the direct stage before it by features (one hand-off
+// to the threads for both). 3x3 stride-1 convolutions with a 2x2 pool over
+// interleaved channels take Winograd F(2x2, 3x3) or F(4x4, 3x3).
 #pragma once
 #include <cstdint>
 #include <map>

@@ -1,4 +1,6 @@
 // The direct convolution kernel of the avx512 level: this translation unit alone is compiled with that level's flags (CMakeLists.txt).
+#include <immintrin.h>
+
 #include "cpu/conv_direct.h"
 
 namespace lk::cpu {
@@ -8,5 +10,6 @@ namespace {
 }  // namespace
 
 extern const DirectConvFn kConvDirect_avx512 = &conv_direct_f32;
+extern const DenseRowsFn kDenseRows_avx512 = &dense_rows_f32;
 
 }  // namespace lk::cpu

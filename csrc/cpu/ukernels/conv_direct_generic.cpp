@@ -8,5 +8,6 @@ namespace {
 }  // namespace
 
 extern const DirectConvFn kConvDirect_generic = &conv_direct_f32;
+extern const DenseRowsFn kDenseRows_generic = &dense_rows_f32;
 
 }  // namespace lk::cpu
