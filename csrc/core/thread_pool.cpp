@@ -279,22 +279,29 @@ int initial_threads() {
 }
 
 std::mutex g_pool_mu;
-Pool* g_pool = nullptr;
+std::atomic<Pool*> g_pool{nullptr};
+
 #ifdef __linux__
-pid_t g_pool_pid = 0;
+// A forked child inherits the pool object but not its threads: it abandons
+// the pool (joining threads that do not exist is undefined) and starts afresh
+// on first use. Checked at fork time, so that a call costs no system call.
+void forget_pool_in_child() { g_pool.store(nullptr, std::memory_order_relaxed); }
 #endif
 
 Pool& pool() {
+  if (Pool* p = g_pool.load(std::memory_order_acquire)) return *p;
   std::lock_guard<std::mutex> lock(g_pool_mu);
+  Pool* p = g_pool.load(std::memory_order_relaxed);
+  if (p == nullptr) {
 #ifdef __linux__
-  // A forked child inherits the pool object but not its threads: abandon it
-  // (joining threads that do not exist is undefined) and start afresh.
-  if (g_pool != nullptr && g_pool_pid != getpid()) g_pool = nullptr;
-  if (g_pool == nullptr) g_pool_pid = getpid();
+    static const int registered = pthread_atfork(nullptr, nullptr, &forget_pool_in_child);
+    (void)registered;
 #endif
-  // Never destroyed: workers must not be joined during interpreter shutdown.
-  if (g_pool == nullptr) g_pool = new Pool(initial_threads());
-  return *g_pool;
+    // Never destroyed: workers must not be joined during interpreter shutdown.
+    p = new Pool(initial_threads());
+    g_pool.store(p, std::memory_order_release);
+  }
+  return *p;
 }
 
 }  // namespace
