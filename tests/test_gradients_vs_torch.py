@@ -30,13 +30,23 @@ def tol(dtype, reduction):
     return 8 * np.sqrt(max(reduction, 1)) * np.finfo(dtype).eps
 
 
-def rel_err(got, want):
+def rel_err(got, want, magnitude=None):
+    """Norm-wise error of got against want, relative to want or, given, to the magnitude its rounding scales
+    with (the same sums over absolute values: a sum that cancels keeps the error of its terms)."""
     got = np.asarray(got, np.float64)
     want = want.detach().numpy() if isinstance(want, torch.Tensor) else np.asarray(want, np.float64)
     assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
     assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN positions differ"
     got, want = np.nan_to_num(got), np.nan_to_num(want)
-    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
+    scale = want if magnitude is None else magnitude.detach().numpy()
+    return np.linalg.norm(got - want) / max(np.linalg.norm(scale), 1e-300)
+
+
+def abs_grads(fn, arrays, gy):
+    """The gradients of fn at |arrays| for |gy|: each gradient's sums over absolute values."""
+    leaves = [leaf(np.abs(a)) for a in arrays]
+    fn(*leaves).backward(torch.from_numpy(np.abs(gy).astype(np.float64)))
+    return [t.grad for t in leaves]
 
 
 def leaf(a):
@@ -101,9 +111,10 @@ def test_conv2d_backward_random(rng, dtype):
         P, Q = yt.shape[2:]
         red_w = c["N"] * P * Q
         red_x = c["K"] // c["groups"] * c["R"] * c["S"]
-        assert rel_err(gx, xt.grad) < tol(dtype, red_x), c
-        assert rel_err(gw, wt.grad) < tol(dtype, red_w), c
-        assert rel_err(gb, bt.grad) < tol(dtype, red_w), c
+        mx, mw, mb = abs_grads(lambda xa, wa, ba: F.conv2d(xa, wa, ba, *args), (x, w, b), gy)
+        assert rel_err(gx, xt.grad, mx) < tol(dtype, red_x), c
+        assert rel_err(gw, wt.grad, mw) < tol(dtype, red_w), c
+        assert rel_err(gb, bt.grad, mb) < tol(dtype, red_w), c
         done += 1
     assert done == CONFIGS
 
@@ -199,9 +210,10 @@ def test_linear_backward_random(rng, dtype):
         if rows == 0:
             assert not gw.any() and not gb.any()
             continue
-        assert rel_err(gx, xt.grad) < tol(dtype, fout), (lead, fin, fout)
-        assert rel_err(gw, wt.grad) < tol(dtype, rows), (lead, fin, fout)
-        assert rel_err(gb, bt.grad) < tol(dtype, rows), (lead, fin, fout)
+        mx, mw, mb = abs_grads(F.linear, (x, w, np.zeros(fout)), gy)
+        assert rel_err(gx, xt.grad, mx) < tol(dtype, fout), (lead, fin, fout)
+        assert rel_err(gw, wt.grad, mw) < tol(dtype, rows), (lead, fin, fout)
+        assert rel_err(gb, bt.grad, mb) < tol(dtype, rows), (lead, fin, fout)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
