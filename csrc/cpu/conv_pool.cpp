@@ -33,6 +33,16 @@ Conv2dMaxPool2dPlan<T>::Conv2dMaxPool2dPlan(const Conv2dDesc& conv, const Pool2d
   const int64_t want = 4 * static_cast<int64_t>(threads_);
   const int64_t per_image = ceil_div(want, std::max<int64_t>(conv.N, 1));
   rows_per_task_ = std::min(rows_per_task_, std::max<int64_t>(1, ceil_div(P, per_image)));
+  // Then the band whose tasks share out most evenly: the busiest thread's
+  // rows, ceil(tasks / threads) bands of rows_per_task, as few as any (7 bands
+  // of 4 rows on 2 threads leave one thread a whole band idle; 14 of 2 none).
+  const auto busiest = [&](int64_t rows) {
+    return ceil_div(std::max<int64_t>(conv.N, 1) * ceil_div(P, rows), threads_) * rows;
+  };
+  int64_t best = rows_per_task_;
+  for (int64_t rows = rows_per_task_ - 1; rows >= 1 && rows * 2 >= rows_per_task_; --rows)
+    if (busiest(rows) < busiest(best)) best = rows;
+  rows_per_task_ = best;
 }
 
 template <class T>
