@@ -6,8 +6,9 @@ a net with AveragePool, Sigmoid, Reshape and LogSoftmax, and one with a
 depthwise convolution, LeakyReLU, Tanh, Concat and ceil-mode pooling; each in
 two opsets, compared with ONNX Runtime on random batches. Keras 3:
 Sequential models saved to .keras on the torch backend, compared with the
-Keras model itself. The criterion is the norm-wise relative error < 1e-5
-(float32 reductions of a few thousand terms stay near 1e-7).
+Keras model itself as keras_reference.py explains. The criterion is the
+norm-wise relative error < 1e-5 against ONNX Runtime (the target the issue
+sets) and against float64.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 import lepton_kernels as lk
+from keras_reference import check_against_keras
 
 torch = pytest.importorskip("torch", reason="the models are written and exported with PyTorch")
 F = torch.nn.functional
@@ -229,8 +231,7 @@ def test_keras_sequential_matches_keras(name, rng, tmp_path):
     loaded = lk.load_model(str(path))
     for n in (1, 4):
         x = rng.standard_normal((n, *shape)).astype(np.float32)
-        want = keras.ops.convert_to_numpy(model(x, training=False))
-        assert rel_err(loaded(x), want) < RTOL, (name, n)
+        check_against_keras(loaded, keras.ops.convert_to_numpy(model(x, training=False)), x, f"{name}, {n}")
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")

@@ -1,8 +1,8 @@
 """lk.load_model on Keras 3 .keras files written by Keras itself.
 
 The loaded model takes the same NHWC input as the Keras model and must give
-the same outputs (Keras runs on its torch backend here, in float32; the
-comparison is the norm-wise relative error, below 1e-5). Loading never
+the same outputs (Keras runs on its torch backend here, in float32; how the
+outputs are judged is in keras_reference.py). Loading never
 imports Keras: the .keras zip is read with the standard library and h5py.
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import lepton_kernels as lk
+from keras_reference import check_against_keras
 
 pytest.importorskip("h5py")
 pytest.importorskip("torch")
@@ -25,18 +26,10 @@ os.environ["KERAS_BACKEND"] = "torch"  # before keras is imported: the only back
 keras = pytest.importorskip("keras")
 L = keras.layers
 
-RTOL = 1e-5
-
 # Keras' torch backend converts its variables with np.array(x), which NumPy 2 flags; it is Keras' own
 # warning, raised while Keras saves, and says nothing about the model.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
-    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
 
 
 def _randomize(model, rng):
@@ -62,8 +55,7 @@ def check(model, tmp_path, rng, batch=4):
     shape = (batch,) + tuple(model.input_shape[1:])
     x = rng.uniform(-1, 1, shape).astype(np.float32)
     want = keras.ops.convert_to_numpy(model(x))
-    got = g(x)
-    assert rel_err(got, want) < RTOL
+    check_against_keras(g, want, x)
     return g, x
 
 
@@ -82,7 +74,7 @@ def test_founding_model(tmp_path, rng):
     # Unbatched-size batches
     for n in (1, 7):
         xb = rng.uniform(-1, 1, (n, 28, 28, 1)).astype(np.float32)
-        assert rel_err(g(xb), keras.ops.convert_to_numpy(model(xb))) < RTOL
+        check_against_keras(g, keras.ops.convert_to_numpy(model(xb)), xb, f"batch {n}")
 
 
 def test_padding_strides_batch_norm_pooling(tmp_path, rng):
