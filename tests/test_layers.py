@@ -9,7 +9,11 @@ A convolution layer's plans are made for weights packed in advance, so the
 cost model may pick another algorithm than the functional op (which packs on
 every call) and round differently: convolution layers are compared with the
 float64 reference, and bit for bit only with a fresh layer made the same way
-(which gets the same plan). Linear and MaxPool2d share the functional plans.
+(which gets the same plan). Linear and MaxPool2d share the functional plans,
+but for one row against a weight of 1 MiB or more: a Linear layer then
+runs the single-row kernel over packed panels, which the functional op (that
+would pack on every call) never uses; those are compared with the float64
+reference.
 """
 
 from __future__ import annotations
@@ -422,6 +426,25 @@ def test_describe_names_the_algorithm(cls, algorithm, rng):
         assert isinstance(text, str)
         names = ALGORITHMS if algorithm == "auto" else (algorithm,)
         assert any(f"algo={name} " in text for name in names), text
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(1000, 512), (131, 2003), (97, 3001)])  # 1 MiB or more in float32
+def test_linear_one_row_large_weight(isa, dtype, n, k, rng):
+    w, b = ref.randn(rng, (n, k), dtype), ref.randn(rng, n, dtype)
+    for bias, activation in ((b, "relu"), (None, None)):
+        layer = lk.Linear(w, bias, activation=activation)
+        assert "algo=gemv" in layer.describe(1), layer.describe(1)
+        wide = ref.randn(rng, (1, 2 * k), dtype)
+        for x in (ref.randn(rng, (1, k), dtype), ref.randn(rng, k, dtype), wide[:, ::2], ref.randn(rng, (2, k), dtype)):
+            x_before = x.copy()
+            got = layer(x)
+            ref.assert_identical(x, x_before)
+            magnitude = ref.linear(np.abs(x), np.abs(w), None if bias is None else np.abs(bias))
+            ref.assert_sum_close(got, ref.linear(x, w, bias, activation), magnitude, k + 1, dtype, f"{x.shape}")
+    layer.weight = w2 = ref.randn(rng, (n, k), dtype)  # repacked: never the old panels
+    x = ref.randn(rng, (1, k), dtype)
+    ref.assert_sum_close(layer(x), ref.linear(x, w2), ref.linear(np.abs(x), np.abs(w2)), k, dtype)
 
 
 def test_linear_describe(rng):

@@ -11,6 +11,10 @@ namespace lk::cpu {
 
 namespace {
 constexpr double kDotEfficiency = 0.5;  // the dot kernel against the GEMM microkernel's rate
+// A weight from this size on no longer stays in one core's L2 between calls
+// (1 MiB on the development machine) and streams from L3, where the packed
+// single-row kernel reads it faster than the dot kernel (kernels.inc).
+constexpr int64_t kGemvMinBytes = int64_t{1} << 20;
 }  // namespace
 
 template <class T>
@@ -25,6 +29,11 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
   algo_ = (M <= 8 || 2 * N <= uk_.nr) ? LinearAlgo::dot
           : (!prepacked && M < N)   ? LinearAlgo::gemm_t
                                     : LinearAlgo::gemm;
+  // One row against a large weight that a layer packs once: the panels,
+  // unless their padding (read like weights) would add more than a quarter.
+  if (prepacked && M == 1 && N * K * static_cast<int64_t>(sizeof(T)) >= kGemvMinBytes &&
+      4 * round_up(N, dot_.gemv_nr) <= 5 * N)
+    algo_ = LinearAlgo::gemv;
   if (algo_ == LinearAlgo::gemm_t) {  // rows: features, columns: input rows; the shape padding M least
     const UkernelTable& t = ukernels();
     if (round_up(M, t.gemm<T>(1).nr) * round_up(N, t.gemm<T>(1).mr) <
@@ -46,6 +55,7 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
   const MachineModel& model = machine_model();
   const double rate = model.gemm_flops[sizeof(T) == 8][0];
   const double flops = algo_ == LinearAlgo::dot      ? 2.0 * M * K * N / kDotEfficiency
+                       : algo_ == LinearAlgo::gemv   ? 2.0 * K * round_up(N, dot_.gemv_nr) / kDotEfficiency
                        : algo_ == LinearAlgo::gemm_t ? 2.0 * round_up(N, mr) * K * round_up(M, nr)
                                                      : 2.0 * round_up(M, mr) * K * round_up(N, nr);
   const double bytes = static_cast<double>(sizeof(T)) * (M * K + N * K + M * N);
@@ -57,6 +67,12 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
     if (predict(t) < predict(threads_)) threads_ = t;
   predicted_s_ = predict(threads_);
   const int64_t want = 4 * static_cast<int64_t>(threads_);
+  if (algo_ == LinearAlgo::gemv) {
+    // One run of panels per thread: each thread then reads the same part of
+    // the weight at every call, so whatever of it its caches kept is reused.
+    nc_ = round_up(ceil_div(N, threads_), dot_.gemv_nr);
+    return;
+  }
   if (algo_ == LinearAlgo::dot) {
     // Tasks: blocks of 4 input rows times blocks of weight rows.
     mc_ = 4;
@@ -94,12 +110,12 @@ PackedLinearWeights<T> LinearPlan<T>::pack(const TensorView& w, const TensorView
   LK_CHECK(w.ndim == 2 && w.shape[0] == N && w.shape[1] == K, "weight: shape does not match the plan");
   LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
   PackedLinearWeights<T> p;
-  const bool panels = algo_ == LinearAlgo::gemm;  // else rows, as dot and gemm_t read them
-  const int64_t Np = panels ? round_up(N, uk_.nr) : N;
+  const int nr = weight_layout();  // 0: rows, as dot and gemm_t read them
+  const int64_t Np = nr ? round_up(N, nr) : N;
   p.w = aligned_alloc_array<T>(Np * K);
-  if (panels) {
-    pack_b_panels(w.ptr<T>(), w.strides[1], w.strides[0], K, N, uk_.nr, p.w.get());  // B(k, j) = W[j][k]
-    p.nr = uk_.nr;
+  if (nr) {
+    pack_b_panels(w.ptr<T>(), w.strides[1], w.strides[0], K, N, nr, p.w.get());  // B(k, j) = W[j][k]
+    p.nr = nr;
   } else {
     for (int64_t j = 0; j < N; ++j)
       for (int64_t k = 0; k < K; ++k) p.w[j * K + k] = w.ptr<T>()[j * w.strides[0] + k * w.strides[1]];
@@ -113,7 +129,7 @@ PackedLinearWeights<T> LinearPlan<T>::pack(const TensorView& w, const TensorView
 
 template <class T>
 typename LinearPlan<T>::Weights LinearPlan<T>::bind(const PackedLinearWeights<T>& p) const {
-  LK_CHECK(p.nr == (algo_ == LinearAlgo::gemm ? uk_.nr : 0), "weight: packed for another plan");
+  LK_CHECK(p.nr == weight_layout(), "weight: packed for another plan");
   LK_CHECK(d_.has_bias == (p.bias != nullptr), "bias: does not match the plan");
   return {p.w.get(), d_.K, p.bias.get()};
 }
@@ -125,7 +141,7 @@ typename LinearPlan<T>::Weights LinearPlan<T>::bind(const TensorView* w, const T
            "weight: shape does not match the plan");
   LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
   // Rows in place need a real row stride: the GEMM takes a stride of 0 for packed panels.
-  if (algo_ != LinearAlgo::gemm && w->strides[1] == 1 && w->strides[0] != 0 && (b == nullptr || b->strides[0] == 1))
+  if (weight_layout() == 0 && w->strides[1] == 1 && w->strides[0] != 0 && (b == nullptr || b->strides[0] == 1))
     return {w->ptr<T>(), w->strides[0], b ? b->ptr<T>() : nullptr};
   storage.packed = pack(*w, b);
   return bind(storage.packed);
@@ -147,6 +163,8 @@ void LinearPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
   }
   if (algo_ == LinearAlgo::dot)
     run_dot(x, wt, y);
+  else if (algo_ == LinearAlgo::gemv)
+    run_gemv(x, wt, y);
   else if (algo_ == LinearAlgo::gemm_t)
     run_gemm_t(x, wt, y);
   else
@@ -174,6 +192,22 @@ void LinearPlan<T>::run_dot(const TensorView& x, const Weights& wt, T* y) const 
     }
     dot_.fn(K, xi, ldx, static_cast<int>(rows), wt.w + j0 * wt.ldw, wt.ldw, n, y + i0 * N + j0, N,
             wt.bias ? wt.bias + j0 : nullptr, relu);
+  });
+}
+
+template <class T>
+void LinearPlan<T>::run_gemv(const TensorView& x, const Weights& wt, T* y) const {
+  const int64_t K = d_.K, N = d_.N;
+  const T* xr = x.ptr<T>();
+  if (x.strides[1] != 1) {  // the kernel wants a contiguous row
+    T* copy = scratch_array<T>(kPackSlot, static_cast<size_t>(K));
+    for (int64_t p = 0; p < K; ++p) copy[p] = xr[p * x.strides[1]];
+    xr = copy;
+  }
+  const bool relu = d_.act == Activation::relu;
+  parallel_for(ceil_div(N, nc_), threads_, [&](int64_t task) {
+    const int64_t j0 = task * nc_;
+    dot_.gemv(K, xr, wt.w + j0 * K, std::min(nc_, N - j0), y + j0, wt.bias ? wt.bias + j0 : nullptr, relu);
   });
 }
 
@@ -240,6 +274,8 @@ std::string LinearPlan<T>::describe() const {
   std::string s = cat("linear ", dtype_name(dtype_of<T>()));
   if (algo_ == LinearAlgo::dot)
     s += cat(" algo=dot ukernel=", dot_.name, " nc=", nc_);
+  else if (algo_ == LinearAlgo::gemv)
+    s += cat(" algo=gemv ukernel=", dot_.gemv_name, " nc=", nc_);
   else if (algo_ == LinearAlgo::gemm_t)
     s += cat(" algo=gemm_t ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
   else

@@ -14,12 +14,13 @@ enum class LinearAlgo {
   gemm_t,  // transposed (y^T = W x^T): the weight read in place as the GEMM's rows, the
            // input packed instead; for calls whose weight nobody packed in advance
   dot,     // few input rows or few outputs: dot products against weight rows in place
+  gemv,    // one input row against a large weight packed in panels one vector wide (one stream)
 };
 
 // Weights packed once by LinearPlan::pack, for callers that run many times.
 template <class T>
 struct PackedLinearWeights {
-  AlignedPtr<T> w;     // gemm: ceil(N/NR) panels of K x NR; dot: N x K rows
+  AlignedPtr<T> w;     // gemm, gemv: ceil(N/NR) panels of K x NR; dot: N x K rows
   AlignedPtr<T> bias;  // N entries, zero-padded to a whole panel; or null
   int nr = 0;          // panel width the weights were packed for (0: rows)
 };
@@ -50,7 +51,9 @@ class LinearPlan {
   void run(const TensorView& x, const Weights& wt, T* y) const;
 
   // Which packed layout this plan reads: NR of the panels, or 0 for rows.
-  int weight_layout() const { return algo_ == LinearAlgo::gemm ? uk_.nr : 0; }
+  int weight_layout() const {
+    return algo_ == LinearAlgo::gemm ? uk_.nr : algo_ == LinearAlgo::gemv ? dot_.gemv_nr : 0;
+  }
 
   std::string describe() const;
   double predicted_s() const { return predicted_s_; }
@@ -60,6 +63,7 @@ class LinearPlan {
   void run_gemm(const TensorView& x, const Weights& wt, T* y) const;
   void run_dot(const TensorView& x, const Weights& wt, T* y) const;
   void run_gemm_t(const TensorView& x, const Weights& wt, T* y) const;
+  void run_gemv(const TensorView& x, const Weights& wt, T* y) const;
 
   LinearDesc d_;
   LinearAlgo algo_;

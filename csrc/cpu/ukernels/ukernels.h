@@ -53,10 +53,21 @@ template <class T>
 using DotUkernelFn = void (*)(int64_t k, const T* x, int64_t ldx, int rows, const T* w, int64_t ldw, int64_t n, T* y,
                               int64_t ldy, const T* bias, bool relu);
 
+// y[0:n] = act(bias + W x) for one input row x of length k against W
+// packed in panels (pack_b_panels: k x nr each, nr = gemv_nr, zero-padded
+// past n); bias null or zero-padded like the panels.
+template <class T>
+using GemvUkernelFn = void (*)(int64_t k, const T* x, const T* panels, int64_t n, T* y, const T* bias, bool relu);
+
+// The dot kernel, and beside it the single-row kernel over packed panels:
+// one contiguous stream of weights where the dot kernel reads many rows.
 template <class T>
 struct DotUkernel {
   DotUkernelFn<T> fn;
   const char* name;
+  GemvUkernelFn<T> gemv;
+  int gemv_nr;
+  const char* gemv_name;
 };
 
 // A block of m x n max-pooling windows of kh x kw taps (dil_h, dil_w apart)
