@@ -8,8 +8,11 @@ own thread count may change the work split, not the results beyond rounding.
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -206,3 +209,27 @@ def test_calls_work_in_a_forked_child(rng):
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     ref.assert_identical(np.frombuffer(b"".join(chunks), np.float32).reshape(expected.shape), expected)
+
+
+# A process whose first plan is made on one thread: the machine model it
+# measures then has no hand-over cost to measure. Once the pool grows, a plan
+# must not give a second thread a job far shorter than that hand-over.
+ONE_THREAD_FIRST = """
+import numpy as np, lepton_kernels as lk
+lk.set_num_threads(1)
+net = lk.Sequential([lk.Linear(np.ones((10, 16), np.float32))])
+x = np.ones((1, 16), np.float32)
+net(x)
+lk.set_num_threads(2)
+net(x)
+print(net.describe())
+print(lk.explain(lk.linear, x, np.ones((10, 16), np.float32)))
+"""
+
+
+def test_plans_after_the_pool_grows_weigh_the_hand_over():
+    done = subprocess.run([sys.executable, "-c", ONE_THREAD_FIRST], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"wake_us=[1-9]|wake_us=0\.\d*[1-9]", done.stdout), done.stdout
+    threads = re.findall(r"threads=(\d+) predicted", done.stdout)
+    assert threads and set(threads) == {"1"}, done.stdout

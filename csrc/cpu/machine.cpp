@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -89,6 +90,7 @@ MachineModel measure(Isa isa) {
   }
   m.bandwidth = measure_bandwidth();
   m.wake_s = measure_wake();
+  m.wake_measured = get_num_threads() >= 2;
   return m;
 }
 
@@ -122,7 +124,19 @@ const MachineModel& machine_model() {
   const Isa isa = active_isa();
   std::lock_guard<std::mutex> lock(mu);
   MachineModel*& m = models[static_cast<int>(isa)];
-  if (m == nullptr) m = new MachineModel(measure(isa));
+  if (m == nullptr) {
+    m = new MachineModel(measure(isa));
+  } else if (!m->wake_measured && get_num_threads() >= 2) {
+    // Measured while the pool had one thread, the hand-over looked free: with
+    // it, plans would give a second thread even a sub-microsecond job (and
+    // keep it spinning). Measured now, in a new model, since callers may hold
+    // the old one; it stays allocated for them.
+    static std::vector<std::unique_ptr<MachineModel>> replaced;
+    replaced.emplace_back(m);
+    m = new MachineModel(*m);
+    m->wake_s = measure_wake();
+    m->wake_measured = true;
+  }
   return *m;
 }
 

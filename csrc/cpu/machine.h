@@ -14,6 +14,7 @@ struct MachineModel {
   double gemm_flops[2][kGemmShapes];  // one thread, each GEMM microkernel on cached data: [f32, f64][shape]
   double bandwidth;      // main memory, bytes moved per second (read + write) by one thread
   double wake_s;         // handing a job to the pool's workers and waiting for it
+  bool wake_measured;    // false while the pool has had one thread (wake_s = 0 then)
   std::string describe() const;
 };
 
