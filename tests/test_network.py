@@ -289,16 +289,25 @@ def test_split_direct_and_linear(rng, restore_threads, isa, threads):
     # A few images in layer mode: the direct stage's output pixels and the
     # linear's features split among the threads in one hand-off, partial sums
     # added after (with the bias, ReLU and softmax). Runs of pixels starting and
-    # ending inside rows, pooled and not, batches 1-4, every ISA level.
+    # ending inside rows, pooled and not, batches 1-4, every ISA level. A
+    # linear of up to 16 outputs runs in the direct kernel's epilogue (filters
+    # in one block of 32 or 16, or several; a 17-output one after the stage).
     lk.set_num_threads(threads)
     small = Net(rng, (2, 7, 40), [("conv", dict(k=32, relu=True, pool=(2, 2), fused=True)), ("flatten", {}),
                                   ("linear", dict(n=7, relu=True)), ("linear", dict(n=3)), ("softmax", {})])
     plain = Net(rng, (3, 9, 23), [("conv", dict(k=16, padding=1)), ("flatten", {}), ("linear", dict(n=5))])
-    for net in (mnist(rng), small, plain):
+    wide = Net(rng, (1, 12, 30), [("conv", dict(k=64, relu=True, pool=(2, 2), fused=True)), ("flatten", {}),
+                                  ("linear", dict(n=16))])
+    odd = Net(rng, (2, 10, 17), [("conv", dict(k=48, padding=1, relu=True)), ("flatten", {}),
+                                 ("linear", dict(n=17)), ("softmax", {})])
+    for net, outputs in ((mnist(rng), 10), (small, 7), (plain, 5), (wide, 16), (odd, 17)):
         seq = net.sequential()
         for n in (1, 2, 3, 4):
             x = _input(rng, net, n)
             net.check(seq(x), x, f"batch {n} on {threads} threads")
+        stage0 = next(line for line in seq.describe((1,) + net.in_shape).splitlines() if "stage 0" in line)
+        if "split with" in stage0:
+            assert ("which it takes in its epilogue" in stage0) == (outputs <= 16), stage0
     # The split rides on the direct stage's own hand-off: it is there whenever
     # the cost model (the pool's measured hand-off time) runs that stage on
     # several threads.

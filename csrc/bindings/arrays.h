@@ -15,8 +15,15 @@ namespace lk::bindings {
 
 namespace py = pybind11;
 
-inline bool is_f32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
-inline bool is_f64(const py::array& a) { return a.dtype().equal(py::dtype::of<double>()); }
+// The element type from the array's descriptor, without the reference
+// counting and equivalence test of dtype().equal() (called on every call):
+// native or little-endian byte order only, as that test would require.
+inline bool has_type(const py::array& a, int type_num) {
+  const auto* d = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr);
+  return d->type_num == type_num && d->byteorder != '>';
+}
+inline bool is_f32(const py::array& a) { return has_type(a, py::detail::npy_api::NPY_FLOAT_); }
+inline bool is_f64(const py::array& a) { return has_type(a, py::detail::npy_api::NPY_DOUBLE_); }
 
 // An array the core may read, with its view. Misaligned data or strides that
 // are not whole elements (possible with np.ndarray(buffer=..., strides=...))
@@ -50,11 +57,21 @@ inline Input input_view(py::array a, const char* name, int ndim) {
 // Outputs from this size up come from the output pool (core/memory.h).
 constexpr size_t kPooledOutputBytes = 256 * 1024;
 
-template <class T>
-py::array_t<T> new_array(const std::vector<py::ssize_t>& shape) {
+template <class T, class Int = py::ssize_t>
+py::array_t<T> new_array(const std::vector<Int>& shape) {
   size_t bytes = sizeof(T);
   for (auto s : shape) bytes *= static_cast<size_t>(s);
-  if (bytes < kPooledOutputBytes) return py::array_t<T>(shape);
+  if (bytes < kPooledOutputBytes && shape.size() <= kMaxDims) {
+    // NumPy's constructor directly: array_t's copies the shape and computes
+    // the strides in vectors of its own, a sizeable share of a small call.
+    Py_intptr_t dims[kMaxDims];
+    for (size_t i = 0; i < shape.size(); ++i) dims[i] = static_cast<Py_intptr_t>(shape[i]);
+    auto& api = py::detail::npy_api::get();
+    PyObject* a = api.PyArray_NewFromDescr_(api.PyArray_Type_, py::dtype::of<T>().release().ptr(),
+                                            static_cast<int>(shape.size()), dims, nullptr, nullptr, 0, nullptr);
+    if (a == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::array_t<T>>(a);
+  }
   struct Block {
     void* p;
     size_t bytes;
@@ -67,8 +84,8 @@ py::array_t<T> new_array(const std::vector<py::ssize_t>& shape) {
   return py::array_t<T>(shape, static_cast<T*>(p), owner);
 }
 
-template <class T>
-py::array_t<T> output_array(const py::object& out, const std::vector<py::ssize_t>& shape) {
+template <class T, class Int = py::ssize_t>
+py::array_t<T> output_array(const py::object& out, const std::vector<Int>& shape) {
   if (out.is_none()) return new_array<T>(shape);
   auto a = py::reinterpret_borrow<py::array>(out);
   if (!a.dtype().equal(py::dtype::of<T>()))

@@ -115,10 +115,8 @@ class Network {
       throw py::type_error(cat("input: expected dtype float32 (the network's weights), got ", dtype_name(x.view.dtype)));
     LK_CHECK(net_->strided_input() || (x.array.flags() & py::array::c_style) != 0,
              "input: must be C-contiguous for this network");
-    const std::vector<int64_t> in_shape(x.view.shape, x.view.shape + x.view.ndim);
-    const auto plan = net_->plan_for(in_shape);
-    const std::vector<int64_t>& shape = cpu::Network::output_shape(*plan);
-    auto y = output_array<float>(out, std::vector<py::ssize_t>(shape.begin(), shape.end()));
+    const auto plan = net_->plan_for(x.view.shape, x.view.ndim);
+    auto y = output_array<float>(out, cpu::Network::output_shape(*plan));
     float* yp = y.mutable_data();
     {
       py::gil_scoped_release release;

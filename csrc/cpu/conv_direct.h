@@ -43,7 +43,21 @@ struct DirectConvArgs {
   int wino;
   int64_t C;
   float* work;             // wino_work_floats(C) floats of scratch
+  // Optional (taps only, hwc): the next layer, a linear one of at most
+  // kDirDenseMax outputs, fused into the epilogue. Output j's partial sums
+  // gather in dense_acc[j * kDirAccStride ...] (lanes to add up afterwards):
+  // each output vector times the weights of its features (p*Q + q)*K + k,
+  // dense_w[j * dense_ldw + feature]. The weights' loads then overlap the
+  // multiply-adds of the blocks around them, where a dense pass after the
+  // convolution waits for them. With store_y false, y only numbers the features.
+  const float* dense_w = nullptr;
+  int64_t dense_ldw = 0, dense_n = 0;
+  float* dense_acc = nullptr;
+  bool store_y = true;
 };
+
+constexpr int64_t kDirDenseMax = 16;
+constexpr int64_t kDirAccStride = 16;  // floats per output in dense_acc: the widest vector
 
 // Scratch a Winograd call needs: the input transforms of a block of tiles
 // and the products of one block of filters for them (the larger of F(2x2)'s

@@ -389,9 +389,17 @@ class NetPlan {
   void plan_stage(Planned& p, int64_t images);
   void run_stage(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   void run_direct(const Planned& p, const TensorView& in, float* out, int64_t images) const;
+  // split_ with few outputs: the linear stage's weights and partial sums for
+  // the direct kernel's epilogue (DirectConvArgs::dense_w).
+  struct DenseFuse {
+    const float* w;
+    int64_t ldw, n;
+    float* acc;
+  };
   void direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1, int64_t q0,
-                   int64_t q1) const;
-  void direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e) const;
+                   int64_t q1, const DenseFuse* fuse = nullptr) const;
+  void direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e,
+                     const DenseFuse* fuse = nullptr) const;
   void run_split(const TensorView& x, float* y0, float* y1);
   void run_conv_pool_bands(const Planned& p, const TensorView& in, float* out, int64_t images) const;
   TensorView view(const float* data, const Shape& per_image, int64_t images) const;
@@ -406,6 +414,7 @@ class NetPlan {
   // among the threads, each thread then taking the next (linear) stage's dot
   // products over the features of its pixels; the partial sums are added after.
   bool split_ = false;
+  bool split_fused_ = false;  // split_, the linear in the direct kernel's epilogue
   std::vector<float> partial_;  // threads x images x outputs
   // Tile mode whose stages after the spatial ones are all linears on the dot
   // kernel: each lane collects the features of the images it takes in a block
@@ -468,7 +477,9 @@ NetPlan::NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched) 
   // hand-off is paid once), and the linear reads its weights as rows.
   if (split_ && (stages_[0].threads < 2 || stages_[1].linear->weight_layout() != 0)) split_ = false;
   if (split_) {
-    stages_[0].plan += cat(" split with the next stage's features over ", threads_, " threads");
+    split_fused_ = !stages_[0].s.wino && stages_[1].s.out.back() <= kDirDenseMax;
+    stages_[0].plan += cat(" split with the next stage's features over ", threads_, " threads",
+                           split_fused_ ? ", which it takes in its epilogue" : "");
     partial_.assign(static_cast<size_t>(threads_ * N_ * stages_[1].s.out.back()), 0.0f);
   }
   lane_dense_ = tile_ && spatial_ > 0 && spatial_ < stages_.size();
@@ -736,17 +747,18 @@ void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_
 
 // Output pixels [s, e) of image n in raster order (pooled ones when pooled):
 // a partial first row, whole rows, a partial last row.
-void NetPlan::direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e) const {
+void NetPlan::direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e,
+                           const DenseFuse* fuse) const {
   const int64_t Q = p.s.out[2];
   while (s < e) {
     const int64_t r = s / Q, q0 = s % Q;
     if (q0 > 0 || e - s < Q) {  // within one row
       const int64_t q1 = std::min(Q, q0 + e - s);
-      direct_band(p, x, y, n, r, r + 1, q0, q1);
+      direct_band(p, x, y, n, r, r + 1, q0, q1, fuse);
       s += q1 - q0;
     } else {
       const int64_t rows = (e - s) / Q;
-      direct_band(p, x, y, n, r, r + rows, 0, Q);
+      direct_band(p, x, y, n, r, r + rows, 0, Q, fuse);
       s += rows * Q;
     }
   }
@@ -754,7 +766,7 @@ void NetPlan::direct_pixels(const Planned& p, const TensorView& x, float* y, int
 
 // Pooled (or plain) output rows [p0, p1), columns [q0, q1), of image n.
 void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1,
-                          int64_t q0, int64_t q1) const {
+                          int64_t q0, int64_t q1, const DenseFuse* fuse) const {
   const Stage& s = p.s;
   const Conv2dDesc& d = s.conv;
   const int64_t C = d.C, H = d.H, W = d.W, K = d.K, P = s.out[1], Q = s.out[2];
@@ -817,6 +829,10 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.wino = s.wino;
   a.C = C;
   a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
+  if (fuse != nullptr) {
+    a.dense_w = fuse->w, a.dense_ldw = fuse->ldw, a.dense_n = fuse->n, a.dense_acc = fuse->acc;
+    a.store_y = false;  // the linear stage was its only reader
+  }
   p.fn(a);
 }
 
@@ -856,6 +872,20 @@ void NetPlan::run_split(const TensorView& x, float* y0, float* y1) {
     float* part = partial_.data() + t * N_ * Nout;
     if (s >= e) {
       std::fill(part, part + N_ * Nout, 0.0f);
+      return;
+    }
+    if (split_fused_) {
+      float acc[kDirDenseMax * kDirAccStride];
+      const DenseFuse fuse{lin.lpacked.w.get(), F, Nout, acc};
+      for (int64_t n = 0; n < N_; ++n) {
+        std::fill(acc, acc + Nout * kDirAccStride, 0.0f);
+        direct_pixels(conv, x, y0, n, s, e, &fuse);
+        for (int64_t j = 0; j < Nout; ++j) {
+          float v = 0;
+          for (int64_t l = 0; l < kDirAccStride; ++l) v += acc[j * kDirAccStride + l];
+          part[n * Nout + j] = v;
+        }
+      }
       return;
     }
     for (int64_t n = 0; n < N_; ++n) direct_pixels(conv, x, y0, n, s, e);
@@ -1038,15 +1068,21 @@ Network::Network(std::vector<NetLayerSpec> layers) : layers_(std::move(layers)) 
 Network::~Network() = default;
 
 std::shared_ptr<NetPlan> Network::plan_for(const std::vector<int64_t>& in) const {
+  return plan_for(in.data(), static_cast<int>(in.size()));
+}
+
+std::shared_ptr<NetPlan> Network::plan_for(const int64_t* shape, int ndim) const {
+  LK_CHECK(ndim >= 1 && ndim <= kMaxDims, "input: expected 1 to ", kMaxDims, " dimensions");
   const SchedulerSettings st = scheduler_settings();
-  std::vector<int64_t> key = in;
+  Key key;
+  for (int i = 0; i < ndim; ++i) key.v[key.n++] = shape[i];
   int64_t weight_bits;
   std::memcpy(&weight_bits, &st.memory_weight, sizeof weight_bits);
-  key.push_back(-1);  // separates the shape from the settings
-  key.push_back(get_num_threads());
-  key.push_back(static_cast<int64_t>(active_isa()));
-  key.push_back(st.memory_budget);
-  key.push_back(weight_bits);
+  key.v[key.n++] = -1;  // separates the shape from the settings
+  key.v[key.n++] = get_num_threads();
+  key.v[key.n++] = static_cast<int64_t>(active_isa());
+  key.v[key.n++] = st.memory_budget;
+  key.v[key.n++] = weight_bits;
   std::lock_guard<std::mutex> lock(mu_);
   if (last_plan_ && key == last_key_) return last_plan_;
   auto it = plans_.find(key);
@@ -1054,7 +1090,7 @@ std::shared_ptr<NetPlan> Network::plan_for(const std::vector<int64_t>& in) const
     last_key_ = key, last_plan_ = it->second;
     return it->second;
   }
-  auto plan = std::make_shared<NetPlan>(layers_, in);
+  auto plan = std::make_shared<NetPlan>(layers_, std::vector<int64_t>(shape, shape + ndim));
   constexpr size_t kMaxPlans = 16;  // batch sizes and settings kept per network
   if (plans_.size() >= kMaxPlans) plans_.erase(plans_.begin());
   plans_.emplace(key, plan);
@@ -1074,10 +1110,7 @@ void Network::run(NetPlan& plan, const TensorView& x, float* y) {
   plan.run(x, y);
 }
 
-void Network::run(const TensorView& x, float* y) const {
-  const std::vector<int64_t> shape(x.shape, x.shape + x.ndim);
-  run(*plan_for(shape), x, y);
-}
+void Network::run(const TensorView& x, float* y) const { run(*plan_for(x.shape, x.ndim), x, y); }
 
 std::string Network::describe(const std::vector<int64_t>& in) const { return plan_for(in)->describe(); }
 

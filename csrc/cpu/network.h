@@ -20,6 +20,7 @@
 // to the threads for both). 3x3 stride-1 convolutions with a 2x2 pool over
 // interleaved channels take Winograd F(2x2, 3x3) or F(4x4, 3x3).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -62,6 +63,7 @@ class Network {
   // The plan for a batched input shape (made on first use, validating the
   // chain), and the output's shape it produces.
   std::shared_ptr<NetPlan> plan_for(const std::vector<int64_t>& in) const;
+  std::shared_ptr<NetPlan> plan_for(const int64_t* shape, int ndim) const;
   static const std::vector<int64_t>& output_shape(const NetPlan& plan);
   std::vector<int64_t> output_shape(const std::vector<int64_t>& in) const;
   // x: the batched input of the plan's shape, any strides when the first
@@ -77,9 +79,17 @@ class Network {
  private:
   std::vector<NetLayerSpec> layers_;
   mutable std::mutex mu_;
-  mutable std::map<std::vector<int64_t>, std::shared_ptr<NetPlan>> plans_;
+  // A plan's key: the input shape, then the settings the plan depends on.
+  static constexpr int kKeyLen = kMaxDims + 5;
+  struct Key {
+    int64_t v[kKeyLen];
+    int n = 0;
+    bool operator==(const Key& o) const { return n == o.n && std::equal(v, v + n, o.v); }
+    bool operator<(const Key& o) const { return std::lexicographical_compare(v, v + n, o.v, o.v + o.n); }
+  };
+  mutable std::map<Key, std::shared_ptr<NetPlan>> plans_;
   mutable int64_t plans_made_ = 0;
-  mutable std::vector<int64_t> last_key_;  // the plan of the last call: most calls repeat it
+  mutable Key last_key_;  // the plan of the last call: most calls repeat it
   mutable std::shared_ptr<NetPlan> last_plan_;
 };
 
