@@ -213,6 +213,9 @@ class Pool {
   }
 
   void worker_loop() {
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "lepton-worker");  // for top, perf and debuggers
+#endif
     t_inside_task = true;
     for (;;) {
       // Spin a while before sleeping: calls come in streams, and a spinning

@@ -20,6 +20,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -53,21 +54,55 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _settle(max_wait: float = 0.1) -> None:
-    """Wait until no thread of this process is still running, or ``max_wait`` seconds.
+def _busy_threads() -> Optional[int]:
+    """Threads of this process, other than the caller, running or waiting for a CPU (None: unknown).
 
-    Thread pools (OpenMP's, ONNX Runtime's) keep spinning for a while after a
-    call (ONNX Runtime 1.32's for about 50 ms, measured here); on a machine
-    with few cores that steals a core from whichever implementation runs next.
-    Waiting until the process's CPU time stops growing lets each loop start on
-    an idle machine, whatever pools are loaded.
+    Read from each thread's state in /proc (Linux): exact at the moment it is read, where the
+    process's CPU time is not (a thread running on another CPU adds its time only at the next
+    scheduler tick, 4 ms apart here).
+    """
+    me = threading.get_native_id()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    busy = 0
+    for tid in tids:
+        if tid == str(me):
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the thread has exited
+            continue
+        if stat[stat.rindex(b")") + 2:][:1] == b"R":  # the state follows the parenthesised name
+            busy += 1
+    return busy
+
+
+def _settle(max_wait: float = 0.2) -> None:
+    """Wait until no other thread of this process has run for a while, or ``max_wait`` seconds.
+
+    Thread pools keep spinning after a call (ONNX Runtime 1.32's for about 50 ms, torch's
+    OpenMP threads about 10 ms, measured here); on a machine with few cores that steals a
+    core from whichever implementation runs next. Three quiet looks 0.5 ms apart let each
+    loop start on an idle machine, whatever pools are loaded. Where thread states cannot be
+    read, the process's CPU time standing still for 5 ms (past a scheduler tick) stands in.
     """
     deadline = time.perf_counter() + max_wait
+    quiet = 0
     while time.perf_counter() < deadline:
-        cpu = time.process_time()
-        time.sleep(0.001)
-        if time.process_time() - cpu < 0.0002:
+        busy = _busy_threads()
+        if busy is None:
+            cpu = time.process_time()
+            time.sleep(0.005)
+            if time.process_time() - cpu < 0.0002:
+                return
+            continue
+        quiet = quiet + 1 if busy == 0 else 0
+        if quiet >= 3:
             return
+        time.sleep(0.0005)
 
 
 def _loop(prepared: wl.Prepared, calls: int, warmup_ns: int):
