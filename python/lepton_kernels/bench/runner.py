@@ -3,7 +3,9 @@
 Everything a table row compares is measured in one process and one run: the
 matmul ceiling first, then per workload every implementation, interleaved
 round-robin so that drifts in clock speed or memory state hit all of them
-alike. Outputs are fresh on every call, each implementation allocating its
+alike. Each loop starts once every other thread of the process is idle, so no
+library's pool still spinning from its own loop takes a core from the next.
+Outputs are fresh on every call, each implementation allocating its
 own as a user's call would; the minor page faults this costs are counted.
 """
 
