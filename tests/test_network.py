@@ -423,7 +423,9 @@ def test_input_layouts_and_unmodified(rng):
     net = mnist(rng)
     seq = net.sequential()
     base = rng.standard_normal((6, 28, 2, 28)).astype(np.float32)
+    planes = rng.standard_normal((6, 2, 28, 28)).astype(np.float32)
     for x in (base[:, :, :1].transpose(0, 2, 1, 3),            # non-contiguous
+              planes[:, 1:],                                    # contiguous rows read in place, images apart
               np.asfortranarray(base[:, :, :1].transpose(0, 2, 1, 3)),
               base[::-1, :, 1:].transpose(0, 2, 1, 3)[:, :, ::-1, ::-1]):  # negative strides
         before = x.copy()

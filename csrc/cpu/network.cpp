@@ -794,7 +794,11 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
     }
   }
   const float* xn = x.ptr<float>() + n * x.strides[0];
-  for (int64_t c = 0; c < C && !s.hwc_in; ++c)
+  // One unpadded plane of contiguous rows (a network's first layer on
+  // grey images): the band is the input's own rows, read in place.
+  const bool in_place = !s.hwc_in && !s.wino && C == 1 && d.pad_top == 0 && d.pad_bottom == 0 && d.pad_left == 0 &&
+                        d.pad_right == 0 && x.strides[3] == 1 && x.strides[2] == W;
+  for (int64_t c = 0; c < C && !s.hwc_in && !in_place; ++c)
     for (int64_t r = 0; r < rows; ++r) {
       float* o = band + c * plane + r * Wp;
       const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
@@ -811,7 +815,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
       std::fill(o + d.pad_left + W, o + Wp, 0.0f);
     }
   DirectConvArgs a;
-  a.x = band;
+  a.x = in_place ? xn + cr0 * d.stride_h * W : band;
   a.Wp = Wp, a.pix = s.hwc_in ? C : 1;
   a.tap_off = p.taps.data();
   a.taps = static_cast<int64_t>(p.taps.size());
