@@ -416,6 +416,36 @@ def test_standalone_softmax_and_relu_stages(rng):
     ref._assert_within(seq(x), expected, 64 * EPS32, "softmax over channels")
 
 
+def test_overflowing_sums_keep_the_nan_rule(isa):
+    # Finite inputs whose products overflow float32. Without fused
+    # multiply-adds (the generic level) a window meeting +inf and -inf products
+    # sums to NaN, which the pool must pass on (a NaN wins); with them a sum
+    # that overflowed stays infinite. The direct kernel's shortcut for inputs
+    # too small to overflow (a plain maximum) must not apply to these.
+    w = np.zeros((16, 1, 3, 3), np.float32)
+    w[:, 0, 0, 0] = 2
+    w[:, 0, 0, 1] = np.linspace(1, 2, 16, dtype=np.float32)
+    x = np.zeros((2, 1, 10, 10), np.float32)
+    x[0, 0, 2, 2], x[0, 0, 2, 3] = 3e38, -3e38
+    x[1, 0, 5, 6] = 3e38
+    seq = lk.Sequential([lk.Conv2d(w), lk.ReLU(), lk.MaxPool2d(2)])
+    assert "direct" in seq.describe(x.shape)
+    fused = isa != "generic"
+    with np.errstate(over="ignore", invalid="ignore"):
+        conv = np.zeros((2, 16, 8, 8), np.float32)
+        for r in range(3):  # the kernel's order of taps
+            for c in range(3):
+                product = w[None, :, 0, r, c, None, None].astype(np.float64) * x[:, :, r:r + 8, c:c + 8]
+                if fused:  # rounded once, after the addition
+                    conv = (conv + product).astype(np.float32)
+                else:
+                    conv = conv + product.astype(np.float32)
+        conv = np.where(np.isnan(conv), conv, np.maximum(conv, 0))
+        expected = conv.reshape(2, 16, 4, 2, 4, 2).max(axis=(3, 5))
+    assert np.isinf(expected).any() and (fused or np.isnan(expected).any())
+    np.testing.assert_array_equal(seq(x), expected, err_msg=f"at {isa}")
+
+
 # --- arrays --------------------------------------------------------------------------
 
 

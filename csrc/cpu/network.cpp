@@ -1,6 +1,7 @@
 #include "cpu/network.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
 #include <functional>
@@ -371,6 +372,7 @@ class NetPlan {
     std::string plan;
     // direct
     AlignedPtr<float> dw, dbias;
+    float x_bound = 0;  // direct, taps: DirectConvArgs::x_bound
     std::vector<int64_t> taps;
     int64_t Wp = 0, band_rows = 0, rows_per_band = 0;
     DirectConvFn fn = nullptr;
@@ -596,6 +598,17 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
         p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
         std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
       }
+      if (!s.wino) {
+        // Inputs up to x_bound in magnitude keep every sum within 2e37: no
+        // sum of a filter overflows, so none is NaN unless an input is.
+        double most = 0;  // the largest sum of |weights| + |bias| of a filter
+        for (int64_t k = 0; k < K; ++k) {
+          double sum = d.has_bias ? std::fabs(static_cast<double>(s.layer->bias[k])) : 0.0;
+          for (int64_t t = 0; t < taps; ++t) sum += std::fabs(static_cast<double>(w[k * taps + t]));
+          most = std::max(most, sum);
+        }
+        p.x_bound = most < 1e37 ? static_cast<float>(std::min(1e37 / std::max(most, 1e-30), 3e38)) : 0.0f;
+      }
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
       const double flops = s.wino ? 2.0 * images * K * (s.wino == 4 ? 9 : 16) * d.C * P * s.out[2]  // per pooled output
@@ -816,6 +829,13 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
     }
   DirectConvArgs a;
   a.x = in_place ? xn + cr0 * d.stride_h * W : band;
+  a.x_bound = p.x_bound;
+  if (s.hwc_in)
+    a.scan_blocks = 1, a.scan_len = rows * Wp * C;
+  else if (in_place)
+    a.scan_blocks = 1, a.scan_len = rows * W;
+  else
+    a.scan_blocks = C, a.scan_len = rows * Wp, a.scan_stride = plane;
   a.Wp = Wp, a.pix = s.hwc_in ? C : 1;
   a.tap_off = p.taps.data();
   a.taps = static_cast<int64_t>(p.taps.size());
