@@ -623,6 +623,9 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       int64_t bands = 1;
       if (p.threads > 1) bands = std::min<int64_t>(P, ceil_div(4 * p.threads, images));
       p.rows_per_band = ceil_div(P, bands);
+      // An F(4x4) tile covers two pooled rows: bands of one would compute
+      // each tile for half its outputs.
+      if (s.wino == 4) p.rows_per_band = round_up(p.rows_per_band, 2);
       // split_: each thread an equal run of pixels, at most this many whole rows
       if (split_ && &p == &stages_[0] && p.threads > 1)
         p.rows_per_band = std::max<int64_t>(1, ceil_div(P * s.out[2], threads_) / s.out[2]);
