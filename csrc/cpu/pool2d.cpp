@@ -206,13 +206,14 @@ void max_pool2d(const Pool2dDesc& d, const TensorView& x, T* y, int64_t* indices
   // taps at the rate of the microkernels (or of the scalar code), or the
   // memory traffic at about 40 GB/s (inputs fresh from a previous layer sit
   // in cache), whichever is more, plus the gathering. A second thread pays
-  // off from about 50 us: waking a worker costs tens of microseconds on a
-  // busy or virtualised machine.
+  // off from about 10 us: in a stream of calls the workers are awake (a
+  // hand-off of under a microsecond), and one that has to be woken only
+  // joins late; the tasks are small enough that the caller takes its share.
   const double planes = static_cast<double>(N) * C;
   const double in = planes * d.H * W, taps = planes * P * Q * d.kh * d.kw;
   const double bytes = in * sizeof(T) + planes * P * Q * (sizeof(T) + (indices ? 8 : 0));
   const double ns = std::max(taps * (vector ? 0.1 : 2.5), bytes * 0.025) + (gather ? in * 0.3 : 0.0);
-  const int threads = static_cast<int>(std::clamp(ns / 50e3, 1.0, static_cast<double>(get_num_threads())));
+  const int threads = static_cast<int>(std::clamp(ns / 10e3, 1.0, static_cast<double>(get_num_threads())));
   // An input beyond L2 and most of L3 comes from memory (a gathered band is
   // in L2 by construction).
   const bool stream = in * sizeof(T) > (4 << 20);
