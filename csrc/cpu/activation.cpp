@@ -49,16 +49,26 @@ void softmax(const T* x, T* y, int64_t outer, int64_t dim, int64_t inner, bool l
         continue;
       }
       // A row of -inf has no finite maximum; torch gives NaN there too.
+      // Short rows (a classifier's) keep their exponentials for the output:
+      // one exp per element instead of two.
+      constexpr int64_t kKept = 64;
+      double kept[kKept];
       double sum = 0.0;
-      for (int64_t k = 0; k < dim; ++k) sum += std::exp(static_cast<double>(xs[k * inner + i] - mx));
+      for (int64_t k = 0; k < dim; ++k) {
+        const double e = std::exp(static_cast<double>(xs[k * inner + i] - mx));
+        if (k < kKept) kept[k] = e;
+        sum += e;
+      }
       if (log) {
         const double lse = std::log(sum);
         for (int64_t k = 0; k < dim; ++k)
           ys[k * inner + i] = static_cast<T>(static_cast<double>(xs[k * inner + i] - mx) - lse);
       } else {
         const double inv = 1.0 / sum;
-        for (int64_t k = 0; k < dim; ++k)
-          ys[k * inner + i] = static_cast<T>(std::exp(static_cast<double>(xs[k * inner + i] - mx)) * inv);
+        for (int64_t k = 0; k < dim; ++k) {
+          const double e = k < kKept ? kept[k] : std::exp(static_cast<double>(xs[k * inner + i] - mx));
+          ys[k * inner + i] = static_cast<T>(e * inv);
+        }
       }
     }
   });
