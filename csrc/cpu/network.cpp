@@ -644,7 +644,10 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       }
       p.predicted_s = one / p.threads * imbalance(images * ceil_div(P, p.rows_per_band), p.threads) +
                       (p.threads > 1 ? m.wake_s : 0);
-      const int tiles = active_isa() == Isa::avx512 ? 8 : 4;
+      // Pixels per block: 12 for pooled stride-1 convolutions over planes
+      // with AVX-512 (conv_direct.inc's kDirPooledUnit), else 8 or 4.
+      const bool unit = s.pooled() && d.stride_w == 1 && (!s.hwc_in || d.C == 1);
+      const int tiles = active_isa() == Isa::avx512 ? (unit ? 12 : 8) : 4;
       p.plan = s.wino == 4 ? cat("winograd F(4x4,3x3) pooled per tile ukernel=f32_conv_wino4_4__",
                                  isa_name(active_isa()), " channels=", d.C, " filters=", K)
                : s.wino ? cat("winograd F(2x2,3x3) pooled per tile ukernel=f32_conv_wino_", tiles, "__",
