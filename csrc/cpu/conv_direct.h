@@ -43,19 +43,19 @@ struct DirectConvArgs {
   int wino;
   int64_t C;
   float* work;             // wino_work_floats(C) floats of scratch
-  // Optional (taps only, hwc): the next layer, a linear one of at most
-  // kDirDenseMax outputs, fused into the epilogue. Output j's partial sums
-  // gather in dense_acc[j * kDirAccStride ...] (lanes to add up afterwards):
-  // each output vector times the weights of its features (p*Q + q)*K + k,
-  // dense_w[j * dense_ldw + feature]. The weights' loads then overlap the
-  // multiply-adds of the blocks around them, where a dense pass after the
-  // convolution waits for them. With store_y false, y only numbers the features.
   // The pooled epilogue may skip the NaN rule's extra work when every input
   // value the call reads is finite and at most x_bound in magnitude (then no
   // sum overflows, so none is NaN): scan_blocks blocks of scan_len floats from
   // x, scan_stride apart. x_bound 0: always the full rule.
   float x_bound = 0;
   int64_t scan_blocks = 0, scan_len = 0, scan_stride = 0;
+  // Optional (taps only, hwc): the next layer, a linear one of at most
+  // kDirDenseMax outputs, fused into the epilogue. Output j's partial sums
+  // gather in dense_acc[j * kDirAccStride ...] (lanes to add up afterwards):
+  // each output vector times the weights of its features (p*Q + q)*K + k,
+  // dense_w[j * dense_ldw + feature]. The convolution's output then needs no
+  // store and the linear no pass of its own. With store_y false, y only
+  // numbers the features.
   const float* dense_w = nullptr;
   int64_t dense_ldw = 0, dense_n = 0;
   float* dense_acc = nullptr;

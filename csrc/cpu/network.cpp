@@ -1,8 +1,8 @@
 #include "cpu/network.h"
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <functional>
 
