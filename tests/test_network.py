@@ -255,6 +255,57 @@ def test_winograd_stage(rng, isa, case):
     spatial.check(spatial.sequential()(x), x, f"case {WINO_CASES[case]}, spatial only at {isa}")
 
 
+# Winograd F(2, 3) along rows for a first layer (1 to 4 planes), the pool
+# fused: pooled widths on and off its 2-tile blocks and 16-tile chunks (1, 4,
+# 13, 16, 34), odd sizes that drop the last convolution row or column,
+# filters on and off the vector widths, padding 0 and 1, with and without
+# bias and ReLU; pixels x channels out (a linear after it: fused into the
+# kernel's epilogue at batches of a few) and channel planes out.
+WINO_ROW_CASES = [  # (planes, filters, H, W, padding, relu, bias)
+    (1, 32, 28, 28, 0, True, True),
+    (3, 32, 32, 32, 1, True, True),
+    (2, 48, 11, 70, 0, False, True),
+    (4, 16, 9, 8, 1, True, False),
+    (1, 16, 5, 4, 0, False, False),
+]
+
+
+# Below AVX-512 the taps are faster (conv_direct.inc's kWinoRowTiles).
+ROWS_KERNEL = {"avx512": "winograd F(2,3) on rows", "avx2": "f32_conv_direct_", "generic": "f32_conv_direct_"}
+
+
+@pytest.mark.parametrize("case", range(len(WINO_ROW_CASES)))
+def test_winograd_rows_stage(rng, restore_threads, isa, case):
+    c, k, h, w, padding, relu, bias = WINO_ROW_CASES[case]
+    conv = [("conv", dict(k=k, padding=padding, relu=relu, bias=bias, pool=(2, 2), fused=True))]
+    for recipe in (conv + [("flatten", {}), ("linear", dict(n=10))], conv):
+        net = Net(rng, (c, h, w), recipe)
+        seq = net.sequential()
+        for threads, n in ((2, 1), (2, 3), (1, 2), (2, 8)):
+            lk.set_num_threads(threads)
+            assert ROWS_KERNEL[isa] in seq.describe((n, c, h, w)), seq.describe((n, c, h, w))
+            x = _input(rng, net, n)
+            net.check(seq(x), x, f"case {WINO_ROW_CASES[case]}, {recipe[-1][0]} last, batch {n} at {isa}")
+
+
+def test_winograd_rows_near_overflow(rng, isa):
+    # Inputs up to the direct kernel's bound (1e37 over the largest sum of
+    # |weights|: no sum of a filter overflows) go through the transforms,
+    # whose sums stay within 4x that; larger finite ones take the taps. Both
+    # give the convolution's values.
+    w = _uniform(rng, (16, 1, 3, 3), 9)
+    seq = lk.Sequential([lk.Conv2d(w), lk.MaxPool2d(2)])
+    assert ROWS_KERNEL[isa] in seq.describe((2, 1, 12, 12))
+    bound = 1e37 / float(np.abs(w).reshape(16, -1).sum(axis=1).max())
+    x = rng.uniform(-1, 1, (2, 1, 12, 12)).astype(np.float32)
+    for top in (bound / 4, bound * 0.999, bound * 4):
+        xs = (x / np.abs(x).max() * np.float32(top)).astype(np.float32)
+        expected = ref.max_pool2d(ref.conv2d(xs.astype(np.float64), w), 2)[0]
+        magnitude = ref.conv2d(np.abs(xs).astype(np.float64), np.abs(w))
+        tol = 8 * EPS32 * 3 * ref.max_pool2d(magnitude, 2)[0]
+        ref._assert_within(seq(xs), expected, tol, f"inputs up to {top:.3g} at {isa}")
+
+
 @pytest.mark.parametrize("channels,padding,relu,dense", [(1, 0, True, False), (3, 1, False, False),
                                                          (32, 1, True, False), (32, 0, False, True)])
 def test_pooled_nan_and_inf(rng, isa, channels, padding, relu, dense):
@@ -429,7 +480,7 @@ def test_overflowing_sums_keep_the_nan_rule(isa):
     x[0, 0, 2, 2], x[0, 0, 2, 3] = 3e38, -3e38
     x[1, 0, 5, 6] = 3e38
     seq = lk.Sequential([lk.Conv2d(w), lk.ReLU(), lk.MaxPool2d(2)])
-    assert "direct" in seq.describe(x.shape)
+    assert ROWS_KERNEL[isa] in seq.describe(x.shape)  # F(2, 3) takes the taps for these inputs
     fused = isa != "generic"
     with np.errstate(over="ignore", invalid="ignore"):
         conv = np.zeros((2, 16, 8, 8), np.float32)
@@ -505,7 +556,8 @@ def test_describe(rng, restore_threads):
     with pytest.raises(ValueError, match="no call yet"):
         seq.describe()
     d1 = seq.describe((1, 1, 28, 28))
-    for part in ("stage 0 [layers 0-1]", "conv2d(direct)+relu+max_pool2d", "linear+softmax", "mode: layer",
+    first = "conv2d(winograd)" if lk.get_isa() == "avx512" else "conv2d(direct)"  # F(2, 3) on rows
+    for part in ("stage 0 [layers 0-1]", first + "+relu+max_pool2d", "linear+softmax", "mode: layer",
                  "arena_bytes=", "predicted_us=", "threads=2"):
         assert part in d1, (part, d1)
     d64 = seq.describe(np.zeros((64, 1, 28, 28), np.float32))

@@ -40,9 +40,16 @@ struct DirectConvArgs {
   // n x n at r*n + s; E = 16 or 36), and tap_off is unused. F(4x4) reads
   // whole 6x6 patches: up to 2 rows and columns past the last pooled output's
   // window, which x must hold (zeros).
+  // Wino 1 (planes, pool, 3x3, stride 1): Winograd F(2, 3) along the rows
+  // where the inputs the call reads are finite and at most x_bound in
+  // magnitude, the taps elsewhere (the NaN rule); row_w holds its filters
+  // in groups of 16, C x 3 x 4 x 16 each (G g of filter row r, element j, at
+  // (c * 3 + r) * 4 + j), and planes are `plane` floats apart.
   int wino;
   int64_t C;
   float* work;             // wino_work_floats(C) floats of scratch
+  const float* row_w = nullptr;
+  int64_t plane = 0;
   // The pooled epilogue may skip the NaN rule's extra work when every input
   // value the call reads is finite and at most x_bound in magnitude (then no
   // sum overflows, so none is NaN): scan_blocks blocks of scan_len floats from
@@ -68,7 +75,11 @@ constexpr int64_t kDirAccStride = 16;  // floats per output in dense_acc: the wi
 // Scratch a Winograd call needs: the input transforms of a block of tiles
 // and the products of one block of filters for them (the larger of F(2x2)'s
 // 16 elements x 8 tiles and F(4x4)'s 36 x 4).
+// The rows variant (wino 1) keeps the transforms of four input rows, 16
+// tiles of 4 elements per plane, within that (C up to kWinoRowMaxPlanes).
 constexpr int64_t wino_work_floats(int64_t C) { return 36 * 4 * (C + 32); }
+constexpr int64_t kWinoRowMaxPlanes = 4;
+static_assert(4 * kWinoRowMaxPlanes * 4 * 16 <= wino_work_floats(kWinoRowMaxPlanes));
 
 using DirectConvFn = void (*)(const DirectConvArgs&);
 

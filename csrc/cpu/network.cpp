@@ -101,6 +101,14 @@ constexpr double kWinoEfficiency = 0.7;
 // error stays a few percent of the tests' tolerance (transforms with
 // entries up to 8 and 1/24, against F(2x2)'s 1 and 1/2).
 constexpr double kWino4Efficiency = 0.65;
+// F(2, 3) along the rows of planes (a first layer): 24 multiply-adds per
+// plane and filter per pooled output against the taps' 36, and 8 additions.
+// With AVX-512 it wins on 1 to 4 planes (3x3 -> 32 filters + pool on 32x32
+// images, batch 16, one thread: 1 plane 120 -> 99 us, 3 planes 294 -> 218,
+// 4 planes 381 -> 284; the rate against the wide GEMM microkernel's about
+// 0.45). Below AVX-512 a tile's 8 accumulators leave no room for more than one
+// tile at a time in 16 registers, and it loses (AVX2: 202 -> 235 us, 476 -> 630).
+constexpr double kWinoRowEfficiency = 0.45;
 
 enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };
 
@@ -127,7 +135,7 @@ struct Stage {
   Activation act = Activation::none;    // conv, linear
   bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
   bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
-  int wino = 0;                         // direct: Winograd F(2x2, 3x3) (2) or F(4x4, 3x3) (4) instead of the taps
+  int wino = 0;  // direct: Winograd F(2, 3) on rows (1), F(2x2, 3x3) (2) or F(4x4, 3x3) (4) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
   int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
   int64_t outer = 0, dim = 0, inner = 0;  // softmax, per image
@@ -331,6 +339,9 @@ struct Builder {
     for (Stage& g : stages) {
       if (g.kind != StageKind::direct) continue;
       const Conv2dDesc& d = g.conv;
+      if (!g.hwc_in && g.pool && d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 &&
+          d.dil_w == 1 && d.C <= kWinoRowMaxPlanes && active_isa() == Isa::avx512)
+        g.wino = 1;
       if (!g.hwc_in || !g.pool || d.R != 3 || d.S != 3 || d.stride_h != 1 || d.stride_w != 1 || d.dil_h != 1 ||
           d.dil_w != 1 || d.C % 16 != 0)
         continue;
@@ -371,7 +382,7 @@ class NetPlan {
     double predicted_s = 0;  // per call of the stage (tile mode: per image)
     std::string plan;
     // direct
-    AlignedPtr<float> dw, dbias;
+    AlignedPtr<float> dw, dbias, rw;  // rw: wino 1's filters (DirectConvArgs::row_w)
     float x_bound = 0;  // direct, taps: DirectConvArgs::x_bound
     std::vector<int64_t> taps;
     int64_t Wp = 0, band_rows = 0, rows_per_band = 0;
@@ -479,7 +490,7 @@ NetPlan::NetPlan(const std::vector<NetLayerSpec>& layers, const Shape& batched) 
   // hand-off is paid once), and the linear reads its weights as rows.
   if (split_ && (stages_[0].threads < 2 || stages_[1].linear->weight_layout() != 0)) split_ = false;
   if (split_) {
-    split_fused_ = !stages_[0].s.wino && stages_[1].s.out.back() <= kDirDenseMax;
+    split_fused_ = stages_[0].s.wino <= 1 && stages_[1].s.out.back() <= kDirDenseMax;
     stages_[0].plan += cat(" split with the next stage's features over ", threads_, " threads",
                            split_fused_ ? ", which it takes in its epilogue" : "");
     partial_.assign(static_cast<size_t>(threads_ * N_ * stages_[1].s.out.back()), 0.0f);
@@ -541,7 +552,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
     case StageKind::direct: {
       const Conv2dDesc& d = s.conv;
       const int64_t K = d.K, taps = d.C * d.R * d.S;
-      if (!s.wino) p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
+      if (s.wino <= 1) p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
       const float* w = s.layer->weight.data();  // K x C x R x S
       // Taps in the order the input is laid out: (c, r, s) for planes,
       // (r, s, c) for interleaved channels (consecutive taps, consecutive addresses).
@@ -573,7 +584,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                 p.dw[((r * 6 + q) * d.C + c) * K + k] =
                     static_cast<float>(gg[r][0] * G[q][0] + gg[r][1] * G[q][1] + gg[r][2] * G[q][2]);
           }
-      } else if (s.wino) {
+      } else if (s.wino == 2) {
         // U = G g G^T per channel and filter, in double, stored 16 x C x K.
         p.dw = aligned_alloc_array<float>(static_cast<size_t>(16 * d.C * K));
         for (int64_t c = 0; c < d.C; ++c)
@@ -594,11 +605,25 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
         for (int64_t t = 0; t < taps; ++t)
           for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
       }
+      if (s.wino == 1) {
+        // G g per filter row, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], in
+        // double, stored in groups of 16 filters, C x 3 x 4 x 16 each.
+        p.rw = aligned_alloc_array<float>(static_cast<size_t>(12 * d.C * K));
+        for (int64_t c = 0; c < d.C; ++c)
+          for (int64_t k = 0; k < K; ++k)
+            for (int r = 0; r < 3; ++r) {
+              const float* g = w + ((k * d.C + c) * 3 + r) * 3;
+              const double g0 = g[0], g1 = g[1], g2 = g[2];
+              const double u[4] = {g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2};
+              for (int j = 0; j < 4; ++j)
+                p.rw[k / 16 * 12 * d.C * 16 + ((c * 3 + r) * 4 + j) * 16 + k % 16] = static_cast<float>(u[j]);
+            }
+      }
       if (d.has_bias) {
         p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
         std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
       }
-      if (!s.wino) {
+      if (s.wino <= 1) {
         // Inputs up to x_bound in magnitude keep every sum within 2e37: no
         // sum of a filter overflows, so none is NaN unless an input is.
         double most = 0;  // the largest sum of |weights| + |bias| of a filter
@@ -611,9 +636,13 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       }
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
-      const double flops = s.wino ? 2.0 * images * K * (s.wino == 4 ? 9 : 16) * d.C * P * s.out[2]  // per pooled output
+      const int wino_fmas = s.wino == 4 ? 9 : s.wino == 2 ? 16 : 24;  // per pooled output, channel and filter
+      const double flops = s.wino ? 2.0 * images * K * wino_fmas * d.C * P * s.out[2]
                                   : 2.0 * images * K * taps * convP * d.Q();
-      const double rate = s.wino == 4 ? kWino4Efficiency : s.wino ? kWinoEfficiency : direct_efficiency(taps);
+      const double rate = s.wino == 4   ? kWino4Efficiency
+                          : s.wino == 2 ? kWinoEfficiency
+                          : s.wino == 1 ? kWinoRowEfficiency
+                                        : direct_efficiency(taps);
       const double one = flops / (m.gemm_flops[0][0] * rate);
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
@@ -650,8 +679,12 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       const int tiles = active_isa() == Isa::avx512 ? (unit ? 12 : 8) : 4;
       p.plan = s.wino == 4 ? cat("winograd F(4x4,3x3) pooled per tile ukernel=f32_conv_wino4_4__",
                                  isa_name(active_isa()), " channels=", d.C, " filters=", K)
-               : s.wino ? cat("winograd F(2x2,3x3) pooled per tile ukernel=f32_conv_wino_", tiles, "__",
-                            isa_name(active_isa()), " channels=", d.C, " filters=", K)
+               : s.wino == 2 ? cat("winograd F(2x2,3x3) pooled per tile ukernel=f32_conv_wino_", tiles, "__",
+                                 isa_name(active_isa()), " channels=", d.C, " filters=", K)
+               : s.wino == 1
+                   ? cat("winograd F(2,3) on rows pooled per tile ukernel=f32_conv_wino_row_2x16__",
+                         isa_name(active_isa()), " planes=", d.C, " filters=", K,
+                         " (taps for inputs not finite or over ", p.x_bound, ")")
                       : cat("direct ukernel=f32_conv_direct_", tiles, "x", K >= 32 ? 32 : 16, "__",
                             isa_name(active_isa()), " taps=", taps, " filters=", K);
       p.plan += cat(s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
@@ -815,7 +848,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   const float* xn = x.ptr<float>() + n * x.strides[0];
   // One unpadded plane of contiguous rows (a network's first layer on
   // grey images): the band is the input's own rows, read in place.
-  const bool in_place = !s.hwc_in && !s.wino && C == 1 && d.pad_top == 0 && d.pad_bottom == 0 && d.pad_left == 0 &&
+  const bool in_place = !s.hwc_in && s.wino <= 1 && C == 1 && d.pad_top == 0 && d.pad_bottom == 0 && d.pad_left == 0 &&
                         d.pad_right == 0 && x.strides[3] == 1 && x.strides[2] == W;
   for (int64_t c = 0; c < C && !s.hwc_in && !in_place; ++c)
     for (int64_t r = 0; r < rows; ++r) {
@@ -858,6 +891,8 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
   a.wino = s.wino;
   a.C = C;
+  a.row_w = p.rw.get();
+  a.plane = plane;
   a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
   if (fuse != nullptr) {
     a.dense_w = fuse->w, a.dense_ldw = fuse->ldw, a.dense_n = fuse->n, a.dense_acc = fuse->acc;
