@@ -338,6 +338,39 @@ def test_one_layer_many_input_shapes(isa, dtype, rng):
             ref.assert_identical(out, expected, f"out=, {shape}")
 
 
+@pytest.mark.parametrize("planes,filters,h,w,padding,relu", [(1, 32, 28, 28, 0, True), (3, 16, 17, 20, 1, False),
+                                                             (4, 48, 9, 9, 1, True), (32, 32, 10, 12, 1, True)])
+def test_conv_max_pool_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, padding, relu):
+    # float32, filters a multiple of 16, a 2x2 pool: the layer runs as a one-layer network, whose direct
+    # kernel pools in registers (Winograd on rows for a first layer with AVX-512).
+    wt = ref.randn(rng, (filters, planes, 3, 3), np.float32)
+    b = ref.randn(rng, filters, np.float32)
+    act = "relu" if relu else None
+    layer = lk.Conv2dMaxPool2d(wt, b, padding=padding, activation=act)
+    pool = dict(kernel_size=2, pool_stride=2, pool_padding=0, pool_dilation=1, ceil_mode=False)
+    conv = dict(padding=padding, activation=act)
+    assert "network plan" in layer.describe((2, planes, h, w))
+    base = ref.randn(rng, (6, planes + 1, h, w + 3), np.float32)
+    for x in (base[:1, :planes, :, :w], base[:5, 1:, :, 3:], base[::-2, :planes, :, ::-1][..., :w]):
+        before = x.copy()
+        got = layer(x)
+        check_conv_layer(got, x, wt, b, conv, pool, f"input {x.shape} strides {x.strides}")
+        ref.assert_identical(x, before)
+        out = ref.poisoned(got.shape, np.float32)
+        assert layer(x, out=out) is out
+        ref.assert_identical(out, got)
+    pooled = ((h + 2 * padding - 2) // 2, (w + 2 * padding - 2) // 2)
+    assert layer(base[:0, :planes, :, :w]).shape == (0, filters) + pooled
+    # A NaN reaches exactly the windows that read it, as in the functional op.
+    x = ref.randn(rng, (2, planes, h, w), np.float32)
+    x[1, -1, h // 2, w // 3] = np.nan
+    ref.assert_identical(np.isnan(layer(x)), np.isnan(lk.conv2d_max_pool2d(x, wt, b, padding=padding,
+                                                                           activation=act)))
+    # Filters off the multiples of 16 take the fused GEMM plan.
+    other = lk.Conv2dMaxPool2d(ref.randn(rng, (24, planes, 3, 3), np.float32), padding=padding)
+    assert "network plan" not in other.describe((2, planes, h, w))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_many_input_shapes(isa, dtype, rng):
     w = ref.randn(rng, (13, 10), dtype)

@@ -1,8 +1,10 @@
 #include "cpu/layers.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "core/error.h"
+#include "cpu/network.h"
 #include "cpu/pool2d.h"
 
 namespace lk::cpu {
@@ -21,6 +23,13 @@ AlignedPtr<T> contiguous_copy(const TensorView& v) {
     for (int d = v.ndim - 1; d >= 0 && ++idx[d] == v.shape[d]; --d) idx[d] = 0;
   }
   return out;
+}
+
+// A layer's network plan for x when it starts with the direct kernel.
+std::shared_ptr<NetPlan> direct_plan(const Network* net, const Conv2dDesc& d, const TensorView& x) {
+  if (!net || d.N == 0) return nullptr;
+  auto plan = net->plan_for(x.shape, 4);
+  return Network::starts_direct(*plan) ? plan : nullptr;
 }
 
 template <class T>
@@ -50,7 +59,23 @@ Conv2dLayer<T>::Conv2dLayer(const TensorView& weight, const TensorView* bias, co
   LK_CHECK(params.has_bias == (bias != nullptr), "bias: does not match the layer's parameters");
   weight_ = contiguous_copy<T>(weight);
   if (bias) bias_ = contiguous_copy<T>(*bias);
+  if constexpr (std::is_same_v<T, float>) {
+    if (pool_ && direct_kernel_suits(params_, &*pool_, only_)) {
+      NetLayerSpec l;
+      l.op = NetOp::conv2d;
+      l.name = "conv2d_max_pool2d";
+      l.conv = params_, l.pool = pool_, l.has_bias = params_.has_bias;
+      l.weight.assign(weight_.get(), weight_.get() + weight.numel());
+      if (bias_) l.bias.assign(bias_.get(), bias_.get() + params_.K);
+      std::vector<NetLayerSpec> layers;
+      layers.push_back(std::move(l));
+      net_ = std::make_unique<Network>(std::move(layers));
+    }
+  }
 }
+
+template <class T>
+Conv2dLayer<T>::~Conv2dLayer() = default;
 
 template <class T>
 Conv2dDesc Conv2dLayer<T>::desc_for(const TensorView& x) const {
@@ -91,6 +116,12 @@ typename Conv2dPlan<T>::Weights Conv2dLayer<T>::weights_for(const Plan& plan) co
 template <class T>
 void Conv2dLayer<T>::run(const TensorView& x, T* y) const {
   const Conv2dDesc d = desc_for(x);
+  if constexpr (std::is_same_v<T, float>) {
+    if (auto net_plan = direct_plan(net_.get(), d, x)) {
+      Network::run(*net_plan, x, y);
+      return;
+    }
+  }
   if (pool_) {
     auto plan = plan_conv2d_max_pool2d<T>(d, *pool_, true, only_);
     plan->run(x, weights_for(plan->conv()), y);
@@ -107,6 +138,7 @@ void Conv2dLayer<T>::run(const TensorView& x, T* y) const {
 template <class T>
 std::string Conv2dLayer<T>::describe(const TensorView& x) const {
   const Conv2dDesc d = desc_for(x);
+  if (auto net_plan = direct_plan(net_.get(), d, x)) return Network::describe(*net_plan);
   if (pool_) return plan_conv2d_max_pool2d<T>(d, *pool_, true, only_)->describe();
   return plan_conv2d<T>(d, true, nullptr, only_)->explain();
 }

@@ -15,6 +15,8 @@
 
 namespace lk::cpu {
 
+class Network;
+
 template <class T>
 class Conv2dLayer {
  public:
@@ -24,6 +26,7 @@ class Conv2dLayer {
   // only: restrict plans to one algorithm.
   Conv2dLayer(const TensorView& weight, const TensorView* bias, const Conv2dDesc& params,
               std::optional<Pool2dDesc> pool, ConvRestrict only = {});
+  ~Conv2dLayer();
 
   // The descriptor for input x (validated), and the output's shape.
   Conv2dDesc desc_for(const TensorView& x) const;
@@ -43,6 +46,10 @@ class Conv2dLayer {
   AlignedPtr<T> bias_;
   mutable std::mutex mu_;
   mutable std::map<int, PackedConvWeights<T>> packed_;  // by layout
+  // float32 conv + 2x2 max-pool: the layer as a one-layer network, whose
+  // direct kernel (pooling in registers, Winograd on rows for a first layer)
+  // takes the inputs it suits.
+  std::unique_ptr<Network> net_;
 };
 
 template <class T>

@@ -310,16 +310,9 @@ struct Builder {
       Stage& g = stages[k];
       if (g.kind != StageKind::conv && g.kind != StageKind::conv_pool) continue;
       const Conv2dDesc& d = g.conv;
-      const int64_t taps = d.C * d.R * d.S;
-      if (d.groups != 1 || d.K % 16 != 0 || taps > (g.pool ? kDirectMaxTapsPooled : kDirectMaxTaps) ||
-          g.layer->only.algo)
+      if (!direct_kernel_suits(d, g.pool ? &*g.pool : nullptr, g.layer->only) ||
+          (g.pool && (g.pool->P() != d.P() / 2 || g.pool->Q() != d.Q() / 2)))
         continue;
-      if (g.pool) {
-        const Pool2dDesc& p = *g.pool;
-        if (p.kh != 2 || p.kw != 2 || p.stride_h != 2 || p.stride_w != 2 || p.pad_h || p.pad_w || p.dil_h != 1 ||
-            p.dil_w != 1 || p.P() != d.P() / 2 || p.Q() != d.Q() / 2)
-          continue;
-      }
       g.kind = StageKind::direct;
     }
     // Direct stages hand pixels x channels to a direct stage after them (its
@@ -356,6 +349,18 @@ struct Builder {
   }
 };
 
+}  // namespace
+
+bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only) {
+  if (d.groups != 1 || d.K % 16 != 0 || d.C * d.R * d.S > (pool ? kDirectMaxTapsPooled : kDirectMaxTaps) ||
+      only.algo)
+    return false;
+  return !pool || (pool->kh == 2 && pool->kw == 2 && pool->stride_h == 2 && pool->stride_w == 2 && !pool->pad_h &&
+                   !pool->pad_w && pool->dil_h == 1 && pool->dil_w == 1);
+}
+
+namespace {
+
 double imbalance(int64_t tasks, int threads) {
   return static_cast<double>(ceil_div(tasks, threads)) * threads / static_cast<double>(std::max<int64_t>(tasks, 1));
 }
@@ -373,6 +378,7 @@ class NetPlan {
   std::string describe() const;
   int64_t arena_bytes() const { return arena_elems_ * static_cast<int64_t>(sizeof(float)); }
   const Shape& out_shape() const { return out_batched_; }
+  bool starts_direct() const { return stages_.front().s.kind == StageKind::direct; }
   std::mutex mu;
 
  private:
@@ -1165,6 +1171,10 @@ std::shared_ptr<NetPlan> Network::plan_for(const int64_t* shape, int ndim) const
 }
 
 const std::vector<int64_t>& Network::output_shape(const NetPlan& plan) { return plan.out_shape(); }
+
+bool Network::starts_direct(const NetPlan& plan) { return plan.starts_direct(); }
+
+std::string Network::describe(const NetPlan& plan) { return plan.describe(); }
 
 std::vector<int64_t> Network::output_shape(const std::vector<int64_t>& in) const {
   return plan_for(in)->out_shape();

@@ -53,6 +53,11 @@ struct NetLayerSpec {
 
 class NetPlan;
 
+// Whether a convolution (with the max-pool fused after it, if any) is the
+// direct kernel's, shapes aside: a network stage takes it when the pool's
+// output is also exactly half the convolution's.
+bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only);
+
 class Network {
  public:
   // Checks what can be checked without an input; throws std::invalid_argument
@@ -65,6 +70,10 @@ class Network {
   std::shared_ptr<NetPlan> plan_for(const std::vector<int64_t>& in) const;
   std::shared_ptr<NetPlan> plan_for(const int64_t* shape, int ndim) const;
   static const std::vector<int64_t>& output_shape(const NetPlan& plan);
+  // Whether the plan's first stage is the direct kernel (a first layer with
+  // few channels, or a convolution with its 2x2 pool fused).
+  static bool starts_direct(const NetPlan& plan);
+  static std::string describe(const NetPlan& plan);
   std::vector<int64_t> output_shape(const std::vector<int64_t>& in) const;
   // x: the batched input of the plan's shape, any strides when the first
   // stage is spatial, else contiguous; y: the output, contiguous. Concurrent
