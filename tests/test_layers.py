@@ -371,6 +371,27 @@ def test_conv_max_pool_layer_on_the_direct_kernel(isa, rng, planes, filters, h, 
     assert "network plan" not in other.describe((2, planes, h, w))
 
 
+@pytest.mark.parametrize("planes,filters,h,w,conv", [
+    (1, 32, 28, 28, {}), (3, 32, 32, 32, dict(padding=1)), (2, 16, 9, 37, dict(padding=1, stride=(2, 1))),
+    (7, 16, 11, 13, dict(padding=2, dilation=2)), (1, 48, 5, 3, {}), (4, 32, 6, 40, dict(padding=(0, 1)))])
+def test_conv_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, conv):
+    # float32, few channels (up to 64 taps), filters a multiple of 16, stride 1 along rows: the layer runs
+    # as a one-layer network on the direct kernel with a row's pixels in vector lanes, the last vector
+    # of a row partial (widths 26, 32, 37, 13, 1, 40).
+    wt = ref.randn(rng, (filters, planes, 3, 3), np.float32)
+    for b, act in ((ref.randn(rng, filters, np.float32), "relu"), (None, None)):
+        layer = lk.Conv2d(wt, b, activation=act, **conv)
+        assert "pixels in lanes" in layer.describe((2, planes, h, w)), layer.describe((2, planes, h, w))
+        base = ref.randn(rng, (6, planes + 1, h, w + 3), np.float32)
+        for x in (base[:1, :planes, :, :w], base[:5, 1:, :, 3:], base[::-2, :planes, :, ::-1][..., :w]):
+            before = x.copy()
+            got = layer(x)
+            check_conv_layer(got, x, wt, b, dict(conv, activation=act), None, f"input {x.shape} {x.strides}")
+            ref.assert_identical(x, before)
+    # Stride 2 along rows keeps the GEMM plans.
+    assert "network plan" not in lk.Conv2d(wt, stride=2).describe((2, planes, h, w))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_many_input_shapes(isa, dtype, rng):
     w = ref.randn(rng, (13, 10), dtype)

@@ -67,6 +67,10 @@ struct DirectConvArgs {
   int64_t dense_ldw = 0, dense_n = 0;
   float* dense_acc = nullptr;
   bool store_y = true;
+  // Planes in (pix 1), unpooled, stride_w 1, channel planes out (not hwc):
+  // pixels in vector lanes instead, each output vector stored whole to its
+  // plane. The taps' offsets as above; tile unused.
+  bool planes_out = false;
 };
 
 constexpr int64_t kDirDenseMax = 16;

@@ -60,10 +60,11 @@ Conv2dLayer<T>::Conv2dLayer(const TensorView& weight, const TensorView* bias, co
   weight_ = contiguous_copy<T>(weight);
   if (bias) bias_ = contiguous_copy<T>(*bias);
   if constexpr (std::is_same_v<T, float>) {
-    if (pool_ && direct_kernel_suits(params_, &*pool_, only_)) {
+    // Unpooled, at stride 1 along rows: the direct kernel with pixels in lanes.
+    if (direct_kernel_suits(params_, pool_ ? &*pool_ : nullptr, only_) && (pool_ || params_.stride_w == 1)) {
       NetLayerSpec l;
       l.op = NetOp::conv2d;
-      l.name = "conv2d_max_pool2d";
+      l.name = pool_ ? "conv2d_max_pool2d" : "conv2d";
       l.conv = params_, l.pool = pool_, l.has_bias = params_.has_bias;
       l.weight.assign(weight_.get(), weight_.get() + weight.numel());
       if (bias_) l.bias.assign(bias_.get(), bias_.get() + params_.K);

@@ -46,9 +46,9 @@ class Conv2dLayer {
   AlignedPtr<T> bias_;
   mutable std::mutex mu_;
   mutable std::map<int, PackedConvWeights<T>> packed_;  // by layout
-  // float32 conv + 2x2 max-pool: the layer as a one-layer network, whose
-  // direct kernel (pooling in registers, Winograd on rows for a first layer)
-  // takes the inputs it suits.
+  // float32, few channels or a 2x2 max-pool: the layer as a one-layer
+  // network, whose direct kernel (pooling in registers, Winograd on rows for
+  // a first layer, pixels in lanes unpooled) takes the inputs it suits.
   std::unique_ptr<Network> net_;
 };
 

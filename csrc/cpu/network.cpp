@@ -135,6 +135,7 @@ struct Stage {
   Activation act = Activation::none;    // conv, linear
   bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
   bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
+  bool planes_out = false;              // direct: DirectConvArgs::planes_out
   int wino = 0;  // direct: Winograd F(2, 3) on rows (1), F(2x2, 3x3) (2) or F(4x4, 3x3) (4) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
   int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
@@ -327,6 +328,8 @@ struct Builder {
         next.hwc_shape = g.out;
       }
     }
+    for (Stage& g : stages)
+      g.planes_out = g.kind == StageKind::direct && !g.pool && !g.hwc_in && !g.hwc_out && g.conv.stride_w == 1;
     // Winograd where its kernel applies (3x3, stride 1, the 2x2 pool fused,
     // channels interleaved in vectors) and the cost model prefers it.
     for (Stage& g : stages) {
@@ -691,6 +694,9 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                    ? cat("winograd F(2,3) on rows pooled per tile ukernel=f32_conv_wino_row_2x16__",
                          isa_name(active_isa()), " planes=", d.C, " filters=", K,
                          " (taps for inputs not finite or over ", p.x_bound, ")")
+               : s.planes_out ? cat("direct pixels in lanes ukernel=f32_conv_planes_",
+                                    active_isa() == Isa::avx512 ? "3x8" : "2x4", "__", isa_name(active_isa()),
+                                    " taps=", taps, " filters=", K)
                       : cat("direct ukernel=f32_conv_direct_", tiles, "x", K >= 32 ? 32 : 16, "__",
                             isa_name(active_isa()), " taps=", taps, " filters=", K);
       p.plan += cat(s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
@@ -894,7 +900,8 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.P = P, a.Q = Q, a.p0 = p0, a.p1 = p1, a.q0 = q0, a.q1 = q1;
   a.y = y + n * K * P * Q;
   a.hwc = s.hwc_out;
-  a.tile = s.hwc_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
+  a.planes_out = s.planes_out;
+  a.tile = s.hwc_out || s.planes_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
   a.wino = s.wino;
   a.C = C;
   a.row_w = p.rw.get();
