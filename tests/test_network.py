@@ -212,11 +212,11 @@ def test_thread_counts(rng, restore_threads, threads):
         net.check(net.sequential()(x), x, f"{make.__name__} batch {n} on {threads} threads")
 
 
-# Winograd with the pool fused: a 3x3 stride-1 convolution after a direct
-# stage (channels interleaved), channels a multiple of 16, a 2x2 pool;
-# F(4x4, 3x3) when a linear follows (pixels x channels out: 2x2 pooled outputs
-# per tile, partial tiles at odd pooled sizes), F(2x2, 3x3) when the stage is
-# last (channel planes out).
+# Winograd F(4x4, 3x3) with the pool fused: a 3x3 stride-1 convolution,
+# channels a multiple of 16, a 2x2 pool; 2x2 pooled outputs per tile, partial
+# tiles at odd pooled sizes. After a direct stage (channels interleaved) with
+# a linear after it (pixels x channels out), or last (channel planes out), or
+# on channel planes (interleaved by the band copy).
 # Filter counts on and off its 32-filter blocks, widths on and off its 8- and
 # 4-tile blocks (pooled widths 1, 4, 7, 8, 9, 17), odd sizes that drop the
 # last convolution row or column, padding 0 and 1, with and without bias and
@@ -251,8 +251,15 @@ def test_winograd_stage(rng, isa, case):
     # Spatial only: the last stage writes channel planes.
     spatial = Net(rng, (3, 2 * h, 2 * w), recipe[:2])
     x = _input(rng, spatial, 3)
-    assert "winograd F(2x2,3x3)" in spatial.sequential().describe(x.shape)
+    assert "winograd F(4x4,3x3)" in spatial.sequential().describe(x.shape)
     spatial.check(spatial.sequential()(x), x, f"case {WINO_CASES[case]}, spatial only at {isa}")
+    # The second layer alone, on channel planes, and with a linear after it.
+    for second in (recipe[1:2], recipe[1:]):
+        planes = Net(rng, (c, h, w), second)
+        x = _input(rng, planes, 3)
+        x[1] = x[1, :, ::-1]  # strided rows in the batch's middle image are read the same
+        assert "winograd F(4x4,3x3)" in planes.sequential().describe(x.shape)
+        planes.check(planes.sequential()(x), x, f"case {WINO_CASES[case]}, on planes at {isa}")
 
 
 # Winograd F(2, 3) along rows for a first layer (1 to 4 planes), the pool
@@ -304,6 +311,18 @@ def test_winograd_rows_near_overflow(rng, isa):
         magnitude = ref.conv2d(np.abs(xs).astype(np.float64), np.abs(w))
         tol = 8 * EPS32 * 3 * ref.max_pool2d(magnitude, 2)[0]
         ref._assert_within(seq(xs), expected, tol, f"inputs up to {top:.3g} at {isa}")
+    # F(4x4, 3x3), whose transforms grow magnitudes more, takes inputs up to 1e-5 of that bound.
+    w = _uniform(rng, (16, 16, 3, 3), 144)
+    seq = lk.Sequential([lk.Conv2d(w, padding=1), lk.MaxPool2d(2)])
+    assert "winograd F(4x4,3x3)" in seq.describe((2, 16, 8, 8))
+    bound = 1e37 / float(np.abs(w).reshape(16, -1).sum(axis=1).max())
+    x = rng.uniform(-1, 1, (2, 16, 8, 8)).astype(np.float32)
+    for top in (bound * 1e-6, bound * 1e-4, bound * 0.999):
+        xs = (x / np.abs(x).max() * np.float32(top)).astype(np.float32)
+        expected = ref.max_pool2d(ref.conv2d(xs.astype(np.float64), w, padding=1), 2)[0]
+        magnitude = ref.conv2d(np.abs(xs).astype(np.float64), np.abs(w), padding=1)
+        tol = 8 * EPS32 * 12 * ref.max_pool2d(magnitude, 2)[0]
+        ref._assert_within(seq(xs), expected, tol, f"F(4x4): inputs up to {top:.3g} at {isa}")
 
 
 @pytest.mark.parametrize("channels,padding,relu,dense", [(1, 0, True, False), (3, 1, False, False),

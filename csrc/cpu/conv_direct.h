@@ -4,8 +4,9 @@
 // calls too short to amortise; here each output pixel's filters sit in vector
 // lanes (16 per vector), the input is broadcast tap by tap, and a 2x2 block of
 // output pixels is reduced to its maximum in registers before it is stored.
-// Longer reductions over interleaved channels (a second 3x3 layer) take
-// Winograd's F(2x2, 3x3) instead, its 2x2 output tiles the pooling windows.
+// Longer reductions over 3x3 windows (a second layer, channels interleaved)
+// take Winograd's F(4x4, 3x3) instead, each output tile four pooling windows;
+// a first layer's few planes F(2, 3) along rows.
 // The kernels live in ukernels/conv_direct_<isa>.cpp, one per ISA level.
 #pragma once
 #include <cstdint>
@@ -33,22 +34,23 @@ struct DirectConvArgs {
   int64_t q0, q1;          // and columns of them
   float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*P*Q + p*Q + q]
   bool hwc;
-  float* tile;             // Q*K floats of scratch for a row (not hwc)
-  // Winograd F(2x2, 3x3) (wino 2) or F(4x4, 3x3) (wino 4, hwc only) instead
-  // of the taps (3x3, stride 1, pool, pix = C with C a multiple of 16): w is
-  // then the transformed filters, E x C x K (G g G^T, element (r, s) of the
-  // n x n at r*n + s; E = 16 or 36), and tap_off is unused. F(4x4) reads
-  // whole 6x6 patches: up to 2 rows and columns past the last pooled output's
-  // window, which x must hold (zeros).
-  // Wino 1 (planes, pool, 3x3, stride 1): Winograd F(2, 3) along the rows
-  // where the inputs the call reads are finite and at most x_bound in
-  // magnitude, the taps elsewhere (the NaN rule); row_w holds its filters
-  // in groups of 16, C x 3 x 4 x 16 each (G g of filter row r, element j, at
-  // (c * 3 + r) * 4 + j), and planes are `plane` floats apart.
+  float* tile;             // Q*K floats of scratch for a row (not hwc; F(4x4): 2*Q*K)
+  // Winograd instead of the taps where every input the call reads is finite
+  // and small enough (x_bound, below), the taps elsewhere (the NaN rule;
+  // an infinity would spread to a whole tile):
+  // - wino 4 (3x3, stride 1, pool, channels interleaved, C a multiple of 16):
+  //   F(4x4, 3x3), inputs up to x_bound / kWino4Shrink; wino_w holds its
+  //   filters, 36 x C x K (G g G^T, element (r, s) of the 6 x 6 at r*6 + s).
+  //   It reads whole 6x6 patches: up to 2 rows and columns past the last
+  //   pooled output's window, which x must hold (zeros).
+  // - wino 1 (planes, pool, 3x3, stride 1): F(2, 3) along the rows, inputs up
+  //   to x_bound; wino_w holds its filters in groups of 16, C x 3 x 4 x 16
+  //   each (G g of filter row r, element j, at (c * 3 + r) * 4 + j), and
+  //   planes are `plane` floats apart.
   int wino;
   int64_t C;
   float* work;             // wino_work_floats(C) floats of scratch
-  const float* row_w = nullptr;
+  const float* wino_w = nullptr;
   int64_t plane = 0;
   // The pooled epilogue may skip the NaN rule's extra work when every input
   // value the call reads is finite and at most x_bound in magnitude (then no
@@ -73,12 +75,15 @@ struct DirectConvArgs {
   bool planes_out = false;
 };
 
+// F(4x4)'s transforms multiply magnitudes by up to 100 (input) and 361
+// (output): its inputs stay this far below x_bound for no sum to overflow.
+constexpr float kWino4Shrink = 1e-5f;
+
 constexpr int64_t kDirDenseMax = 16;
 constexpr int64_t kDirAccStride = 16;  // floats per output in dense_acc: the widest vector
 
 // Scratch a Winograd call needs: the input transforms of a block of tiles
-// and the products of one block of filters for them (the larger of F(2x2)'s
-// 16 elements x 8 tiles and F(4x4)'s 36 x 4).
+// and the products of one block of filters for them (36 elements x 4 tiles).
 // The rows variant (wino 1) keeps the transforms of four input rows, 16
 // tiles of 4 elements per plane, within that (C up to kWinoRowMaxPlanes).
 constexpr int64_t wino_work_floats(int64_t C) { return 36 * 4 * (C + 32); }

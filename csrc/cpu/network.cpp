@@ -83,23 +83,16 @@ constexpr int64_t kDirectMaxTapsPooled = 512;
 // 0.85 with 288 (cifar's second layer).
 double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 
-// Winograd F(2x2, 3x3) with the pool fused (conv_direct.inc): 16 multiply-adds
+// Winograd F(4x4, 3x3) with the pool fused (conv_direct.inc): 9 multiply-adds
 // per channel and filter per pooled output against the taps' 36, at a lower
 // rate: the reduction is only C long per product, and the transforms add
-// about C/16 + K/16 vector operations per element of the tile. Measured (one
-// thread, against the wide GEMM microkernel's rate): 0.71 with 16 -> 32
-// channels, 0.84 with 32 -> 64, 0.64 with 48 -> 48 (a 16-filter tail block);
-// it wins over the taps from 0.85 / 2.25 = 0.38 on.
-// Finite inputs give the convolution's values (the transforms' rounding is
-// a few ulps); an infinity mixes into its whole 4x4 tile, so a lone one gives
-// NaN where the taps would give an infinity.
-constexpr double kWinoEfficiency = 0.7;
-// F(4x4, 3x3): 9 multiply-adds per channel and filter per pooled output, at
-// a lower rate still (36 elements per tile, transforms twice as long).
-// Measured: 0.66 with 16 -> 32 channels, 0.80 with 32 -> 64, 0.61 with
-// 48 -> 48; the stage 1.66-1.70x faster than with F(2x2). Its rounding
-// error stays a few percent of the tests' tolerance (transforms with
-// entries up to 8 and 1/24, against F(2x2)'s 1 and 1/2).
+// vector operations per element of the tile. Measured (one thread, against
+// the wide GEMM microkernel's rate): 0.66 with 16 -> 32 channels, 0.80 with
+// 32 -> 64, 0.61 with 48 -> 48 (a 16-filter tail block); 1.66-1.70x faster
+// than F(2x2, 3x3), which it replaced. Its rounding error stays a few percent
+// of the tests' tolerance (transforms with entries up to 8 and 1/24).
+// Only for finite inputs (conv_direct.h's x_bound): an infinity would mix
+// into its whole 6x6 tile, a NaN where the taps give an infinity or nothing.
 constexpr double kWino4Efficiency = 0.65;
 // F(2, 3) along the rows of planes (a first layer): 24 multiply-adds per
 // plane and filter per pooled output against the taps' 36, and 8 additions.
@@ -136,7 +129,7 @@ struct Stage {
   bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
   bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
   bool planes_out = false;              // direct: DirectConvArgs::planes_out
-  int wino = 0;  // direct: Winograd F(2, 3) on rows (1), F(2x2, 3x3) (2) or F(4x4, 3x3) (4) instead of the taps
+  int wino = 0;  // direct: Winograd F(2, 3) on rows (1) or F(4x4, 3x3) (4) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
   int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
   int64_t outer = 0, dim = 0, inner = 0;  // softmax, per image
@@ -331,23 +324,19 @@ struct Builder {
     for (Stage& g : stages)
       g.planes_out = g.kind == StageKind::direct && !g.pool && !g.hwc_in && !g.hwc_out && g.conv.stride_w == 1;
     // Winograd where its kernel applies (3x3, stride 1, the 2x2 pool fused,
-    // channels interleaved in vectors) and the cost model prefers it.
+    // channels a multiple of 16, interleaved in vectors: channel planes are
+    // interleaved by the band copy) and the cost model prefers it.
     for (Stage& g : stages) {
       if (g.kind != StageKind::direct) continue;
       const Conv2dDesc& d = g.conv;
       if (!g.hwc_in && g.pool && d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 &&
           d.dil_w == 1 && d.C <= kWinoRowMaxPlanes && active_isa() == Isa::avx512)
         g.wino = 1;
-      if (!g.hwc_in || !g.pool || d.R != 3 || d.S != 3 || d.stride_h != 1 || d.stride_w != 1 || d.dil_h != 1 ||
-          d.dil_w != 1 || d.C % 16 != 0)
+      if (!g.pool || d.R != 3 || d.S != 3 || d.stride_h != 1 || d.stride_w != 1 || d.dil_h != 1 || d.dil_w != 1 ||
+          d.C % 16 != 0)
         continue;
       const double taps_s = 36.0 * d.C / direct_efficiency(9 * d.C);  // per pooled output and filter
-      const double wino_s = 16.0 * d.C / kWinoEfficiency;
-      const double wino4_s = g.hwc_out ? 9.0 * d.C / kWino4Efficiency : taps_s;  // F(4x4) writes pixels x channels
-      if (wino4_s < std::min(wino_s, taps_s))
-        g.wino = 4;
-      else if (wino_s < taps_s)
-        g.wino = 2;
+      if (9.0 * d.C / kWino4Efficiency < taps_s) g.wino = 4;
     }
   }
 };
@@ -355,11 +344,16 @@ struct Builder {
 }  // namespace
 
 bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only) {
-  if (d.groups != 1 || d.K % 16 != 0 || d.C * d.R * d.S > (pool ? kDirectMaxTapsPooled : kDirectMaxTaps) ||
-      only.algo)
+  if (d.groups != 1 || d.K % 16 != 0 || only.algo) return false;
+  if (pool && !(pool->kh == 2 && pool->kw == 2 && pool->stride_h == 2 && pool->stride_w == 2 && !pool->pad_h &&
+                !pool->pad_w && pool->dil_h == 1 && pool->dil_w == 1))
     return false;
-  return !pool || (pool->kh == 2 && pool->kw == 2 && pool->stride_h == 2 && pool->stride_w == 2 && !pool->pad_h &&
-                   !pool->pad_w && pool->dil_h == 1 && pool->dil_w == 1);
+  if (d.C * d.R * d.S <= (pool ? kDirectMaxTapsPooled : kDirectMaxTaps)) return true;
+  // Longer reductions where Winograd F(4x4, 3x3) applies (choose_direct),
+  // which pools in registers at 9 multiply-adds per pooled output, channel
+  // and filter where the GEMM takes 36.
+  return pool && d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 && d.dil_w == 1 &&
+         d.C % 16 == 0;
 }
 
 namespace {
@@ -391,7 +385,7 @@ class NetPlan {
     double predicted_s = 0;  // per call of the stage (tile mode: per image)
     std::string plan;
     // direct
-    AlignedPtr<float> dw, dbias, rw;  // rw: wino 1's filters (DirectConvArgs::row_w)
+    AlignedPtr<float> dw, dbias, uw;  // uw: Winograd's filters (DirectConvArgs::wino_w)
     float x_bound = 0;  // direct, taps: DirectConvArgs::x_bound
     std::vector<int64_t> taps;
     int64_t Wp = 0, band_rows = 0, rows_per_band = 0;
@@ -561,15 +555,17 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
     case StageKind::direct: {
       const Conv2dDesc& d = s.conv;
       const int64_t K = d.K, taps = d.C * d.R * d.S;
-      if (s.wino <= 1) p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
+      p.dw = aligned_alloc_array<float>(static_cast<size_t>(taps * K));
       const float* w = s.layer->weight.data();  // K x C x R x S
       // Taps in the order the input is laid out: (c, r, s) for planes,
-      // (r, s, c) for interleaved channels (consecutive taps, consecutive addresses).
+      // (r, s, c) for interleaved channels (consecutive taps, consecutive
+      // addresses; F(4x4) interleaves planes in its band copy).
       std::vector<int64_t> order;  // tap -> index into C x R x S
       for (int64_t c = 0; c < d.C; ++c)
         for (int64_t r = 0; r < d.R; ++r)
           for (int64_t q = 0; q < d.S; ++q) order.push_back((c * d.R + r) * d.S + q);
-      if (s.hwc_in)
+      const bool interleaved = s.hwc_in || s.wino == 4;
+      if (interleaved)
         std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
           return a % (d.R * d.S) < b % (d.R * d.S);
         });
@@ -581,7 +577,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                                        {1.0 / 24, 1.0 / 12, 1.0 / 6},
                                        {1.0 / 24, -1.0 / 12, 1.0 / 6},
                                        {0, 0, 1}};
-        p.dw = aligned_alloc_array<float>(static_cast<size_t>(36 * d.C * K));
+        p.uw = aligned_alloc_array<float>(static_cast<size_t>(36 * d.C * K));
         for (int64_t c = 0; c < d.C; ++c)
           for (int64_t k = 0; k < K; ++k) {
             const float* g = w + (k * d.C + c) * 9;
@@ -590,34 +586,16 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
               for (int q = 0; q < 3; ++q) gg[r][q] = G[r][0] * g[q] + G[r][1] * g[3 + q] + G[r][2] * g[6 + q];
             for (int r = 0; r < 6; ++r)
               for (int q = 0; q < 6; ++q)
-                p.dw[((r * 6 + q) * d.C + c) * K + k] =
+                p.uw[((r * 6 + q) * d.C + c) * K + k] =
                     static_cast<float>(gg[r][0] * G[q][0] + gg[r][1] * G[q][1] + gg[r][2] * G[q][2]);
           }
-      } else if (s.wino == 2) {
-        // U = G g G^T per channel and filter, in double, stored 16 x C x K.
-        p.dw = aligned_alloc_array<float>(static_cast<size_t>(16 * d.C * K));
-        for (int64_t c = 0; c < d.C; ++c)
-          for (int64_t k = 0; k < K; ++k) {
-            const float* g = w + (k * d.C + c) * 9;
-            double gg[4][3];  // G g, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
-            for (int q = 0; q < 3; ++q) {
-              const double g0 = g[q], g1 = g[3 + q], g2 = g[6 + q];
-              gg[0][q] = g0, gg[1][q] = 0.5 * (g0 + g1 + g2), gg[2][q] = 0.5 * (g0 - g1 + g2), gg[3][q] = g2;
-            }
-            for (int r = 0; r < 4; ++r) {
-              const double u[4] = {gg[r][0], 0.5 * (gg[r][0] + gg[r][1] + gg[r][2]),
-                                   0.5 * (gg[r][0] - gg[r][1] + gg[r][2]), gg[r][2]};
-              for (int q = 0; q < 4; ++q) p.dw[((r * 4 + q) * d.C + c) * K + k] = static_cast<float>(u[q]);
-            }
-          }
-      } else {
-        for (int64_t t = 0; t < taps; ++t)
-          for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
       }
+      for (int64_t t = 0; t < taps; ++t)  // Winograd's stages too: the taps take inputs it may not
+        for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
       if (s.wino == 1) {
         // G g per filter row, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], in
         // double, stored in groups of 16 filters, C x 3 x 4 x 16 each.
-        p.rw = aligned_alloc_array<float>(static_cast<size_t>(12 * d.C * K));
+        p.uw = aligned_alloc_array<float>(static_cast<size_t>(12 * d.C * K));
         for (int64_t c = 0; c < d.C; ++c)
           for (int64_t k = 0; k < K; ++k)
             for (int r = 0; r < 3; ++r) {
@@ -625,14 +603,14 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
               const double g0 = g[0], g1 = g[1], g2 = g[2];
               const double u[4] = {g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2};
               for (int j = 0; j < 4; ++j)
-                p.rw[k / 16 * 12 * d.C * 16 + ((c * 3 + r) * 4 + j) * 16 + k % 16] = static_cast<float>(u[j]);
+                p.uw[k / 16 * 12 * d.C * 16 + ((c * 3 + r) * 4 + j) * 16 + k % 16] = static_cast<float>(u[j]);
             }
       }
       if (d.has_bias) {
         p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
         std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
       }
-      if (s.wino <= 1) {
+      {
         // Inputs up to x_bound in magnitude keep every sum within 2e37: no
         // sum of a filter overflows, so none is NaN unless an input is.
         double most = 0;  // the largest sum of |weights| + |bias| of a filter
@@ -645,13 +623,10 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       }
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
-      const int wino_fmas = s.wino == 4 ? 9 : s.wino == 2 ? 16 : 24;  // per pooled output, channel and filter
+      const int wino_fmas = s.wino == 4 ? 9 : 24;  // per pooled output, channel and filter
       const double flops = s.wino ? 2.0 * images * K * wino_fmas * d.C * P * s.out[2]
                                   : 2.0 * images * K * taps * convP * d.Q();
-      const double rate = s.wino == 4   ? kWino4Efficiency
-                          : s.wino == 2 ? kWinoEfficiency
-                          : s.wino == 1 ? kWinoRowEfficiency
-                                        : direct_efficiency(taps);
+      const double rate = s.wino == 4 ? kWino4Efficiency : s.wino == 1 ? kWinoRowEfficiency : direct_efficiency(taps);
       const double one = flops / (m.gemm_flops[0][0] * rate);
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
@@ -678,7 +653,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       for (int64_t t = 0; t < taps; ++t) {
         const int64_t c = order[t] / (d.R * d.S), r = order[t] / d.S % d.R, q = order[t] % d.S;
         const int64_t pixel = r * d.dil_h * p.Wp + q * d.dil_w;
-        p.taps.push_back(s.hwc_in ? pixel * d.C + c : c * plane + pixel);
+        p.taps.push_back(interleaved ? pixel * d.C + c : c * plane + pixel);
       }
       p.predicted_s = one / p.threads * imbalance(images * ceil_div(P, p.rows_per_band), p.threads) +
                       (p.threads > 1 ? m.wake_s : 0);
@@ -687,8 +662,6 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       const bool unit = s.pooled() && d.stride_w == 1 && (!s.hwc_in || d.C == 1);
       const int tiles = active_isa() == Isa::avx512 ? (unit ? 12 : 8) : 4;
       p.plan = s.wino == 4 ? cat("winograd F(4x4,3x3) pooled per tile ukernel=f32_conv_wino4_4__",
-                                 isa_name(active_isa()), " channels=", d.C, " filters=", K)
-               : s.wino == 2 ? cat("winograd F(2x2,3x3) pooled per tile ukernel=f32_conv_wino_", tiles, "__",
                                  isa_name(active_isa()), " channels=", d.C, " filters=", K)
                : s.wino == 1
                    ? cat("winograd F(2,3) on rows pooled per tile ukernel=f32_conv_wino_row_2x16__",
@@ -858,11 +831,22 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
     }
   }
   const float* xn = x.ptr<float>() + n * x.strides[0];
+  if (!s.hwc_in && s.wino >= 2)  // channel planes into Winograd's pixels x channels
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = band + r * Wp * C;
+      const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
+      std::fill(o, o + Wp * C, 0.0f);
+      if (ih < 0 || ih >= H) continue;
+      for (int64_t c = 0; c < C; ++c) {
+        const float* in = xn + c * x.strides[1] + ih * x.strides[2];
+        for (int64_t w = 0; w < W; ++w) o[(d.pad_left + w) * C + c] = in[w * x.strides[3]];
+      }
+    }
   // One unpadded plane of contiguous rows (a network's first layer on
   // grey images): the band is the input's own rows, read in place.
   const bool in_place = !s.hwc_in && s.wino <= 1 && C == 1 && d.pad_top == 0 && d.pad_bottom == 0 && d.pad_left == 0 &&
                         d.pad_right == 0 && x.strides[3] == 1 && x.strides[2] == W;
-  for (int64_t c = 0; c < C && !s.hwc_in && !in_place; ++c)
+  for (int64_t c = 0; c < C && !s.hwc_in && s.wino < 2 && !in_place; ++c)
     for (int64_t r = 0; r < rows; ++r) {
       float* o = band + c * plane + r * Wp;
       const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
@@ -881,13 +865,14 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   DirectConvArgs a;
   a.x = in_place ? xn + cr0 * d.stride_h * W : band;
   a.x_bound = p.x_bound;
-  if (s.hwc_in)
+  const bool interleaved = s.hwc_in || s.wino == 4;
+  if (interleaved)
     a.scan_blocks = 1, a.scan_len = rows * Wp * C;
   else if (in_place)
     a.scan_blocks = 1, a.scan_len = rows * W;
   else
     a.scan_blocks = C, a.scan_len = rows * Wp, a.scan_stride = plane;
-  a.Wp = Wp, a.pix = s.hwc_in ? C : 1;
+  a.Wp = Wp, a.pix = interleaved ? C : 1;
   a.tap_off = p.taps.data();
   a.taps = static_cast<int64_t>(p.taps.size());
   a.w = p.dw.get();
@@ -901,10 +886,12 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.y = y + n * K * P * Q;
   a.hwc = s.hwc_out;
   a.planes_out = s.planes_out;
-  a.tile = s.hwc_out || s.planes_out ? nullptr : scratch_array<float>(kTileSlot, static_cast<size_t>(Q * K));
+  a.tile = s.hwc_out || s.planes_out
+               ? nullptr
+               : scratch_array<float>(kTileSlot, static_cast<size_t>((s.wino == 4 ? 2 : 1) * Q * K));  // F(4x4): 2 rows
   a.wino = s.wino;
   a.C = C;
-  a.row_w = p.rw.get();
+  a.wino_w = p.uw.get();
   a.plane = plane;
   a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
   if (fuse != nullptr) {

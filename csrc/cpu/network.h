@@ -18,9 +18,9 @@
 // of a lane's images at a time, and in layer mode with a few images the first
 // linear is split with the direct stage before it by features (one hand-off
 // to the threads for both). 3x3 stride-1 convolutions with a 2x2 pool over
-// interleaved channels take Winograd F(2x2, 3x3) or F(4x4, 3x3), over the
-// planes of a first layer F(2, 3) along rows (AVX-512); a direct stage that
-// writes channel planes unpooled puts a row's pixels in vector lanes.
+// channels in multiples of 16 take Winograd F(4x4, 3x3), over the planes of a
+// first layer F(2, 3) along rows (AVX-512); a direct stage that writes
+// channel planes unpooled puts a row's pixels in vector lanes.
 #pragma once
 #include <algorithm>
 #include <cstdint>
