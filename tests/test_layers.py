@@ -373,11 +373,12 @@ def test_conv_max_pool_layer_on_the_direct_kernel(isa, rng, planes, filters, h, 
 
 @pytest.mark.parametrize("planes,filters,h,w,conv", [
     (1, 32, 28, 28, {}), (3, 32, 32, 32, dict(padding=1)), (2, 16, 9, 37, dict(padding=1, stride=(2, 1))),
-    (7, 16, 11, 13, dict(padding=2, dilation=2)), (1, 48, 5, 3, {}), (4, 32, 6, 40, dict(padding=(0, 1)))])
+    (7, 16, 11, 13, dict(padding=2, dilation=2)), (1, 48, 5, 3, {}), (4, 32, 6, 40, dict(padding=(0, 1))),
+    (32, 32, 17, 20, dict(padding=1))])
 def test_conv_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, conv):
-    # float32, few channels (up to 64 taps), filters a multiple of 16, stride 1 along rows: the layer runs
-    # as a one-layer network on the direct kernel with a row's pixels in vector lanes, the last vector
-    # of a row partial (widths 26, 32, 37, 13, 1, 40).
+    # float32, filters a multiple of 16, stride 1 along rows, up to 64 taps (or 576 over rows of at least
+    # 16 outputs): the layer runs as a one-layer network on the direct kernel with a row's pixels in
+    # vector lanes, the last vector of a row partial (widths 26, 32, 37, 13, 1, 40, 20).
     wt = ref.randn(rng, (filters, planes, 3, 3), np.float32)
     for b, act in ((ref.randn(rng, filters, np.float32), "relu"), (None, None)):
         layer = lk.Conv2d(wt, b, activation=act, **conv)
@@ -388,8 +389,14 @@ def test_conv_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, conv):
             got = layer(x)
             check_conv_layer(got, x, wt, b, dict(conv, activation=act), None, f"input {x.shape} {x.strides}")
             ref.assert_identical(x, before)
-    # Stride 2 along rows keeps the GEMM plans.
+    # Stride 2 along rows keeps the GEMM plans, and so does autotuning (which measures those).
     assert "network plan" not in lk.Conv2d(wt, stride=2).describe((2, planes, h, w))
+    before = lk.get_scheduler()["autotune"]
+    lk.set_scheduler(autotune=True)
+    try:
+        assert "network plan" not in lk.Conv2d(wt, **conv).describe((2, planes, h, w))
+    finally:
+        lk.set_scheduler(autotune=before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

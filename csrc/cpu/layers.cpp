@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "core/settings.h"
 #include "cpu/network.h"
 #include "cpu/pool2d.h"
 
@@ -25,9 +26,11 @@ AlignedPtr<T> contiguous_copy(const TensorView& v) {
   return out;
 }
 
-// A layer's network plan for x when it starts with the direct kernel.
+// A layer's network plan for x when it starts with the direct kernel. Not
+// while the scheduler autotunes: the network's kernels are not among the
+// candidates it measures and stores.
 std::shared_ptr<NetPlan> direct_plan(const Network* net, const Conv2dDesc& d, const TensorView& x) {
-  if (!net || d.N == 0) return nullptr;
+  if (!net || d.N == 0 || scheduler_settings().autotune) return nullptr;
   auto plan = net->plan_for(x.shape, 4);
   return Network::starts_direct(*plan) ? plan : nullptr;
 }

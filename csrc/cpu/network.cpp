@@ -77,6 +77,12 @@ std::string shape_str(const Shape& s, bool batched = false) {
 // for the network than the GEMM with banded pooling), since it pools in
 // registers and writes a quarter of the GEMM's output.
 constexpr int64_t kDirectMaxTaps = 64;
+// Unpooled into channel planes, a row's pixels in vector lanes (the planes
+// kernel), it also beats the GEMM on longer reductions over rows of at least
+// a vector: measured, one image, 3x3: 32 -> 64 channels on 16x16 47 against
+// 78 us, 64 -> 64 on 56x56 1.21 against 1.36 ms; but 128 -> 128 on 28x28
+// 1.37 against 1.18 ms.
+constexpr int64_t kPlanesMaxTaps = 576;
 constexpr int64_t kDirectMaxTapsPooled = 512;
 // The direct kernel's rate against the wide GEMM microkernel's: measured 0.5
 // with 9 taps (mnist: short loops, the band copy and stores weigh more) and
@@ -129,6 +135,7 @@ struct Stage {
   bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
   bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
   bool planes_out = false;              // direct: DirectConvArgs::planes_out
+  bool planes_only = false;             // direct: a reduction only the planes kernel takes (kPlanesMaxTaps)
   int wino = 0;  // direct: Winograd F(2, 3) on rows (1) or F(4x4, 3x3) (4) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
   int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
@@ -304,8 +311,9 @@ struct Builder {
       Stage& g = stages[k];
       if (g.kind != StageKind::conv && g.kind != StageKind::conv_pool) continue;
       const Conv2dDesc& d = g.conv;
+      g.planes_only = !g.pool && d.C * d.R * d.S > kDirectMaxTaps;
       if (!direct_kernel_suits(d, g.pool ? &*g.pool : nullptr, g.layer->only) ||
-          (g.pool && (g.pool->P() != d.P() / 2 || g.pool->Q() != d.Q() / 2)))
+          (g.pool && (g.pool->P() != d.P() / 2 || g.pool->Q() != d.Q() / 2)) || (g.planes_only && d.Q() < 16))
         continue;
       g.kind = StageKind::direct;
     }
@@ -314,7 +322,7 @@ struct Builder {
     for (size_t k = 0; k + 1 < stages.size(); ++k) {
       Stage& g = stages[k];
       Stage& next = stages[k + 1];
-      if (g.kind != StageKind::direct) continue;
+      if (g.kind != StageKind::direct || g.planes_only || (next.kind == StageKind::direct && next.planes_only)) continue;
       if ((next.kind == StageKind::linear && next.in.size() == 1) || next.kind == StageKind::direct) {
         g.hwc_out = true;
         next.hwc_in = true;
@@ -349,6 +357,7 @@ bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const Conv
                 !pool->pad_w && pool->dil_h == 1 && pool->dil_w == 1))
     return false;
   if (d.C * d.R * d.S <= (pool ? kDirectMaxTapsPooled : kDirectMaxTaps)) return true;
+  if (!pool) return d.stride_w == 1 && d.C * d.R * d.S <= kPlanesMaxTaps;
   // Longer reductions where Winograd F(4x4, 3x3) applies (choose_direct),
   // which pools in registers at 9 multiply-adds per pooled output, channel
   // and filter where the GEMM takes 36.
