@@ -318,7 +318,13 @@ class Outsider(torch.nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_swap_trains_like_its_twin(dtype):
-    """A swapped model and its unswapped twin stay together over a few Adam steps."""
+    """A swapped model and its unswapped twin stay together over a few Adam steps.
+
+    Gradients and the trained outputs are compared in float64 only: in float32 two window values
+    within rounding of each other are a tie the two convolutions may break differently, which routes
+    that window's gradient to another pixel (measured: about one run in twenty moved the stem's
+    weight gradient by 2e-4 to 4e-3 of its norm), and Adam carries the difference into every
+    later step. Losses are compared in both."""
     import copy
 
     import lepton_kernels.torch as lkt
@@ -339,12 +345,14 @@ def test_swap_trains_like_its_twin(dtype):
         la.backward()
         lb.backward()
         assert abs(la.item() - lb.item()) <= 1e3 * eps * abs(la.item())
-        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-            assert ((pa.grad - pb.grad).norm() / pa.grad.norm()).item() < 1e3 * eps, name
+        if dtype == torch.float64:
+            for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+                assert ((pa.grad - pb.grad).norm() / pa.grad.norm()).item() < 1e3 * eps, name
         oa.step()
         ob.step()
     a.eval()
     b.eval()
     with torch.no_grad():
         x = torch.randn(1, 3, 17, 17, dtype=dtype)
-        assert ((a(x) - b(x)).norm() / a(x).norm()).item() < 1e2 * eps
+        if dtype == torch.float64:
+            assert ((a(x) - b(x)).norm() / a(x).norm()).item() < 1e2 * eps
