@@ -323,6 +323,20 @@ def test_winograd_rows_near_overflow(rng, isa):
         magnitude = ref.conv2d(np.abs(xs).astype(np.float64), np.abs(w), padding=1)
         tol = 8 * EPS32 * 12 * ref.max_pool2d(magnitude, 2)[0]
         ref._assert_within(seq(xs), expected, tol, f"F(4x4): inputs up to {top:.3g} at {isa}")
+    # The input transform's worst case: filters of one tap (the corner that meets element (5, 5) of
+    # B^T d B) and an input whose signs follow that row of B^T in every tile (tiles 4 pixels apart,
+    # from the padding): that element is 100x the input, its products 100x the taps' largest sum,
+    # which overflows near the bound while every sum of the taps stays within it.
+    w = np.zeros((16, 16, 3, 3), np.float32)
+    w[:, :, 2, 2] = rng.uniform(0.5, 1.0, (16, 16)).astype(np.float32)
+    seq = lk.Sequential([lk.Conv2d(w, padding=1), lk.MaxPool2d(2)])
+    bound = 1e37 / float(np.abs(w).reshape(16, -1).sum(axis=1).max())
+    sign = np.array([0, 1, 0, -1], np.float64)[(np.arange(16) + 1) % 4]
+    xs = (np.float32(bound * 0.999) * np.outer(sign, sign)).astype(np.float32)[None, None].repeat(16, axis=1)
+    expected = ref.max_pool2d(ref.conv2d(xs.astype(np.float64), w, padding=1), 2)[0]
+    magnitude = ref.max_pool2d(ref.conv2d(np.abs(xs).astype(np.float64), np.abs(w), padding=1), 2)[0]
+    assert np.isfinite(expected).all() and np.abs(expected).max() > 1e36
+    ref._assert_within(seq(xs), expected, 8 * EPS32 * 12 * magnitude, f"F(4x4): the transforms' worst case at {isa}")
 
 
 @pytest.mark.parametrize("channels,padding,relu,dense", [(1, 0, True, False), (3, 1, False, False),
