@@ -374,7 +374,7 @@ def test_conv_max_pool_layer_on_the_direct_kernel(isa, rng, planes, filters, h, 
 @pytest.mark.parametrize("planes,filters,h,w,conv", [
     (1, 32, 28, 28, {}), (3, 32, 32, 32, dict(padding=1)), (2, 16, 9, 37, dict(padding=1, stride=(2, 1))),
     (7, 16, 11, 13, dict(padding=2, dilation=2)), (1, 48, 5, 3, {}), (4, 32, 6, 40, dict(padding=(0, 1))),
-    (32, 32, 17, 20, dict(padding=1))])
+    (24, 32, 17, 20, dict(padding=1))])
 def test_conv_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, conv):
     # float32, filters a multiple of 16, stride 1 along rows, up to 64 taps (or 576 over rows of at least
     # 16 outputs): the layer runs as a one-layer network on the direct kernel with a row's pixels in
@@ -397,6 +397,24 @@ def test_conv_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, conv):
         assert "network plan" not in lk.Conv2d(wt, **conv).describe((2, planes, h, w))
     finally:
         lk.set_scheduler(autotune=before)
+
+
+@pytest.mark.parametrize("planes,filters,h,w,padding", [(16, 32, 17, 20, 1), (32, 16, 5, 3, 0), (64, 64, 56, 56, 1),
+                                                        (48, 80, 9, 13, 1)])
+def test_conv_layer_on_winograd(isa, rng, planes, filters, h, w, padding):
+    # float32, 3x3 stride 1, channels and filters multiples of 16: Winograd F(2x2, 3x3), 4 outputs per
+    # tile, partial tiles at odd sizes and blocks of 8 tiles; inputs that are not finite take the taps.
+    wt = ref.randn(rng, (filters, planes, 3, 3), np.float32)
+    for b, act in ((ref.randn(rng, filters, np.float32), "relu"), (None, None)):
+        layer = lk.Conv2d(wt, b, padding=padding, activation=act)
+        assert "winograd F(2x2,3x3)" in layer.describe((2, planes, h, w)), layer.describe((2, planes, h, w))
+        base = ref.randn(rng, (3, planes + 1, h, w + 3), np.float32)
+        for x in (base[:1, :planes, :, :w], base[:, 1:, :, 3:], base[::-2, :planes, :, ::-1][..., :w]):
+            got = layer(x)
+            check_conv_layer(got, x, wt, b, dict(padding=padding, activation=act), None, f"input {x.shape}")
+        x = ref.randn(rng, (2, planes, h, w), np.float32)
+        x[1, 3, h // 2, w // 3], x[0, 0, 0, 0] = np.inf, np.nan
+        ref.assert_identical(np.isnan(layer(x)), np.isnan(lk.conv2d(x, wt, b, padding=padding, activation=act)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -339,6 +339,23 @@ def test_winograd_rows_near_overflow(rng, isa):
     ref._assert_within(seq(xs), expected, 8 * EPS32 * 12 * magnitude, f"F(4x4): the transforms' worst case at {isa}")
 
 
+@pytest.mark.parametrize("h,w", [(12, 12), (9, 14), (5, 7)])
+def test_winograd_unpooled_stages(rng, isa, h, w):
+    # Unpooled, F(2x2, 3x3) (4 outputs per tile, partial tiles at odd sizes): channel planes out,
+    # pixels x channels out (to a linear, or to a pooled direct stage), and on pixels x channels in
+    # after a direct stage.
+    conv = ("conv", dict(k=32, padding=1, relu=True))
+    pooled = ("conv", dict(k=16, padding=1, relu=True, pool=(2, 2), fused=True))
+    for recipe in ([conv], [conv, ("flatten", {}), ("linear", dict(n=10))], [conv, pooled, ("flatten", {}),
+                   ("linear", dict(n=5))], [pooled, conv]):
+        net = Net(rng, (16, h, w), recipe)
+        seq = net.sequential()
+        assert "winograd F(2x2,3x3) ukernel" in seq.describe((3, 16, h, w)), seq.describe((3, 16, h, w))
+        for n in (1, 3, 8):
+            x = _input(rng, net, n)
+            net.check(seq(x), x, f"recipe {recipe}, batch {n} at {isa}")
+
+
 @pytest.mark.parametrize("channels,padding,relu,dense", [(1, 0, True, False), (3, 1, False, False),
                                                          (32, 1, True, False), (32, 0, False, True)])
 def test_pooled_nan_and_inf(rng, isa, channels, padding, relu, dense):

@@ -34,15 +34,18 @@ struct DirectConvArgs {
   int64_t q0, q1;          // and columns of them
   float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*P*Q + p*Q + q]
   bool hwc;
-  float* tile;             // Q*K floats of scratch for a row (not hwc; F(4x4): 2*Q*K)
+  float* tile;             // Q*K floats of scratch for a row (not hwc; Winograd: 2 rows)
   // Winograd instead of the taps where every input the call reads is finite
   // and small enough (x_bound, below), the taps elsewhere (the NaN rule;
   // an infinity would spread to a whole tile):
   // - wino 4 (3x3, stride 1, pool, channels interleaved, C a multiple of 16):
-  //   F(4x4, 3x3), inputs up to x_bound / kWino4Shrink; wino_w holds its
+  //   F(4x4, 3x3), inputs up to x_bound * kWino4Shrink; wino_w holds its
   //   filters, 36 x C x K (G g G^T, element (r, s) of the 6 x 6 at r*6 + s).
   //   It reads whole 6x6 patches: up to 2 rows and columns past the last
   //   pooled output's window, which x must hold (zeros).
+  // - wino 2 (the same, unpooled): F(2x2, 3x3), likewise with 4x4 patches and
+  //   16 x C x K filters, 2x2 outputs per tile (x holding a row and column
+  //   past odd sizes).
   // - wino 1 (planes, pool, 3x3, stride 1): F(2, 3) along the rows, inputs up
   //   to x_bound; wino_w holds its filters in groups of 16, C x 3 x 4 x 16
   //   each (G g of filter row r, element j, at (c * 3 + r) * 4 + j), and
@@ -76,14 +79,16 @@ struct DirectConvArgs {
 };
 
 // F(4x4)'s transforms multiply magnitudes by up to 100 (input) and 361
-// (output): its inputs stay this far below x_bound for no sum to overflow.
+// (output): its inputs (and F(2x2)'s, whose factors are smaller) stay this
+// far below x_bound for no sum to overflow.
 constexpr float kWino4Shrink = 1e-5f;
 
 constexpr int64_t kDirDenseMax = 16;
 constexpr int64_t kDirAccStride = 16;  // floats per output in dense_acc: the widest vector
 
 // Scratch a Winograd call needs: the input transforms of a block of tiles
-// and the products of one block of filters for them (36 elements x 4 tiles).
+// and the products of one block of filters for them (F(4x4): 36 elements x
+// 4 tiles; F(2x2): 16 x 8).
 // The rows variant (wino 1) keeps the transforms of four input rows, 16
 // tiles of 4 elements per plane, within that (C up to kWinoRowMaxPlanes).
 constexpr int64_t wino_work_floats(int64_t C) { return 36 * 4 * (C + 32); }

@@ -89,6 +89,16 @@ constexpr int64_t kDirectMaxTapsPooled = 512;
 // 0.85 with 288 (cifar's second layer).
 double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 
+// Where Winograd applies: 3x3, stride 1, channels in vectors, and the
+// transformed filters (F(4x4): 4x the filters) within 16 MB, since each block
+// of tiles reads all of them, from L3 at best (measured, one image, unpooled
+// F(4x4): 256 -> 256 channels on 14x14, 9.4 MB, 0.45 ms against the GEMM's
+// 1.35; 512 -> 512 on 7x7, 38 MB, 5.3 ms against 1.4).
+bool winograd_suits(const Conv2dDesc& d) {
+  return d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 && d.dil_w == 1 &&
+         d.C % 16 == 0 && 36 * d.C * d.K * 4 <= (16 << 20);
+}
+
 // Winograd F(4x4, 3x3) with the pool fused (conv_direct.inc): 9 multiply-adds
 // per channel and filter per pooled output against the taps' 36, at a lower
 // rate: the reduction is only C long per product, and the transforms add
@@ -100,6 +110,13 @@ double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 // Only for finite inputs (conv_direct.h's x_bound): an infinity would mix
 // into its whole 6x6 tile, a NaN where the taps give an infinity or nothing.
 constexpr double kWino4Efficiency = 0.65;
+// F(2x2, 3x3), unpooled: 16 multiply-adds per channel and filter for 4
+// outputs, against the taps' 36, rounding about as the direct sum does
+// (F(4x4) unpooled: ten times that, past the benchmarks' float32 checks).
+// Measured, one image, 2 threads, against the GEMM: 64 -> 64 channels on
+// 56x56 0.79 against 1.17 ms, 128 on 28x28 0.71 against 1.19, 256 on 14x14
+// 0.67 against 1.33 (the rate against the GEMM microkernel's 0.66-0.89).
+constexpr double kWino2Efficiency = 0.7;
 // F(2, 3) along the rows of planes (a first layer): 24 multiply-adds per
 // plane and filter per pooled output against the taps' 36, and 8 additions.
 // With AVX-512 it wins on 1 to 4 planes (3x3 -> 32 filters + pool on 32x32
@@ -311,7 +328,7 @@ struct Builder {
       Stage& g = stages[k];
       if (g.kind != StageKind::conv && g.kind != StageKind::conv_pool) continue;
       const Conv2dDesc& d = g.conv;
-      g.planes_only = !g.pool && d.C * d.R * d.S > kDirectMaxTaps;
+      g.planes_only = !g.pool && d.C * d.R * d.S > kDirectMaxTaps && !winograd_suits(d);
       if (!direct_kernel_suits(d, g.pool ? &*g.pool : nullptr, g.layer->only) ||
           (g.pool && (g.pool->P() != d.P() / 2 || g.pool->Q() != d.Q() / 2)) || (g.planes_only && d.Q() < 16))
         continue;
@@ -329,8 +346,6 @@ struct Builder {
         next.hwc_shape = g.out;
       }
     }
-    for (Stage& g : stages)
-      g.planes_out = g.kind == StageKind::direct && !g.pool && !g.hwc_in && !g.hwc_out && g.conv.stride_w == 1;
     // Winograd where its kernel applies (3x3, stride 1, the 2x2 pool fused,
     // channels a multiple of 16, interleaved in vectors: channel planes are
     // interleaved by the band copy) and the cost model prefers it.
@@ -340,12 +355,16 @@ struct Builder {
       if (!g.hwc_in && g.pool && d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 &&
           d.dil_w == 1 && d.C <= kWinoRowMaxPlanes && active_isa() == Isa::avx512)
         g.wino = 1;
-      if (!g.pool || d.R != 3 || d.S != 3 || d.stride_h != 1 || d.stride_w != 1 || d.dil_h != 1 || d.dil_w != 1 ||
-          d.C % 16 != 0)
-        continue;
+      if (!winograd_suits(d)) continue;
       const double taps_s = 36.0 * d.C / direct_efficiency(9 * d.C);  // per pooled output and filter
-      if (9.0 * d.C / kWino4Efficiency < taps_s) g.wino = 4;
+      if (!g.pool)  // F(2x2): F(4x4)'s rounding unpooled is about ten times the direct sum's
+        g.wino = 2;
+      else if (9.0 * d.C / kWino4Efficiency < taps_s)
+        g.wino = 4;
     }
+    for (Stage& g : stages)
+      g.planes_out = g.kind == StageKind::direct && !g.pool && !g.wino && !g.hwc_in && !g.hwc_out &&
+                     g.conv.stride_w == 1;
   }
 };
 
@@ -357,15 +376,19 @@ bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const Conv
                 !pool->pad_w && pool->dil_h == 1 && pool->dil_w == 1))
     return false;
   if (d.C * d.R * d.S <= (pool ? kDirectMaxTapsPooled : kDirectMaxTaps)) return true;
-  if (!pool) return d.stride_w == 1 && d.C * d.R * d.S <= kPlanesMaxTaps;
-  // Longer reductions where Winograd F(4x4, 3x3) applies (choose_direct),
-  // which pools in registers at 9 multiply-adds per pooled output, channel
-  // and filter where the GEMM takes 36.
-  return pool && d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 && d.dil_w == 1 &&
-         d.C % 16 == 0;
+  // Longer reductions where Winograd applies (choose_direct): pooled,
+  // F(4x4, 3x3) at 9 multiply-adds per pooled output, channel and filter,
+  // the 2x2 window reduced in registers, where the GEMM takes 36; unpooled,
+  // F(2x2, 3x3) at 4 per output against 9.
+  if (winograd_suits(d)) return true;
+  return !pool && d.stride_w == 1 && d.C * d.R * d.S <= kPlanesMaxTaps;
 }
 
 namespace {
+
+// The input rows (or columns) Winograd's whole patches span for n outputs:
+// F(4x4), pooled, 2 per tile (6x6 patches); F(2x2), unpooled, 2 (4x4).
+int64_t wino_rows(const Stage& s, int64_t n) { return s.wino == 4 ? 2 * round_up(n, 2) + 2 : round_up(n, 2) + 2; }
 
 double imbalance(int64_t tasks, int threads) {
   return static_cast<double>(ceil_div(tasks, threads)) * threads / static_cast<double>(std::max<int64_t>(tasks, 1));
@@ -573,7 +596,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       for (int64_t c = 0; c < d.C; ++c)
         for (int64_t r = 0; r < d.R; ++r)
           for (int64_t q = 0; q < d.S; ++q) order.push_back((c * d.R + r) * d.S + q);
-      const bool interleaved = s.hwc_in || s.wino == 4;
+      const bool interleaved = s.hwc_in || s.wino >= 2;
       if (interleaved)
         std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
           return a % (d.R * d.S) < b % (d.R * d.S);
@@ -597,6 +620,24 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
               for (int q = 0; q < 6; ++q)
                 p.uw[((r * 6 + q) * d.C + c) * K + k] =
                     static_cast<float>(gg[r][0] * G[q][0] + gg[r][1] * G[q][1] + gg[r][2] * G[q][2]);
+          }
+      }
+      if (s.wino == 2) {
+        // U = G g G^T per channel and filter, in double, stored 16 x C x K.
+        p.uw = aligned_alloc_array<float>(static_cast<size_t>(16 * d.C * K));
+        for (int64_t c = 0; c < d.C; ++c)
+          for (int64_t k = 0; k < K; ++k) {
+            const float* g = w + (k * d.C + c) * 9;
+            double gg[4][3];  // G g, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+            for (int q = 0; q < 3; ++q) {
+              const double g0 = g[q], g1 = g[3 + q], g2 = g[6 + q];
+              gg[0][q] = g0, gg[1][q] = 0.5 * (g0 + g1 + g2), gg[2][q] = 0.5 * (g0 - g1 + g2), gg[3][q] = g2;
+            }
+            for (int r = 0; r < 4; ++r) {
+              const double u[4] = {gg[r][0], 0.5 * (gg[r][0] + gg[r][1] + gg[r][2]),
+                                   0.5 * (gg[r][0] - gg[r][1] + gg[r][2]), gg[r][2]};
+              for (int q = 0; q < 4; ++q) p.uw[((r * 4 + q) * d.C + c) * K + k] = static_cast<float>(u[q]);
+            }
           }
       }
       for (int64_t t = 0; t < taps; ++t)  // Winograd's stages too: the taps take inputs it may not
@@ -632,10 +673,13 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       }
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
-      const int wino_fmas = s.wino == 4 ? 9 : 24;  // per pooled output, channel and filter
+      const double wino_fmas = s.wino == 4 ? 9 : s.wino == 2 ? 4 : 24;  // per output, channel and filter
       const double flops = s.wino ? 2.0 * images * K * wino_fmas * d.C * P * s.out[2]
                                   : 2.0 * images * K * taps * convP * d.Q();
-      const double rate = s.wino == 4 ? kWino4Efficiency : s.wino == 1 ? kWinoRowEfficiency : direct_efficiency(taps);
+      const double rate = s.wino == 4   ? kWino4Efficiency
+                          : s.wino == 2 ? kWino2Efficiency
+                          : s.wino == 1 ? kWinoRowEfficiency
+                                        : direct_efficiency(taps);
       const double one = flops / (m.gemm_flops[0][0] * rate);
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
@@ -645,18 +689,18 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       int64_t bands = 1;
       if (p.threads > 1) bands = std::min<int64_t>(P, ceil_div(4 * p.threads, images));
       p.rows_per_band = ceil_div(P, bands);
-      // An F(4x4) tile covers two pooled rows: bands of one would compute
-      // each tile for half its outputs.
-      if (s.wino == 4) p.rows_per_band = round_up(p.rows_per_band, 2);
+      // A Winograd tile covers two output rows (F(4x4): pooled rows): bands of
+      // one would compute each tile for half its outputs.
+      if (s.wino >= 2) p.rows_per_band = round_up(p.rows_per_band, 2);
       // split_: each thread an equal run of pixels, at most this many whole rows
       if (split_ && &p == &stages_[0] && p.threads > 1)
         p.rows_per_band = std::max<int64_t>(1, ceil_div(P * s.out[2], threads_) / s.out[2]);
       const int64_t conv_rows = s.pooled() ? 2 * p.rows_per_band : p.rows_per_band;
       p.band_rows = (conv_rows - 1) * d.stride_h + (d.R - 1) * d.dil_h + 1;
       p.Wp = d.W + d.pad_left + d.pad_right;
-      if (s.wino == 4) {  // whole 6x6 patches: rows and columns in pairs of pooled outputs, zeros past the input
-        p.band_rows = 2 * round_up(p.rows_per_band, 2) + 2;
-        p.Wp = std::max(p.Wp, 2 * round_up(s.out[2], 2) + 2);
+      if (s.wino >= 2) {  // whole patches: rows and columns of whole tiles, zeros past the input
+        p.band_rows = wino_rows(s, p.rows_per_band);
+        p.Wp = std::max(p.Wp, wino_rows(s, s.out[2]));
       }
       const int64_t plane = p.band_rows * p.Wp;
       for (int64_t t = 0; t < taps; ++t) {
@@ -672,6 +716,8 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       const int tiles = active_isa() == Isa::avx512 ? (unit ? 12 : 8) : 4;
       p.plan = s.wino == 4 ? cat("winograd F(4x4,3x3) pooled per tile ukernel=f32_conv_wino4_4__",
                                  isa_name(active_isa()), " channels=", d.C, " filters=", K)
+               : s.wino == 2 ? cat("winograd F(2x2,3x3) ukernel=f32_conv_wino2_", active_isa() == Isa::avx512 ? 8 : 4,
+                                   "__", isa_name(active_isa()), " channels=", d.C, " filters=", K)
                : s.wino == 1
                    ? cat("winograd F(2,3) on rows pooled per tile ukernel=f32_conv_wino_row_2x16__",
                          isa_name(active_isa()), " planes=", d.C, " filters=", K,
@@ -819,7 +865,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   const int64_t Wp = p.Wp, plane = p.band_rows * Wp;
   const bool pool = s.pooled();
   const int64_t cr0 = pool ? 2 * p0 : p0, cr1 = pool ? 2 * p1 : p1;  // convolution rows
-  const int64_t rows = s.wino == 4 ? 2 * round_up(p1 - p0, 2) + 2  // whole 6x6 patches
+  const int64_t rows = s.wino >= 2 ? wino_rows(s, p1 - p0)  // whole patches
                                    : (cr1 - 1 - cr0) * d.stride_h + (d.R - 1) * d.dil_h + 1;
   // The padded input rows this band reads, contiguous: the kernel's taps
   // then are fixed offsets.
@@ -874,7 +920,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   DirectConvArgs a;
   a.x = in_place ? xn + cr0 * d.stride_h * W : band;
   a.x_bound = p.x_bound;
-  const bool interleaved = s.hwc_in || s.wino == 4;
+  const bool interleaved = s.hwc_in || s.wino >= 2;
   if (interleaved)
     a.scan_blocks = 1, a.scan_len = rows * Wp * C;
   else if (in_place)
@@ -897,7 +943,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.planes_out = s.planes_out;
   a.tile = s.hwc_out || s.planes_out
                ? nullptr
-               : scratch_array<float>(kTileSlot, static_cast<size_t>((s.wino == 4 ? 2 : 1) * Q * K));  // F(4x4): 2 rows
+               : scratch_array<float>(kTileSlot, static_cast<size_t>((s.wino >= 2 ? 2 : 1) * Q * K));  // Winograd: 2 rows
   a.wino = s.wino;
   a.C = C;
   a.wino_w = p.uw.get();

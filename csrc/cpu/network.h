@@ -19,8 +19,9 @@
 // linear is split with the direct stage before it by features (one hand-off
 // to the threads for both). 3x3 stride-1 convolutions with a 2x2 pool over
 // channels in multiples of 16 take Winograd F(4x4, 3x3), over the planes of a
-// first layer F(2, 3) along rows (AVX-512); a direct stage that writes
-// channel planes unpooled puts a row's pixels in vector lanes.
+// first layer F(2, 3) along rows (AVX-512), and without the pool F(2x2, 3x3);
+// a direct stage that writes channel planes unpooled puts a row's pixels in
+// vector lanes.
 #pragma once
 #include <algorithm>
 #include <cstdint>
