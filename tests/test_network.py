@@ -356,6 +356,34 @@ def test_winograd_unpooled_stages(rng, isa, h, w):
             net.check(seq(x), x, f"recipe {recipe}, batch {n} at {isa}")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_winograd_filter_groups_and_blocks(rng, restore_threads, isa, threads):
+    # F(2x2) takes a band's tiles in blocks across tile rows (more tiles than one block holds, partial tiles at
+    # odd sizes), and where images and rows are few the threads split the filters (512 -> 512 channels on 7x7,
+    # smaller): each group's tiles, output transposes and, for bands holding a NaN, taps stay within its filters.
+    lk.set_num_threads(threads)
+    cases = [((64, 7, 7), [64]), ((128, 21, 23), [32]), ((32, 5, 9), [96]), ((64, 6, 6), [128, 64])]
+    for shape, filters in cases:
+        net = Net(rng, shape, [("conv", dict(k=k, padding=1, relu=i == 0)) for i, k in enumerate(filters)])
+        seq = net.sequential()
+        plan = seq.describe((1,) + shape)
+        assert plan.count("winograd F(2x2,3x3) ukernel") == len(filters), plan
+        if shape[1] <= 7 and any(filters[0] % (32 * g) == 0 for g in range(2, threads + 1)):
+            assert "filter_groups=" in plan, plan  # one band of the image, its filters in equal groups of 32s
+        for n in (1, 2):
+            x = _input(rng, net, n)
+            net.check(seq(x), x, f"{shape} -> {filters}, batch {n}, {threads} threads at {isa}")
+            x[n - 1, 0, 2, 3] = np.nan
+            y = seq(x)
+            with np.errstate(invalid="ignore"):
+                expected = net.reference(x)
+            assert np.isnan(expected).any()
+            assert np.array_equal(np.isnan(y), np.isnan(expected)), f"{shape}: NaN positions at {isa}"
+            fine = ~np.isnan(expected)
+            ref._assert_within(y[fine], expected[fine], 8 * EPS32 * math.sqrt(net.reduction) * (1 + np.abs(expected[fine])),
+                               f"{shape} -> {filters} with a NaN at {isa}")
+
+
 @pytest.mark.parametrize("channels,padding,relu,dense", [(1, 0, True, False), (3, 1, False, False),
                                                          (32, 1, True, False), (32, 0, False, True)])
 def test_pooled_nan_and_inf(rng, isa, channels, padding, relu, dense):

@@ -43,9 +43,13 @@ struct DirectConvArgs {
   //   filters, 36 x C x K (G g G^T, element (r, s) of the 6 x 6 at r*6 + s).
   //   It reads whole 6x6 patches: up to 2 rows and columns past the last
   //   pooled output's window, which x must hold (zeros).
-  // - wino 2 (the same, unpooled): F(2x2, 3x3), likewise with 4x4 patches and
-  //   16 x C x K filters, 2x2 outputs per tile (x holding a row and column
-  //   past odd sizes).
+  // - wino 2 (the same, unpooled): F(2x2, 3x3), likewise with 4x4 patches,
+  //   2x2 outputs per tile (x holding a row and column past odd sizes); tile
+  //   holds the band's rows (p1 - p0 rounded up to even). Its 16 x C x K
+  //   filters go in blocks of 32 (the last 16 when K is not a multiple of 32),
+  //   each contiguous, so a block streams from memory in order: element
+  //   (e, c, k) at 16*C*kb + (e*C + c)*width + k - kb, kb = k rounded down to
+  //   32, width = min(32, K - kb).
   // - wino 1 (planes, pool, 3x3, stride 1): F(2, 3) along the rows, inputs up
   //   to x_bound; wino_w holds its filters in groups of 16, C x 3 x 4 x 16
   //   each (G g of filter row r, element j, at (c * 3 + r) * 4 + j), and
@@ -76,6 +80,10 @@ struct DirectConvArgs {
   // pixels in vector lanes instead, each output vector stored whole to its
   // plane. The taps' offsets as above; tile unused.
   bool planes_out = false;
+  // The filters [k_begin, k_end) only (multiples of 16), where threads split
+  // a layer's filters because its images and rows are too few to split:
+  // F(2x2) and the taps without the fused linear; the other kernels take all.
+  int64_t k_begin = 0, k_end = 0;
 };
 
 // F(4x4)'s transforms multiply magnitudes by up to 100 (input) and 361
@@ -86,12 +94,23 @@ constexpr float kWino4Shrink = 1e-5f;
 constexpr int64_t kDirDenseMax = 16;
 constexpr int64_t kDirAccStride = 16;  // floats per output in dense_acc: the widest vector
 
+// F(2x2)'s tiles per block: their input transforms, 16 x tiles x C floats,
+// within 512 KB (half a core's L2 on the machines we tune for), reused by
+// every filter, so each block reads the transformed filters once.
+constexpr int64_t wino2_block_tiles(int64_t C) {
+  const int64_t b = 8192 / C / 8 * 8;
+  return b < 8 ? 8 : b > 64 ? 64 : b;
+}
+
 // Scratch a Winograd call needs: the input transforms of a block of tiles
 // and the products of one block of filters for them (F(4x4): 36 elements x
-// 4 tiles; F(2x2): 16 x 8).
+// 4 tiles; F(2x2): 16 x wino2_block_tiles).
 // The rows variant (wino 1) keeps the transforms of four input rows, 16
 // tiles of 4 elements per plane, within that (C up to kWinoRowMaxPlanes).
-constexpr int64_t wino_work_floats(int64_t C) { return 36 * 4 * (C + 32); }
+constexpr int64_t wino_work_floats(int64_t C) {
+  const int64_t f4 = 36 * 4 * (C + 32), f2 = 16 * wino2_block_tiles(C) * (C + 32);
+  return f4 > f2 ? f4 : f2;
+}
 constexpr int64_t kWinoRowMaxPlanes = 4;
 static_assert(4 * kWinoRowMaxPlanes * 4 * 16 <= wino_work_floats(kWinoRowMaxPlanes));
 

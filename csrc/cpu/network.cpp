@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 
 #include "core/cpu_features.h"
 #include "core/error.h"
@@ -90,14 +91,23 @@ constexpr int64_t kDirectMaxTapsPooled = 512;
 double direct_efficiency(int64_t taps) { return taps < 32 ? 0.5 : 0.85; }
 
 // Where Winograd applies: 3x3, stride 1, channels in vectors, and the
-// transformed filters (F(4x4): 4x the filters) within 16 MB, since each block
-// of tiles reads all of them, from L3 at best (measured, one image, unpooled
-// F(4x4): 256 -> 256 channels on 14x14, 9.4 MB, 0.45 ms against the GEMM's
-// 1.35; 512 -> 512 on 7x7, 38 MB, 5.3 ms against 1.4).
-bool winograd_suits(const Conv2dDesc& d) {
+// transformed filters within what L3 keeps, since each block of tiles reads
+// all of them: F(4x4) (pooled), 4x the filters, up to 16 MB; F(2x2)
+// (unpooled), 16/9 of them, up to 20 MB. Past L3 they come from memory at a
+// quarter of the rate (measured, one image, unpooled F(4x4): 256 -> 256
+// channels on 14x14, 9.4 MB, 0.45 ms against the GEMM's 1.35; 512 -> 512 on
+// 7x7, 38 MB, 5.3 ms against 1.4).
+bool winograd_suits(const Conv2dDesc& d, bool pooled) {
   return d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 && d.dil_w == 1 &&
-         d.C % 16 == 0 && 36 * d.C * d.K * 4 <= (16 << 20);
+         d.C % 16 == 0 && (pooled ? 36 : 16) * d.C * d.K * 4 <= (pooled ? 16 << 20 : 20 << 20);
 }
+
+// Transformed filters streamed from L3 by one thread, bytes per second
+// (measured: 70-99 GB/s per thread reading 8-16 MB on 2 threads, 51-58 at 24 MB).
+constexpr double kL3Rate = 60e9;
+// F(2x2) with channel planes out: the band's outputs wait in the tile for
+// their transpose, within a quarter of L2.
+constexpr int64_t kWino2BandBytes = 256 * 1024;
 
 // Winograd F(4x4, 3x3) with the pool fused (conv_direct.inc): 9 multiply-adds
 // per channel and filter per pooled output against the taps' 36, at a lower
@@ -115,7 +125,8 @@ constexpr double kWino4Efficiency = 0.65;
 // (F(4x4) unpooled: ten times that, past the benchmarks' float32 checks).
 // Measured, one image, 2 threads, against the GEMM: 64 -> 64 channels on
 // 56x56 0.79 against 1.17 ms, 128 on 28x28 0.71 against 1.19, 256 on 14x14
-// 0.67 against 1.33 (the rate against the GEMM microkernel's 0.66-0.89).
+// 0.67 against 1.33 (the rate against the GEMM microkernel's 0.66-0.89);
+// 512 on 7x7, the filters in two groups, 0.74 against 1.52.
 constexpr double kWino2Efficiency = 0.7;
 // F(2, 3) along the rows of planes (a first layer): 24 multiply-adds per
 // plane and filter per pooled output against the taps' 36, and 8 additions.
@@ -328,7 +339,7 @@ struct Builder {
       Stage& g = stages[k];
       if (g.kind != StageKind::conv && g.kind != StageKind::conv_pool) continue;
       const Conv2dDesc& d = g.conv;
-      g.planes_only = !g.pool && d.C * d.R * d.S > kDirectMaxTaps && !winograd_suits(d);
+      g.planes_only = !g.pool && d.C * d.R * d.S > kDirectMaxTaps && !winograd_suits(d, false);
       if (!direct_kernel_suits(d, g.pool ? &*g.pool : nullptr, g.layer->only) ||
           (g.pool && (g.pool->P() != d.P() / 2 || g.pool->Q() != d.Q() / 2)) || (g.planes_only && d.Q() < 16))
         continue;
@@ -355,7 +366,7 @@ struct Builder {
       if (!g.hwc_in && g.pool && d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 &&
           d.dil_w == 1 && d.C <= kWinoRowMaxPlanes && active_isa() == Isa::avx512)
         g.wino = 1;
-      if (!winograd_suits(d)) continue;
+      if (!winograd_suits(d, g.pool.has_value())) continue;
       const double taps_s = 36.0 * d.C / direct_efficiency(9 * d.C);  // per pooled output and filter
       if (!g.pool)  // F(2x2): F(4x4)'s rounding unpooled is about ten times the direct sum's
         g.wino = 2;
@@ -380,7 +391,7 @@ bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const Conv
   // F(4x4, 3x3) at 9 multiply-adds per pooled output, channel and filter,
   // the 2x2 window reduced in registers, where the GEMM takes 36; unpooled,
   // F(2x2, 3x3) at 4 per output against 9.
-  if (winograd_suits(d)) return true;
+  if (winograd_suits(d, pool != nullptr)) return true;
   return !pool && d.stride_w == 1 && d.C * d.R * d.S <= kPlanesMaxTaps;
 }
 
@@ -421,6 +432,7 @@ class NetPlan {
     float x_bound = 0;  // direct, taps: DirectConvArgs::x_bound
     std::vector<int64_t> taps;
     int64_t Wp = 0, band_rows = 0, rows_per_band = 0;
+    int64_t k_groups = 1;  // tasks split the filters in this many groups (DirectConvArgs::k_begin)
     DirectConvFn fn = nullptr;
     // conv, conv_pool
     std::shared_ptr<const Conv2dPlan<float>> conv;
@@ -444,8 +456,9 @@ class NetPlan {
     int64_t ldw, n;
     float* acc;
   };
+  // group: of the filters, p.k_groups of them
   void direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1, int64_t q0,
-                   int64_t q1, const DenseFuse* fuse = nullptr) const;
+                   int64_t q1, const DenseFuse* fuse = nullptr, int64_t group = 0) const;
   void direct_pixels(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t s, int64_t e,
                      const DenseFuse* fuse = nullptr) const;
   void run_split(const TensorView& x, float* y0, float* y1);
@@ -623,7 +636,8 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
           }
       }
       if (s.wino == 2) {
-        // U = G g G^T per channel and filter, in double, stored 16 x C x K.
+        // U = G g G^T per channel and filter, in double, in blocks of 32
+        // filters (DirectConvArgs::wino_w).
         p.uw = aligned_alloc_array<float>(static_cast<size_t>(16 * d.C * K));
         for (int64_t c = 0; c < d.C; ++c)
           for (int64_t k = 0; k < K; ++k) {
@@ -636,7 +650,9 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
             for (int r = 0; r < 4; ++r) {
               const double u[4] = {gg[r][0], 0.5 * (gg[r][0] + gg[r][1] + gg[r][2]),
                                    0.5 * (gg[r][0] - gg[r][1] + gg[r][2]), gg[r][2]};
-              for (int q = 0; q < 4; ++q) p.uw[((r * 4 + q) * d.C + c) * K + k] = static_cast<float>(u[q]);
+              const int64_t kb = k / 32 * 32, width = std::min<int64_t>(32, K - kb);
+              for (int q = 0; q < 4; ++q)
+                p.uw[16 * d.C * kb + ((r * 4 + q) * d.C + c) * width + k - kb] = static_cast<float>(u[q]);
             }
           }
       }
@@ -692,9 +708,37 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       // A Winograd tile covers two output rows (F(4x4): pooled rows): bands of
       // one would compute each tile for half its outputs.
       if (s.wino >= 2) p.rows_per_band = round_up(p.rows_per_band, 2);
+      p.predicted_s = 0;
+      if (s.wino == 2) {
+        // Each task (image, band of rows, group of filters) reads its group's
+        // transformed filters once per block of tiles: where images and rows
+        // are few, threads split the filters instead of the rows (512 -> 512
+        // channels on 7x7: two groups of 256 over the image's 16 tiles, not
+        // four bands of 4 tiles each reading all 16.8 MB).
+        const int64_t tc = ceil_div(s.out[2], 2), B = wino2_block_tiles(d.C);
+        const double u_bytes = 16.0 * d.C * K * sizeof(float);
+        p.predicted_s = std::numeric_limits<double>::infinity();
+        for (int64_t r = 2; r <= round_up(P, 2); r += 2) {
+          if (!s.hwc_out && r > 2 && r * s.out[2] * K * static_cast<int64_t>(sizeof(float)) > kWino2BandBytes) break;
+          const int64_t tiles = r / 2 * tc, blocks = ceil_div(tiles, B);
+          const int64_t computed = tiles / B * B + round_up(tiles % B, 8);  // whole products of 8 tiles
+          for (int64_t g = 1; g <= p.threads; ++g) {
+            if (g > 1 && K % (32 * g) != 0) continue;  // equal groups of whole 32-filter blocks
+            const double task = 32.0 * d.C * (K / g) * computed / (m.gemm_flops[0][0] * kWino2Efficiency) +
+                                u_bytes / g * blocks / kL3Rate;
+            const double t = task * ceil_div(images * ceil_div(P, r) * g, p.threads);
+            if (t < p.predicted_s * 0.999) p.predicted_s = t, p.rows_per_band = r, p.k_groups = g;
+          }
+        }
+      }
       // split_: each thread an equal run of pixels, at most this many whole rows
-      if (split_ && &p == &stages_[0] && p.threads > 1)
+      if (split_ && &p == &stages_[0] && p.threads > 1) {
         p.rows_per_band = std::max<int64_t>(1, ceil_div(P * s.out[2], threads_) / s.out[2]);
+        p.k_groups = 1;
+        p.predicted_s = 0;
+      }
+      if (p.predicted_s == 0)
+        p.predicted_s = one / p.threads * imbalance(images * ceil_div(P, p.rows_per_band), p.threads);
       const int64_t conv_rows = s.pooled() ? 2 * p.rows_per_band : p.rows_per_band;
       p.band_rows = (conv_rows - 1) * d.stride_h + (d.R - 1) * d.dil_h + 1;
       p.Wp = d.W + d.pad_left + d.pad_right;
@@ -708,8 +752,7 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
         const int64_t pixel = r * d.dil_h * p.Wp + q * d.dil_w;
         p.taps.push_back(interleaved ? pixel * d.C + c : c * plane + pixel);
       }
-      p.predicted_s = one / p.threads * imbalance(images * ceil_div(P, p.rows_per_band), p.threads) +
-                      (p.threads > 1 ? m.wake_s : 0);
+      if (p.threads > 1) p.predicted_s += m.wake_s;
       // Pixels per block: 12 for pooled stride-1 convolutions over planes
       // with AVX-512 (conv_direct.inc's kDirPooledUnit), else 8 or 4.
       const bool unit = s.pooled() && d.stride_w == 1 && (!s.hwc_in || d.C == 1);
@@ -728,7 +771,8 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                       : cat("direct ukernel=f32_conv_direct_", tiles, "x", K >= 32 ? 32 : 16, "__",
                             isa_name(active_isa()), " taps=", taps, " filters=", K);
       p.plan += cat(s.hwc_in ? " in=pixels_x_channels" : "", s.hwc_out ? " out=pixels_x_channels" : " out=nchw",
-                    " rows_per_task=", p.rows_per_band, " threads=", p.threads, " predicted_us=", p.predicted_s * 1e6);
+                    " rows_per_task=", p.rows_per_band, p.k_groups > 1 ? cat(" filter_groups=", p.k_groups) : "",
+                    " threads=", p.threads, " predicted_us=", p.predicted_s * 1e6);
       break;
     }
     case StageKind::conv:
@@ -830,10 +874,10 @@ TensorView NetPlan::view(const float* data, const Shape& per_image, int64_t imag
 
 void NetPlan::run_direct(const Planned& p, const TensorView& x, float* y, int64_t images) const {
   const int64_t P = p.s.out[1];
-  parallel_for(images * ceil_div(P, p.rows_per_band), p.threads, [&](int64_t t) {
-    const int64_t bands = ceil_div(P, p.rows_per_band);
-    const int64_t n = t / bands, p0 = (t % bands) * p.rows_per_band;
-    direct_band(p, x, y, n, p0, std::min(P, p0 + p.rows_per_band), 0, p.s.out[2]);
+  const int64_t bands = ceil_div(P, p.rows_per_band);
+  parallel_for(images * bands * p.k_groups, p.threads, [&](int64_t t) {
+    const int64_t n = t / p.k_groups / bands, p0 = t / p.k_groups % bands * p.rows_per_band;
+    direct_band(p, x, y, n, p0, std::min(P, p0 + p.rows_per_band), 0, p.s.out[2], nullptr, t % p.k_groups);
   });
 }
 
@@ -858,7 +902,7 @@ void NetPlan::direct_pixels(const Planned& p, const TensorView& x, float* y, int
 
 // Pooled (or plain) output rows [p0, p1), columns [q0, q1), of image n.
 void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64_t n, int64_t p0, int64_t p1,
-                          int64_t q0, int64_t q1, const DenseFuse* fuse) const {
+                          int64_t q0, int64_t q1, const DenseFuse* fuse, int64_t group) const {
   const Stage& s = p.s;
   const Conv2dDesc& d = s.conv;
   const int64_t C = d.C, H = d.H, W = d.W, K = d.K, P = s.out[1], Q = s.out[2];
@@ -933,6 +977,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.w = p.dw.get();
   a.bias = p.dbias.get();
   a.K = K;
+  a.k_begin = group * (K / p.k_groups), a.k_end = a.k_begin + K / p.k_groups;
   a.stride_h = d.stride_h, a.stride_w = d.stride_w;
   a.row0 = cr0;
   a.relu = s.act == Activation::relu;
@@ -943,7 +988,8 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.planes_out = s.planes_out;
   a.tile = s.hwc_out || s.planes_out
                ? nullptr
-               : scratch_array<float>(kTileSlot, static_cast<size_t>((s.wino >= 2 ? 2 : 1) * Q * K));  // Winograd: 2 rows
+               : scratch_array<float>(kTileSlot, static_cast<size_t>(
+                                                     (s.wino == 2 ? round_up(p1 - p0, 2) : s.wino == 4 ? 2 : 1) * Q * K));
   a.wino = s.wino;
   a.C = C;
   a.wino_w = p.uw.get();
