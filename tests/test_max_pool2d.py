@@ -175,3 +175,33 @@ def test_out_is_written_and_returned(dtype, batched, rng):
     expected = ref.max_pool2d(x, 3, stride=2, padding=1)
     ref.assert_identical(out, expected[0])
     ref.assert_identical(indices, expected[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        # Planes that 2x2 windows tile exactly pool as one tall plane; rows of half a vector go two to a vector.
+        pytest.param((3, 5, 16, 16), dict(kernel_size=2), id="2x2-16"),
+        pytest.param((2, 3, 14, 8), dict(kernel_size=2), id="2x2-8"),
+        pytest.param((1, 7, 6, 4), dict(kernel_size=2), id="2x2-4"),
+        pytest.param((2, 3, 12, 10), dict(kernel_size=3, stride=3), id="3x3-s3"),
+        # 3x3 at stride 2: each input row's maxima serve two output rows; rows past 512 outputs go in chunks.
+        pytest.param((2, 3, 23, 71), dict(kernel_size=3, stride=2, padding=1), id="3x3-s2-p1"),
+        pytest.param((1, 2, 40, 36), dict(kernel_size=3, stride=2), id="3x3-s2"),
+        pytest.param((1, 1, 9, 1100), dict(kernel_size=3, stride=2, padding=1), id="3x3-s2-wide"),
+    ],
+)
+def test_stacked_planes_and_shared_rows(isa, dtype, shape, kwargs, rng):
+    # Exact values, signed zeros included: the first maximum in row-major order wins a tie of -0 and +0.
+    for flavour in ("plain", "ties", "nan", "inf", "zeros"):
+        if flavour == "zeros":
+            x = np.where(rng.random(shape) < 0.5, -0.0, 0.0).astype(dtype)
+            x[rng.random(shape) < 0.3] = -1
+        else:
+            x = ref.fill_pool_input(rng, shape, dtype, flavour)
+        values, _ = check_pool(x, kwargs, flavour)
+        expected = ref.max_pool2d(x, **kwargs)[0]
+        fine = ~np.isnan(expected)
+        assert np.array_equal(np.signbit(values[fine]), np.signbit(expected[fine])), f"{flavour}: signs of zeros"
+        assert np.array_equal(np.signbit(lk.max_pool2d(x, **kwargs)[fine]), np.signbit(expected[fine]))
