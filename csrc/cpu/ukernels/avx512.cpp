@@ -19,9 +19,9 @@ extern const UkernelTable kUkernels_avx512 = {
       &gemm_ukernel_indirect<double, 64, 8, 3>, "f64_gemm_ukernel_8x24__avx512"},
      {12, 16, &gemm_ukernel<double, 64, 12, 2, true>, &gemm_ukernel<double, 64, 12, 2, false>,
       &gemm_ukernel_indirect<double, 64, 12, 2>, "f64_gemm_ukernel_12x16__avx512"}},
-    {&dot_ukernel<float, 64, 4>, "f32_dot_ukernel_4x16__avx512",
+    {&dot_ukernel<float, 64, 6>, "f32_dot_ukernel_4x16__avx512",
      &gemv_panels<float, 64>, 16, "f32_gemv_ukernel_16__avx512"},
-    {&dot_ukernel<double, 64, 4>, "f64_dot_ukernel_4x8__avx512",
+    {&dot_ukernel<double, 64, 6>, "f64_dot_ukernel_4x8__avx512",
      &gemv_panels<double, 64>, 8, "f64_gemv_ukernel_8__avx512"},
     // 256-bit vectors for 2x2 and stride 1: on the development machine (AMD,
     // 512-bit operations in two halves) their 512-bit versions ran up to 2x
