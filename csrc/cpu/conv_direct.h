@@ -34,7 +34,8 @@ struct DirectConvArgs {
   int64_t q0, q1;          // and columns of them
   float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*P*Q + p*Q + q]
   bool hwc;
-  float* tile;             // Q*K floats of scratch for a row (not hwc; Winograd: 2 rows)
+  float* tile;             // not hwc: the band's rows of pixels x channels before their transpose,
+                           // (p1 - p0 rounded up to even) * Q * K floats
   // Winograd instead of the taps where every input the call reads is finite
   // and small enough (x_bound, below), the taps elsewhere (the NaN rule;
   // an infinity would spread to a whole tile):

@@ -988,8 +988,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.planes_out = s.planes_out;
   a.tile = s.hwc_out || s.planes_out
                ? nullptr
-               : scratch_array<float>(kTileSlot, static_cast<size_t>(
-                                                     (s.wino == 2 ? round_up(p1 - p0, 2) : s.wino == 4 ? 2 : 1) * Q * K));
+               : scratch_array<float>(kTileSlot, static_cast<size_t>(round_up(p1 - p0, 2) * Q * K));  // the band's rows
   a.wino = s.wino;
   a.C = C;
   a.wino_w = p.uw.get();
