@@ -399,6 +399,24 @@ def test_conv_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, conv):
         lk.set_scheduler(autotune=before)
 
 
+@pytest.mark.parametrize("planes,filters,kernel,h,w,conv", [
+    (3, 64, 7, 40, 45, dict(stride=2, padding=3)), (1, 16, 9, 50, 71, dict(stride=3)),
+    (4, 32, 5, 21, 66, dict(stride=(1, 4), padding=(2, 1))), (2, 16, 6, 30, 47, dict(stride=2, dilation=(1, 2), padding=2))])
+def test_strided_first_layer_on_column_phases(isa, rng, planes, filters, kernel, h, w, conv):
+    # A first layer's few planes at column stride 2 to 4 over more than 64 taps: the band copy splits each
+    # plane's columns by their remainder modulo the stride, and the planes kernel runs at stride 1 over them
+    # (taps at every phase and offset, dilated ones, rows of whole and partial vectors).
+    wt = ref.randn(rng, (filters, planes, kernel, kernel), np.float32)
+    b = ref.randn(rng, filters, np.float32)
+    layer = lk.Conv2d(wt, b, activation="relu", **conv)
+    assert "pixels in lanes" in layer.describe((2, planes, h, w)), layer.describe((2, planes, h, w))
+    base = ref.randn(rng, (4, planes + 1, h, w + 3), np.float32)
+    for x in (base[:1, :planes, :, :w], base[:, 1:, :, 3:], base[::-2, :planes, :, ::-1][..., :w]):
+        check_conv_layer(layer(x), x, wt, b, dict(conv, activation="relu"), None, f"input {x.shape} {x.strides}")
+    # Many planes at a column stride keep the GEMM plans (there the GEMM wins).
+    assert "network plan" not in lk.Conv2d(ref.randn(rng, (32, 16, 3, 3), np.float32), stride=2).describe((1, 16, h, w))
+
+
 @pytest.mark.parametrize("planes,filters,h,w,padding", [(16, 32, 17, 20, 1), (32, 16, 5, 3, 0), (64, 64, 56, 56, 1),
                                                         (48, 80, 9, 13, 1)])
 def test_conv_layer_on_winograd(isa, rng, planes, filters, h, w, padding):

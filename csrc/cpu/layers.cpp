@@ -63,8 +63,7 @@ Conv2dLayer<T>::Conv2dLayer(const TensorView& weight, const TensorView* bias, co
   weight_ = contiguous_copy<T>(weight);
   if (bias) bias_ = contiguous_copy<T>(*bias);
   if constexpr (std::is_same_v<T, float>) {
-    // Unpooled, at stride 1 along rows: the direct kernel with pixels in lanes.
-    if (direct_kernel_suits(params_, pool_ ? &*pool_ : nullptr, only_) && (pool_ || params_.stride_w == 1)) {
+    if (direct_layer_suits(params_, pool_ ? &*pool_ : nullptr, only_)) {
       NetLayerSpec l;
       l.op = NetOp::conv2d;
       l.name = pool_ ? "conv2d_max_pool2d" : "conv2d";

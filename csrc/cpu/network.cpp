@@ -84,6 +84,13 @@ constexpr int64_t kDirectMaxTaps = 64;
 // 78 us, 64 -> 64 on 56x56 1.21 against 1.36 ms; but 128 -> 128 on 28x28
 // 1.37 against 1.18 ms.
 constexpr int64_t kPlanesMaxTaps = 576;
+// On a first layer's few planes, column strides up to kPlanesMaxStride take
+// the planes kernel too: the band copy splits each plane's columns by their
+// remainder modulo the stride ("phases"), where the windows' columns are a
+// stride-1 convolution. Measured, one image, 2 threads: ResNet's 7x7
+// stride-2 stem (147 taps over 3 x 2 phase planes) 1.11 against the GEMM's
+// 1.21 ms; but 64 -> 128 channels 3x3 stride 2 on 56x56 0.77 against 0.61.
+constexpr int64_t kPlanesMaxStride = 4, kPlanesStridedMaxPlanes = 4;
 constexpr int64_t kDirectMaxTapsPooled = 512;
 // The direct kernel's rate against the wide GEMM microkernel's: measured 0.5
 // with 9 taps (mnist: short loops, the band copy and stores weigh more) and
@@ -375,7 +382,7 @@ struct Builder {
     }
     for (Stage& g : stages)
       g.planes_out = g.kind == StageKind::direct && !g.pool && !g.wino && !g.hwc_in && !g.hwc_out &&
-                     g.conv.stride_w == 1;
+                     (g.planes_only || g.conv.stride_w == 1);
   }
 };
 
@@ -392,7 +399,12 @@ bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const Conv
   // the 2x2 window reduced in registers, where the GEMM takes 36; unpooled,
   // F(2x2, 3x3) at 4 per output against 9.
   if (winograd_suits(d, pool != nullptr)) return true;
-  return !pool && d.stride_w == 1 && d.C * d.R * d.S <= kPlanesMaxTaps;
+  return !pool && (d.stride_w == 1 || (d.stride_w <= kPlanesMaxStride && d.C <= kPlanesStridedMaxPlanes)) &&
+         d.C * d.R * d.S <= kPlanesMaxTaps;
+}
+
+bool direct_layer_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only) {
+  return direct_kernel_suits(d, pool, only) && (pool || d.stride_w == 1 || d.C * d.R * d.S > kDirectMaxTaps);
 }
 
 namespace {
@@ -433,6 +445,7 @@ class NetPlan {
     std::vector<int64_t> taps;
     int64_t Wp = 0, band_rows = 0, rows_per_band = 0;
     int64_t k_groups = 1;  // tasks split the filters in this many groups (DirectConvArgs::k_begin)
+    int64_t phases = 1;    // planes out at column stride S > 1: each plane's columns in S planes (kPlanesMaxStride)
     DirectConvFn fn = nullptr;
     // conv, conv_pool
     std::shared_ptr<const Conv2dPlan<float>> conv;
@@ -742,6 +755,10 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       const int64_t conv_rows = s.pooled() ? 2 * p.rows_per_band : p.rows_per_band;
       p.band_rows = (conv_rows - 1) * d.stride_h + (d.R - 1) * d.dil_h + 1;
       p.Wp = d.W + d.pad_left + d.pad_right;
+      if (s.planes_out && d.stride_w > 1) {  // Wp: a phase plane's row
+        p.phases = d.stride_w;
+        p.Wp = ceil_div(p.Wp, p.phases);
+      }
       if (s.wino >= 2) {  // whole patches: rows and columns of whole tiles, zeros past the input
         p.band_rows = wino_rows(s, p.rows_per_band);
         p.Wp = std::max(p.Wp, wino_rows(s, s.out[2]));
@@ -749,8 +766,9 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       const int64_t plane = p.band_rows * p.Wp;
       for (int64_t t = 0; t < taps; ++t) {
         const int64_t c = order[t] / (d.R * d.S), r = order[t] / d.S % d.R, q = order[t] % d.S;
-        const int64_t pixel = r * d.dil_h * p.Wp + q * d.dil_w;
-        p.taps.push_back(interleaved ? pixel * d.C + c : c * plane + pixel);
+        const int64_t col = q * d.dil_w;
+        const int64_t pixel = r * d.dil_h * p.Wp + col / p.phases;
+        p.taps.push_back(interleaved ? pixel * d.C + c : (c * p.phases + col % p.phases) * plane + pixel);
       }
       if (p.threads > 1) p.predicted_s += m.wake_s;
       // Pixels per block: 12 for pooled stride-1 convolutions over planes
@@ -913,7 +931,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
                                    : (cr1 - 1 - cr0) * d.stride_h + (d.R - 1) * d.dil_h + 1;
   // The padded input rows this band reads, contiguous: the kernel's taps
   // then are fixed offsets.
-  float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(C * plane));
+  float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(C * p.phases * plane));
   if (s.hwc_in) {  // pixels x channels from the direct stage before: whole padded rows
     const float* xn = x.ptr<float>() + n * H * W * C;
     const int64_t row = Wp * C;
@@ -944,8 +962,22 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   // One unpadded plane of contiguous rows (a network's first layer on
   // grey images): the band is the input's own rows, read in place.
   const bool in_place = !s.hwc_in && s.wino <= 1 && C == 1 && d.pad_top == 0 && d.pad_bottom == 0 && d.pad_left == 0 &&
-                        d.pad_right == 0 && x.strides[3] == 1 && x.strides[2] == W;
-  for (int64_t c = 0; c < C && !s.hwc_in && s.wino < 2 && !in_place; ++c)
+                        d.pad_right == 0 && x.strides[3] == 1 && x.strides[2] == W && p.phases == 1;
+  // Column phases: padded column j to phase plane j % S, column j / S.
+  for (int64_t c = 0; c < C && p.phases > 1; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
+      const bool inside = ih >= 0 && ih < H;
+      const float* in = inside ? xn + c * x.strides[1] + ih * x.strides[2] : nullptr;
+      for (int64_t ph = 0; ph < p.phases; ++ph) {
+        float* o = band + (c * p.phases + ph) * plane + r * Wp;
+        for (int64_t i = 0; i < Wp; ++i) {
+          const int64_t w = i * p.phases + ph - d.pad_left;
+          o[i] = inside && w >= 0 && w < W ? in[w * x.strides[3]] : 0.0f;
+        }
+      }
+    }
+  for (int64_t c = 0; c < C && !s.hwc_in && s.wino < 2 && !in_place && p.phases == 1; ++c)
     for (int64_t r = 0; r < rows; ++r) {
       float* o = band + c * plane + r * Wp;
       const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
@@ -970,7 +1002,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   else if (in_place)
     a.scan_blocks = 1, a.scan_len = rows * W;
   else
-    a.scan_blocks = C, a.scan_len = rows * Wp, a.scan_stride = plane;
+    a.scan_blocks = C * p.phases, a.scan_len = rows * Wp, a.scan_stride = plane;
   a.Wp = Wp, a.pix = interleaved ? C : 1;
   a.tap_off = p.taps.data();
   a.taps = static_cast<int64_t>(p.taps.size());
@@ -978,7 +1010,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.bias = p.dbias.get();
   a.K = K;
   a.k_begin = group * (K / p.k_groups), a.k_end = a.k_begin + K / p.k_groups;
-  a.stride_h = d.stride_h, a.stride_w = d.stride_w;
+  a.stride_h = d.stride_h, a.stride_w = d.stride_w / p.phases;
   a.row0 = cr0;
   a.relu = s.act == Activation::relu;
   a.pool = pool;

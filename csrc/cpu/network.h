@@ -60,6 +60,10 @@ class NetPlan;
 // direct kernel's, shapes aside: a network stage takes it when the pool's
 // output is also exactly half the convolution's.
 bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only);
+// Whether a layer alone (lk.Conv2d, lk.Conv2dMaxPool2d) runs as a one-layer
+// network on the direct kernels: pooled, at column stride 1, or a reduction
+// only the planes kernel takes (strided short ones stay with the GEMM).
+bool direct_layer_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only);
 
 class Network {
  public:
