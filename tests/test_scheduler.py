@@ -125,6 +125,25 @@ def test_a_shape_misses_once_then_hits(op, rng):
     assert counts() == (5, 2) and lk.cache_info().evictions == 0
 
 
+def test_network_plans_count_in_the_statistics(rng):
+    # A network (and a layer running as one: 16k filters on the direct kernels) keeps its plans, with its
+    # packed weights, itself: its lookups count as hits and misses, its planning in plan_time_s, not in size.
+    x = ref.randn(rng, (4, 3, 12, 12), np.float32)
+    conv = lk.Conv2d(ref.randn(rng, (16, 3, 3, 3), np.float32), padding=1)
+    seq = lk.Sequential([conv, lk.MaxPool2d(2)])
+    assert "network plan" in conv.describe((1, 3, 12, 12))
+    for call in (lambda n: conv(x[:n]), lambda n: seq(x[:n])):
+        lk.cache_clear()
+        call(2)
+        info = lk.cache_info()
+        assert (info.hits, info.misses, info.size) == (0, 1, 0) and info.plan_time_s > 0
+        call(2)
+        call(2)
+        assert lk.cache_info() == (2, 1, 0, 0, info.capacity, info.plan_time_s)
+        call(3)
+        assert counts() == (2, 2) and lk.cache_info().plan_time_s > info.plan_time_s
+
+
 def test_plans_hold_no_data(rng):
     # Same shapes, other values: the plan is reused and the result is for the new data.
     x1, x2 = ref.randn(rng, (2, 3, 10, 10), np.float32), ref.randn(rng, (2, 3, 10, 10), np.float32)

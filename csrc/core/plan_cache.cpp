@@ -1,5 +1,6 @@
 #include "core/plan_cache.h"
 
+#include <atomic>
 #include <chrono>
 #include <list>
 #include <mutex>
@@ -63,6 +64,9 @@ class Cache {
     std::lock_guard<std::mutex> lock(mu_);
     PlanCacheStats s = stats_;
     s.size = static_cast<int64_t>(map_.size());
+    s.hits += kept_hits_.load(std::memory_order_relaxed);
+    s.misses += kept_misses_.load(std::memory_order_relaxed);
+    s.create_ns += kept_ns_.load(std::memory_order_relaxed);
     return s;
   }
 
@@ -71,6 +75,13 @@ class Cache {
     map_.clear();
     lru_.clear();
     stats_ = PlanCacheStats{0, 0, 0, 0, stats_.capacity, 0};
+    kept_hits_ = 0, kept_misses_ = 0, kept_ns_ = 0;
+  }
+
+  // Atomics, not the lock: a network counts every call.
+  void count_kept(bool hit, int64_t create_ns) {
+    (hit ? kept_hits_ : kept_misses_).fetch_add(1, std::memory_order_relaxed);
+    if (create_ns) kept_ns_.fetch_add(create_ns, std::memory_order_relaxed);
   }
 
   void set_capacity(int64_t capacity) {
@@ -93,6 +104,7 @@ class Cache {
   std::list<Entry> lru_;
   std::unordered_map<PlanKey, std::list<Entry>::iterator, KeyHash> map_;
   PlanCacheStats stats_{0, 0, 0, 0, 512, 0};
+  std::atomic<int64_t> kept_hits_{0}, kept_misses_{0}, kept_ns_{0};
 };
 
 Cache& cache() {
@@ -107,6 +119,7 @@ std::shared_ptr<const void> cached_plan(const PlanKey& key, const std::function<
 }
 
 PlanCacheStats plan_cache_stats() { return cache().stats(); }
+void plan_cache_count_kept(bool hit, int64_t create_ns) { cache().count_kept(hit, create_ns); }
 void plan_cache_clear() { cache().clear(); }
 void plan_cache_set_capacity(int64_t capacity) {
   if (capacity < 0) throw std::invalid_argument("capacity: must be non-negative");

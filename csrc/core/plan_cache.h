@@ -35,6 +35,9 @@ std::shared_ptr<const Plan> cached(const PlanKey& key, const std::function<std::
 }
 
 PlanCacheStats plan_cache_stats();
+// Plans their owners keep instead (a network's, holding its packed weights,
+// one per input shape) count in the same hits, misses and creation time.
+void plan_cache_count_kept(bool hit, int64_t create_ns = 0);
 void plan_cache_clear();
 void plan_cache_set_capacity(int64_t capacity);
 

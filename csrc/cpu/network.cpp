@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -10,6 +11,7 @@
 #include "core/cpu_features.h"
 #include "core/error.h"
 #include "core/memory.h"
+#include "core/plan_cache.h"
 #include "core/settings.h"
 #include "core/thread_pool.h"
 #include "cpu/activation.h"
@@ -1281,13 +1283,20 @@ std::shared_ptr<NetPlan> Network::plan_for(const int64_t* shape, int ndim) const
   key.v[key.n++] = st.memory_budget;
   key.v[key.n++] = weight_bits;
   std::lock_guard<std::mutex> lock(mu_);
-  if (last_plan_ && key == last_key_) return last_plan_;
+  if (last_plan_ && key == last_key_) {
+    plan_cache_count_kept(true);
+    return last_plan_;
+  }
   auto it = plans_.find(key);
   if (it != plans_.end()) {
+    plan_cache_count_kept(true);
     last_key_ = key, last_plan_ = it->second;
     return it->second;
   }
+  const auto t0 = std::chrono::steady_clock::now();
   auto plan = std::make_shared<NetPlan>(layers_, std::vector<int64_t>(shape, shape + ndim));
+  plan_cache_count_kept(false, std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now() - t0).count());
   constexpr size_t kMaxPlans = 16;  // batch sizes and settings kept per network
   if (plans_.size() >= kMaxPlans) plans_.erase(plans_.begin());
   plans_.emplace(key, plan);

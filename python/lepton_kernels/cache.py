@@ -1,7 +1,10 @@
 """The plan cache: plans (algorithm, blocking, threads) made once per shape.
 
 Plans hold no weights and no inputs, so a cached plan is never stale; layers
-(``lk.Conv2d``, ``lk.Linear``) keep their packed weights themselves.
+(``lk.Conv2d``, ``lk.Linear``) keep their packed weights themselves. Networks
+(``lk.Sequential``, and layers that run as one) keep their plans themselves,
+one per input shape with the packed weights: their lookups count in the same
+hits, misses and plan time, not in ``size``.
 """
 
 from __future__ import annotations
