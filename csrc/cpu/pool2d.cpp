@@ -151,7 +151,13 @@ void pool_rows(const Pool2dDesc& d, const T* x, int64_t r0, int64_t sh, int64_t 
       b.idx = idx ? idx + (pb_ - p0) * Q + q0 : nullptr;
       kernel.fn(b);
     };
+    // The s2 kernel takes a 3x3 pool's left column under padding 1 along
+    // with the interior (its rows' maxima shared as the interior's are).
+    const bool left = !idx && k == &ukernels().maxpool<T>().s2 && qa == 1 && qa < qb && d.kw == 3 &&
+                      d.dil_w == 1 && d.pad_w == 1;
+    b.left = left;
     if (qa < qb) run(*k, qa, qb - qa, qa * d.stride_w - d.pad_w, d.kw);
+    b.left = false;
     const MaxPoolUkernel<T>& any = ukernels().maxpool<T>().s1;  // one window per row: any stride
     auto side = [&](int64_t q) {
       int64_t w0 = q * d.stride_w - d.pad_w;
@@ -160,7 +166,7 @@ void pool_rows(const Pool2dDesc& d, const T* x, int64_t r0, int64_t sh, int64_t 
       if (w_end > w0) run(any, q, 1, w0, (w_end - w0 + d.dil_w - 1) / d.dil_w);
       else scalar(pb_, pe_, q, q + 1);  // wholly in the padding
     };
-    for (int64_t q = 0; q < qa; ++q) side(q);
+    for (int64_t q = left ? 1 : 0; q < qa; ++q) side(q);
     for (int64_t q = qb; q < Q; ++q) side(q);
   };
   auto clipped_row = [&](int64_t p) {

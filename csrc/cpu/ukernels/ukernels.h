@@ -90,6 +90,10 @@ struct MaxPoolBlock {
   int64_t* idx;
   int64_t y_row;
   bool prefetch;  // the input streams from memory: fetch ahead of the hardware prefetcher
+  // Values only, 3x3 windows at stride_w 2 (the s2 kernel): also the window
+  // one output column left of the block, clipped to the two input columns
+  // before x's first (a plane's left column under padding 1), into y[-1].
+  bool left = false;
 };
 
 template <class T>
