@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "core/error.h"
 #include "core/thread_pool.h"
@@ -116,7 +117,28 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
   int64_t mc_tall = 0, nc_tall = 0;
   const int64_t wide = split(t.gemm<T>(0), mc_, nc_), tall = split(t.gemm<T>(1), mc_tall, nc_tall);
   if (tall < wide) uk_ = t.gemm<T>(1), mc_ = mc_tall, nc_ = nc_tall;
-  predicted_s_ = 2.0 * std::min(wide, tall) * K / rate + (threads_ > 1 ? model.wake_s : 0);
+  int64_t load = std::min(wide, tall);
+  edge_ = N;
+  // Or the wide tiles' whole panels, the last columns on one panel of tall
+  // tiles, in blocks of a panel and a thread's share of the rows (each
+  // panel then streams once per block), taken as the threads free up
+  // (64 x 4096 -> 128: 96 columns on 8x48 tiles, 32 on 12x32, padding 3%
+  // instead of 12.5%).
+  const GemmUkernel<T>& w = t.gemm<T>(0);
+  const GemmUkernel<T>& e = t.gemm<T>(1);
+  if (N > w.nr && N % w.nr != 0 && N % w.nr <= e.nr) {
+    const int64_t n0 = N / w.nr * w.nr;
+    const int64_t mc0 = std::min<int64_t>(16, ceil_div(ceil_div(M, w.mr), threads_)) * w.mr;
+    const int64_t mc1 = std::min<int64_t>(16, ceil_div(ceil_div(M, e.mr), threads_)) * e.mr;
+    std::vector<int64_t> busy(static_cast<size_t>(threads_), 0);  // each thread takes the next block when free
+    auto take = [&](int64_t outputs) { *std::min_element(busy.begin(), busy.end()) += outputs; };
+    for (int64_t i0 = 0; i0 < M; i0 += mc0)
+      for (int64_t j = 0; j < n0; j += w.nr) take(round_up(std::min(mc0, M - i0), w.mr) * w.nr);
+    for (int64_t i0 = 0; i0 < M; i0 += mc1) take(round_up(std::min(mc1, M - i0), e.mr) * e.nr);
+    const int64_t mixed = *std::max_element(busy.begin(), busy.end());
+    if (mixed < load) uk_ = w, edge_uk_ = e, edge_ = n0, mc_ = mc0, nc_ = w.nr, edge_mc_ = mc1, load = mixed;
+  }
+  predicted_s_ = 2.0 * load * K / rate + (threads_ > 1 ? model.wake_s : 0);
   workspace_ = threads_ * round_up(mc_, uk_.mr) * kc_ * static_cast<int64_t>(sizeof(T));
 }
 
@@ -126,12 +148,17 @@ PackedLinearWeights<T> LinearPlan<T>::pack(const TensorView& w, const TensorView
   LK_CHECK(w.ndim == 2 && w.shape[0] == N && w.shape[1] == K, "weight: shape does not match the plan");
   LK_CHECK(d_.has_bias == (b != nullptr), "bias: does not match the plan");
   PackedLinearWeights<T> p;
-  const int nr = weight_layout();  // 0: rows, as dot and gemm_t read them
-  const int64_t Np = nr ? round_up(N, nr) : N;
+  const int layout = weight_layout();  // 0: rows, as dot and gemm_t read them
+  const int nr = algo_ == LinearAlgo::gemm ? uk_.nr : layout;
+  const int64_t n0 = algo_ == LinearAlgo::gemm ? edge_ : N;  // the edge's columns go in its panels
+  const int64_t Np = nr ? round_up(n0, nr) + (n0 < N ? round_up(N - n0, edge_uk_.nr) : 0) : N;
   p.w = aligned_alloc_array<T>(Np * K);
   if (nr) {
-    pack_b_panels(w.ptr<T>(), w.strides[1], w.strides[0], K, N, nr, p.w.get());  // B(k, j) = W[j][k]
-    p.nr = nr;
+    pack_b_panels(w.ptr<T>(), w.strides[1], w.strides[0], K, n0, nr, p.w.get());  // B(k, j) = W[j][k]
+    if (n0 < N)
+      pack_b_panels(w.ptr<T>() + n0 * w.strides[0], w.strides[1], w.strides[0], K, N - n0, edge_uk_.nr,
+                    p.w.get() + n0 * K);
+    p.nr = layout;
   } else {
     for (int64_t j = 0; j < N; ++j)
       for (int64_t k = 0; k < K; ++k) p.w[j * K + k] = w.ptr<T>()[j * w.strides[0] + k * w.strides[1]];
@@ -258,29 +285,34 @@ void LinearPlan<T>::run_gemm_t(const TensorView& x, const Weights& wt, T* y) con
 template <class T>
 void LinearPlan<T>::run_gemm(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
-  const int mr = uk_.mr, nr = uk_.nr;
-  const int64_t mblocks = ceil_div(M, mc_), nblocks = ceil_div(N, nc_);
+  const int nr = uk_.nr;
+  const int64_t mblocks = ceil_div(M, mc_), nblocks = ceil_div(edge_, nc_);
   const bool relu = d_.act == Activation::relu;
   const T* xp = x.ptr<T>();
-  parallel_for(mblocks * nblocks, threads_, [&](int64_t task) {
+  const int64_t edge_blocks = edge_ < N ? ceil_div(M, edge_mc_) : 0;
+  parallel_for(mblocks * nblocks + edge_blocks, threads_, [&](int64_t task) {
+    const bool edge = task >= mblocks * nblocks;  // rows of the edge's columns
+    const GemmUkernel<T>& uk = edge ? edge_uk_ : uk_;
     const int64_t nb = task % nblocks, mb = task / nblocks;
-    const int64_t i0 = mb * mc_, m = std::min(mc_, M - i0);
-    const int64_t j0 = nb * nc_, n = std::min(nc_, N - j0);
+    const int64_t i0 = edge ? (task - mblocks * nblocks) * edge_mc_ : mb * mc_;
+    const int64_t m = std::min(edge ? edge_mc_ : mc_, M - i0);
+    const int64_t j0 = edge ? edge_ : nb * nc_, n = edge ? N - edge_ : std::min(nc_, edge_ - j0);
+    const T* panels = edge ? wt.w + edge_ * K : wt.w + (j0 / nr) * K * nr;
     // Contiguous input rows are read in place (the microkernel broadcasts
     // along them): packing them would cost as much again per column block.
     const bool in_place = x.strides[1] == 1 && x.strides[0] != 0;
-    T* A = in_place ? nullptr : scratch_array<T>(kPackSlot, static_cast<size_t>(round_up(m, mr) * kc_));
+    T* A = in_place ? nullptr : scratch_array<T>(kPackSlot, static_cast<size_t>(round_up(m, uk.mr) * kc_));
     for (int64_t pc = 0; pc < K; pc += kc_) {
       const int64_t kc = std::min(kc_, K - pc);
       const T* a = xp + i0 * x.strides[0] + pc * x.strides[1];
-      if (!in_place) pack_a_panels(a, x.strides[0], x.strides[1], m, kc, mr, A);
+      if (!in_place) pack_a_panels(a, x.strides[0], x.strides[1], m, kc, uk.mr, A);
       GemmEpilogue<T> ep;
       ep.bias = (pc == 0 && wt.bias) ? wt.bias + j0 : nullptr;
       ep.bias_per_row = false;
       ep.accumulate = pc > 0;
       ep.relu = relu && pc + kc == K;
-      macro_kernel(uk_, m, n, kc, in_place ? a : A, kc * mr, in_place ? x.strides[0] : 0,
-                   wt.w + (j0 / nr) * K * nr + pc * nr, K * nr, y + i0 * N + j0, N, ep);
+      macro_kernel(uk, m, n, kc, in_place ? a : A, kc * uk.mr, in_place ? x.strides[0] : 0, panels + pc * uk.nr,
+                   K * uk.nr, y + i0 * N + j0, N, ep);
     }
   });
 }
@@ -295,7 +327,8 @@ std::string LinearPlan<T>::describe() const {
   else if (algo_ == LinearAlgo::gemm_t)
     s += cat(" algo=gemm_t ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
   else
-    s += cat(" algo=gemm ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
+    s += cat(" algo=gemm ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_,
+             edge_ < d_.N ? cat(" columns_from=", edge_, " ukernel=", edge_uk_.name) : "");
   return s + cat(" threads=", threads_, " predicted_us=", predicted_s_ * 1e6, " workspace_bytes=", workspace_);
 }
 

@@ -20,9 +20,10 @@ enum class LinearAlgo {
 // Weights packed once by LinearPlan::pack, for callers that run many times.
 template <class T>
 struct PackedLinearWeights {
-  AlignedPtr<T> w;     // gemm, gemv: ceil(N/NR) panels of K x NR; dot: N x K rows
+  AlignedPtr<T> w;     // gemm, gemv: ceil(N/NR) panels of K x NR (gemm with an edge: the first
+                       // columns' panels, then the edge's, LinearPlan::edge_); dot: N x K rows
   AlignedPtr<T> bias;  // N entries, zero-padded to a whole panel; or null
-  int nr = 0;          // panel width the weights were packed for (0: rows)
+  int nr = 0;          // the layout packed for: LinearPlan::weight_layout()
 };
 
 template <class T>
@@ -50,9 +51,12 @@ class LinearPlan {
   // x: M x K, any strides; y: M x N, contiguous.
   void run(const TensorView& x, const Weights& wt, T* y) const;
 
-  // Which packed layout this plan reads: NR of the panels, or 0 for rows.
+  // Which packed layout this plan reads: NR of the panels (gemm with an
+  // edge: NR + 1000 x the edge's NR), or 0 for rows.
   int weight_layout() const {
-    return algo_ == LinearAlgo::gemm ? uk_.nr : algo_ == LinearAlgo::gemv ? dot_.gemv_nr : 0;
+    return algo_ == LinearAlgo::gemm ? uk_.nr + (edge_ < d_.N ? 1000 * edge_uk_.nr : 0)
+           : algo_ == LinearAlgo::gemv ? dot_.gemv_nr
+                                       : 0;
   }
 
   std::string describe() const;
@@ -70,6 +74,10 @@ class LinearPlan {
   GemmUkernel<T> uk_;
   DotUkernel<T> dot_;
   int64_t kc_ = 0, mc_ = 0, nc_ = 0;
+  // gemm: columns [edge_, N) on the other tile shape, in blocks of edge_mc_
+  // rows, where that pads less than either shape alone (N = edge_: none)
+  GemmUkernel<T> edge_uk_{};
+  int64_t edge_ = 0, edge_mc_ = 0;
   int threads_ = 1;
   double predicted_s_ = 0;
   int64_t workspace_ = 0;
