@@ -399,6 +399,26 @@ def test_conv_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, conv):
         lk.set_scheduler(autotune=before)
 
 
+@pytest.mark.parametrize("planes,filters,h,w,padding", [(3, 32, 32, 32, 1), (2, 16, 9, 37, 1), (4, 48, 6, 40, 0),
+                                                        (3, 64, 7, 7, 1), (2, 32, 33, 70, 1)])
+def test_first_layer_on_winograd_rows(isa, rng, planes, filters, h, w, padding):
+    # 3x3 stride 1 on 2 to 4 planes, channel planes out: F(2, 3) along the rows with pixels in lanes (AVX-512),
+    # two outputs per tile, the last tile of an odd row half used, rows in pairs and a last single row, filters
+    # in threes and a tail of one or two; a band holding a NaN or an infinity takes the taps.
+    wt = ref.randn(rng, (filters, planes, 3, 3), np.float32)
+    b = ref.randn(rng, filters, np.float32)
+    layer = lk.Conv2d(wt, b, padding=padding, activation="relu")
+    assert ("F(2,3) on rows pixels in lanes" in layer.describe((2, planes, h, w))) == (isa == "avx512")
+    base = ref.randn(rng, (3, planes + 1, h, w + 3), np.float32)
+    for x in (base[:1, :planes, :, :w], base[:, 1:, :, 3:], base[::-2, :planes, :, ::-1][..., :w]):
+        check_conv_layer(layer(x), x, wt, b, dict(padding=padding, activation="relu"), None, f"input {x.shape}")
+    x = ref.randn(rng, (2, planes, h, w), np.float32)
+    x[1, planes - 1, h // 2, w // 3], x[0, 0, 0, 0] = np.inf, np.nan
+    got, expected = layer(x), lk.conv2d(x, wt, b, padding=padding, activation="relu")
+    ref.assert_identical(np.isnan(got), np.isnan(expected))
+    ref.assert_identical(np.isinf(got), np.isinf(expected))
+
+
 @pytest.mark.parametrize("planes,filters,kernel,h,w,conv", [
     (3, 64, 7, 40, 45, dict(stride=2, padding=3)), (1, 16, 9, 50, 71, dict(stride=3)),
     (4, 32, 5, 21, 66, dict(stride=(1, 4), padding=(2, 1))), (2, 16, 6, 30, 47, dict(stride=2, dilation=(1, 2), padding=2))])

@@ -172,6 +172,7 @@ struct Stage {
   bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
   bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
   bool planes_out = false;              // direct: DirectConvArgs::planes_out
+  bool planes_wino = false;             // direct: DirectConvArgs::planes_wino
   bool planes_only = false;             // direct: a reduction only the planes kernel takes (kPlanesMaxTaps)
   int wino = 0;  // direct: Winograd F(2, 3) on rows (1) or F(4x4, 3x3) (4) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
@@ -385,6 +386,13 @@ struct Builder {
     for (Stage& g : stages)
       g.planes_out = g.kind == StageKind::direct && !g.pool && !g.wino && !g.hwc_in && !g.hwc_out &&
                      (g.planes_only || g.conv.stride_w == 1);
+    // F(2, 3) along rows in the planes kernel: 3x3 at stride 1 on 2 to 4
+    // planes (on one, its output transform costs what it saves).
+    for (Stage& g : stages) {
+      const Conv2dDesc& d = g.conv;
+      g.planes_wino = g.planes_out && d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 &&
+                      d.dil_w == 1 && d.C >= 2 && d.C <= kWinoRowMaxPlanes && active_isa() == Isa::avx512;
+    }
   }
 };
 
@@ -687,6 +695,19 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                 p.uw[k / 16 * 12 * d.C * 16 + ((c * 3 + r) * 4 + j) * 16 + k % 16] = static_cast<float>(u[j]);
             }
       }
+      if (s.planes_wino) {
+        // G g per filter row, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], in
+        // double, K x C x 3 x 4 (DirectConvArgs::planes_wino).
+        p.uw = aligned_alloc_array<float>(static_cast<size_t>(12 * d.C * K));
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < d.C; ++c)
+            for (int r = 0; r < 3; ++r) {
+              const float* g = w + ((k * d.C + c) * 3 + r) * 3;
+              const double g0 = g[0], g1 = g[1], g2 = g[2];
+              const double u[4] = {g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2};
+              for (int j = 0; j < 4; ++j) p.uw[((k * d.C + c) * 3 + r) * 4 + j] = static_cast<float>(u[j]);
+            }
+      }
       if (d.has_bias) {
         p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
         std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
@@ -783,6 +804,10 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                                    "__", isa_name(active_isa()), " channels=", d.C, " filters=", K)
                : s.wino == 1
                    ? cat("winograd F(2,3) on rows pooled per tile ukernel=f32_conv_wino_row_2x16__",
+                         isa_name(active_isa()), " planes=", d.C, " filters=", K,
+                         " (taps for inputs not finite or over ", p.x_bound, ")")
+               : s.planes_wino
+                   ? cat("winograd F(2,3) on rows pixels in lanes ukernel=f32_conv_planes_wino_3x2__",
                          isa_name(active_isa()), " planes=", d.C, " filters=", K,
                          " (taps for inputs not finite or over ", p.x_bound, ")")
                : s.planes_out ? cat("direct pixels in lanes ukernel=f32_conv_planes_",
@@ -1020,6 +1045,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.y = y + n * K * P * Q;
   a.hwc = s.hwc_out;
   a.planes_out = s.planes_out;
+  a.planes_wino = s.planes_wino;
   a.tile = s.hwc_out || s.planes_out
                ? nullptr
                : scratch_array<float>(kTileSlot, static_cast<size_t>(round_up(p1 - p0, 2) * Q * K));  // the band's rows
@@ -1027,7 +1053,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.C = C;
   a.wino_w = p.uw.get();
   a.plane = plane;
-  a.work = s.wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
+  a.work = s.wino || s.planes_wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
   if (fuse != nullptr) {
     a.dense_w = fuse->w, a.dense_ldw = fuse->ldw, a.dense_n = fuse->n, a.dense_acc = fuse->acc;
     a.store_y = false;  // the linear stage was its only reader
