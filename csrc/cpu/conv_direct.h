@@ -81,7 +81,7 @@ struct DirectConvArgs {
   // pixels in vector lanes instead, each output vector stored whole to its
   // plane. The taps' offsets as above; tile unused.
   bool planes_out = false;
-  // With planes_out, 3x3 at stride 1 on 2 to 4 planes (AVX-512): Winograd
+  // With planes_out, 3x3 at stride 1 on 1 to 4 planes (AVX-512): Winograd
   // F(2, 3) along the rows where every input the call reads is finite and
   // at most x_bound, the taps elsewhere; wino_w holds its filters, K x C x 3
   // x 4 (G g of filter row r, element j, at ((k * C + c) * 3 + r) * 4 + j),
