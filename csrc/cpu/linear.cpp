@@ -95,7 +95,7 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
   // within 256 KB), that the threads share most evenly: the busiest thread's
   // outputs, padding included, fewest; then the fewest blocks. Of the two
   // tile shapes the one whose busiest thread computes least; on a tie the
-  // wide one (8x48 against 12x32 on 64 x 4096 -> 128: 331 against 375 us;
+  // wide one (8x48 against 12x32 on 64 x 4096 -> 128: 334 against 375 us;
   // blocks of one tile row and all columns would leave one of two threads
   // idle there). Contiguous input rows are read in place, so a narrower
   // block costs no packing.
@@ -139,7 +139,8 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
     if (mixed < load) uk_ = w, edge_uk_ = e, edge_ = n0, mc_ = mc0, nc_ = w.nr, edge_mc_ = mc1, load = mixed;
   }
   predicted_s_ = 2.0 * load * K / rate + (threads_ > 1 ? model.wake_s : 0);
-  workspace_ = threads_ * round_up(mc_, uk_.mr) * kc_ * static_cast<int64_t>(sizeof(T));
+  workspace_ = threads_ * std::max(round_up(mc_, uk_.mr), edge_ < N ? round_up(edge_mc_, edge_uk_.mr) : 0) * kc_ *
+               static_cast<int64_t>(sizeof(T));
 }
 
 template <class T>

@@ -174,7 +174,7 @@ struct Stage {
   bool planes_out = false;              // direct: DirectConvArgs::planes_out
   bool planes_wino = false;             // direct: DirectConvArgs::planes_wino
   bool planes_only = false;             // direct: a reduction only the planes kernel takes (kPlanesMaxTaps)
-  int wino = 0;  // direct: Winograd F(2, 3) on rows (1) or F(4x4, 3x3) (4) instead of the taps
+  int wino = 0;  // direct: Winograd F(2, 3) on rows (1), F(2x2, 3x3) (2) or F(4x4, 3x3) (4) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
   int softmax_after = 0;                // linear: 1 softmax, 2 log-softmax of each row after it
   int64_t outer = 0, dim = 0, inner = 0;  // softmax, per image
@@ -682,9 +682,10 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       }
       for (int64_t t = 0; t < taps; ++t)  // Winograd's stages too: the taps take inputs it may not
         for (int64_t k = 0; k < K; ++k) p.dw[t * K + k] = w[k * taps + order[t]];
-      if (s.wino == 1) {
+      if (s.wino == 1 || s.planes_wino) {
         // G g per filter row, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], in
-        // double, stored in groups of 16 filters, C x 3 x 4 x 16 each.
+        // double: wino 1 in groups of 16 filters, C x 3 x 4 x 16 each; the
+        // planes kernel K x C x 3 x 4 (DirectConvArgs::planes_wino).
         p.uw = aligned_alloc_array<float>(static_cast<size_t>(12 * d.C * K));
         for (int64_t c = 0; c < d.C; ++c)
           for (int64_t k = 0; k < K; ++k)
@@ -693,20 +694,8 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
               const double g0 = g[0], g1 = g[1], g2 = g[2];
               const double u[4] = {g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2};
               for (int j = 0; j < 4; ++j)
-                p.uw[k / 16 * 12 * d.C * 16 + ((c * 3 + r) * 4 + j) * 16 + k % 16] = static_cast<float>(u[j]);
-            }
-      }
-      if (s.planes_wino) {
-        // G g per filter row, G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], in
-        // double, K x C x 3 x 4 (DirectConvArgs::planes_wino).
-        p.uw = aligned_alloc_array<float>(static_cast<size_t>(12 * d.C * K));
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t c = 0; c < d.C; ++c)
-            for (int r = 0; r < 3; ++r) {
-              const float* g = w + ((k * d.C + c) * 3 + r) * 3;
-              const double g0 = g[0], g1 = g[1], g2 = g[2];
-              const double u[4] = {g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2};
-              for (int j = 0; j < 4; ++j) p.uw[((k * d.C + c) * 3 + r) * 4 + j] = static_cast<float>(u[j]);
+                p.uw[s.wino == 1 ? k / 16 * 12 * d.C * 16 + ((c * 3 + r) * 4 + j) * 16 + k % 16
+                                 : ((k * d.C + c) * 3 + r) * 4 + j] = static_cast<float>(u[j]);
             }
       }
       if (d.has_bias) {
