@@ -969,12 +969,19 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
     for (int64_t r = 0; r < rows; ++r) {
       float* o = band + r * Wp * C;
       const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
-      std::fill(o, o + Wp * C, 0.0f);
-      if (ih < 0 || ih >= H) continue;
-      for (int64_t c = 0; c < C; ++c) {
-        const float* in = xn + c * x.strides[1] + ih * x.strides[2];
-        for (int64_t w = 0; w < W; ++w) o[(d.pad_left + w) * C + c] = in[w * x.strides[3]];
+      if (ih < 0 || ih >= H) {
+        std::fill(o, o + Wp * C, 0.0f);
+        continue;
       }
+      std::fill(o, o + d.pad_left * C, 0.0f);
+      std::fill(o + (d.pad_left + W) * C, o + Wp * C, 0.0f);
+      const float* in = xn + ih * x.strides[2];
+      if (x.strides[3] == 1) {  // C rows of W pixels, transposed in registers
+        store_transposed(in, x.strides[1], C, W, o + d.pad_left * C, C);
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t w = 0; w < W; ++w) o[(d.pad_left + w) * C + c] = in[c * x.strides[1] + w * x.strides[3]];
     }
   // One unpadded plane of contiguous rows (a network's first layer on
   // grey images): the band is the input's own rows, read in place.
