@@ -356,4 +356,4 @@ def fill_pool_input(rng, shape, dtype, kind):
 # lk.conv2d lets the cost model pick one per shape, so only pinned layers
 # reach every kernel on every case.
 CONV_KERNELS = tuple((a, u) for a in ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "indirect_gemm")
-                     for u in ("wide", "tall")) + (("direct", "auto"),)
+                     for u in ("wide", "tall", "narrow")) + (("direct", "auto"),)

@@ -34,7 +34,7 @@ void register_config(py::module_& m) {
   m.def("ukernel_names", [] {
     const auto& t = cpu::ukernels();
     py::dict d;
-    const char* shapes[cpu::kGemmShapes] = {"wide", "tall"};  // as lk.Conv2d(ukernel=...) names them
+    const char* shapes[cpu::kGemmShapes] = {"wide", "tall", "narrow"};  // as lk.Conv2d(ukernel=...) names them
     for (int shape = 0; shape < cpu::kGemmShapes; ++shape) {
       d[py::str(cat("f32_gemm_", shapes[shape]))] = t.f32_gemm[shape].name;
       d[py::str(cat("f64_gemm_", shapes[shape]))] = t.f64_gemm[shape].name;

@@ -16,9 +16,12 @@ namespace lk::cpu {
 template <class T>
 const GemmUkernel<T>& gemm_shape_for(int64_t m, int64_t n) {
   const UkernelTable& t = ukernels();
-  const GemmUkernel<T>& a = t.gemm<T>(0);
-  const GemmUkernel<T>& b = t.gemm<T>(1);
-  return round_up(m, b.mr) * round_up(n, b.nr) < round_up(m, a.mr) * round_up(n, a.nr) ? b : a;
+  const GemmUkernel<T>* best = &t.gemm<T>(0);
+  for (int shape = 1; shape < kGemmShapes; ++shape) {
+    const GemmUkernel<T>& u = t.gemm<T>(shape);
+    if (round_up(m, u.mr) * round_up(n, u.nr) < round_up(m, best->mr) * round_up(n, best->nr)) best = &u;
+  }
+  return *best;
 }
 
 // Padded area (microkernel work) of an m x n product with the best shape.

@@ -38,9 +38,10 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
     algo_ = LinearAlgo::gemv;
   if (algo_ == LinearAlgo::gemm_t) {  // rows: features, columns: input rows; the shape padding M least
     const UkernelTable& t = ukernels();
-    if (round_up(M, t.gemm<T>(1).nr) * round_up(N, t.gemm<T>(1).mr) <
-        round_up(M, t.gemm<T>(0).nr) * round_up(N, t.gemm<T>(0).mr))
-      uk_ = t.gemm<T>(1);
+    for (int shape = 1; shape < kGemmShapes; ++shape) {
+      const GemmUkernel<T>& u = t.gemm<T>(shape);
+      if (round_up(M, u.nr) * round_up(N, u.mr) < round_up(M, uk_.nr) * round_up(N, uk_.mr)) uk_ = u;
+    }
   }
   const int nr = uk_.nr, mr = uk_.mr;
 
@@ -93,11 +94,11 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
   }
   // Blocks of microtiles, tm x tn each (at most 16 rows of tiles, B's block
   // within 256 KB), that the threads share most evenly: the busiest thread's
-  // outputs, padding included, fewest; then the fewest blocks. Of the two
-  // tile shapes the one whose busiest thread computes least; on a tie the
-  // wide one (8x48 against 12x32 on 64 x 4096 -> 128: 334 against 375 us;
-  // blocks of one tile row and all columns would leave one of two threads
-  // idle there). Contiguous input rows are read in place, so a narrower
+  // outputs, padding included, fewest; then the fewest blocks. Of the
+  // tile shapes the one whose busiest thread computes least, on a tie the
+  // first (64 x 4096 -> 128 on one thread: 8x32 tiles 590 us, 8x48 with
+  // the last 32 columns on 12x32 615 us; blocks of one tile row and all
+  // columns would leave one of two threads idle there). Contiguous input rows are read in place, so a narrower
   // block costs no packing.
   auto split = [&](const GemmUkernel<T>& u, int64_t& mc, int64_t& nc) {
     const int64_t Tm = ceil_div(std::max<int64_t>(M, 1), u.mr), Tn = ceil_div(N, u.nr);
@@ -114,19 +115,20 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
     return best;
   };
   const UkernelTable& t = ukernels();
-  int64_t mc_tall = 0, nc_tall = 0;
-  const int64_t wide = split(t.gemm<T>(0), mc_, nc_), tall = split(t.gemm<T>(1), mc_tall, nc_tall);
-  if (tall < wide) uk_ = t.gemm<T>(1), mc_ = mc_tall, nc_ = nc_tall;
-  int64_t load = std::min(wide, tall);
+  int64_t load = split(t.gemm<T>(0), mc_, nc_);
+  for (int shape = 1; shape < kGemmShapes; ++shape) {
+    int64_t mc = 0, nc = 0;
+    const int64_t l = split(t.gemm<T>(shape), mc, nc);
+    if (l < load) uk_ = t.gemm<T>(shape), mc_ = mc, nc_ = nc, load = l;
+  }
   edge_ = N;
-  // Or the wide tiles' whole panels, the last columns on one panel of tall
-  // tiles, in blocks of a panel and a thread's share of the rows (each
-  // panel then streams once per block), taken as the threads free up
-  // (64 x 4096 -> 128: 96 columns on 8x48 tiles, 32 on 12x32, padding 3%
-  // instead of 12.5%).
+  // Or the wide tiles' whole panels, the last columns on one panel of
+  // another shape, in blocks of a panel and a thread's share of the rows
+  // (each panel then streams once per block), taken as the threads free up.
   const GemmUkernel<T>& w = t.gemm<T>(0);
-  const GemmUkernel<T>& e = t.gemm<T>(1);
-  if (N > w.nr && N % w.nr != 0 && N % w.nr <= e.nr) {
+  for (int shape = 1; shape < kGemmShapes; ++shape) {
+    const GemmUkernel<T>& e = t.gemm<T>(shape);
+    if (N <= w.nr || N % w.nr == 0 || N % w.nr > e.nr) continue;
     const int64_t n0 = N / w.nr * w.nr;
     const int64_t mc0 = std::min<int64_t>(16, ceil_div(ceil_div(M, w.mr), threads_)) * w.mr;
     const int64_t mc1 = std::min<int64_t>(16, ceil_div(ceil_div(M, e.mr), threads_)) * e.mr;

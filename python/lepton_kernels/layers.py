@@ -31,8 +31,9 @@ __all__ = ["Conv2d", "Conv2dMaxPool2d", "Linear", "MaxPool2d"]
 
 _ALGORITHMS = ("auto", "implicit_gemm", "im2col_gemm", "implicit_gemm_t", "indirect_gemm", "direct")
 # GEMM microkernel shapes of every ISA level: "wide" has more columns per
-# tile (e.g. 8x48 on AVX-512), "tall" more rows (12x32).
-_UKERNELS = {"auto": -1, "wide": 0, "tall": 1}
+# tile (e.g. 8x48 on AVX-512), "tall" more rows (12x32), "narrow" the wide
+# tile's rows and the tall tile's columns (8x32).
+_UKERNELS = {"auto": -1, "wide": 0, "tall": 1, "narrow": 2}
 
 
 def _frozen_copy(a):
@@ -110,7 +111,7 @@ class Conv2d(_ConvBase):
 
     ``algorithm`` is ``'auto'`` (the scheduler chooses) or one of
     ``'implicit_gemm'``, ``'im2col_gemm'``, ``'implicit_gemm_t'``, ``'indirect_gemm'``, ``'direct'``
-    to fix it, and ``ukernel`` ``'auto'``, ``'wide'`` or ``'tall'`` fixes the
+    to fix it, and ``ukernel`` ``'auto'``, ``'wide'``, ``'tall'`` or ``'narrow'`` fixes the
     GEMM microkernel's shape (the scheduler still picks blocking and threads).
     ``'im2col_gemm'`` holds the whole image's im2col matrix in a workspace
     (C*R*S times the input): the scheduler never picks it by itself.

@@ -167,7 +167,11 @@ struct FmaPeakUkernel {
   const char* name;
 };
 
-constexpr int kGemmShapes = 2;  // per level: a wide tile (more columns) and a tall one (more rows)
+// Per level: a wide tile (more columns), a tall one (more rows) and a narrow
+// one (the wide tile's rows, the tall tile's columns: no padding where the
+// rows come in eights and the columns in the tall tile's width, such as the
+// last 32 columns of a 128-wide linear layer).
+constexpr int kGemmShapes = 3;
 
 struct UkernelTable {
   Isa isa;
