@@ -123,6 +123,7 @@ def test_matches_unfused_and_reference(isa, dtype, case, seed):
         pytest.param((2, 4, 11, 10), (8, 4, 3, 3), dict(padding=1),
                      dict(kernel_size=(3, 2), pool_stride=(2, 1), ceil_mode=True), id="rect-pool"),
         pytest.param((2, 6, 10, 10), (12, 2, 3, 3), dict(groups=3, padding=1), dict(), id="grouped"),
+        pytest.param((2, 16, 13, 19), (32, 4, 3, 3), dict(groups=4, padding=1), dict(), id="grouped-planes"),
         pytest.param((2, 8, 10, 10), (8, 1, 3, 3), dict(groups=8, padding=1), dict(), id="depthwise"),
         pytest.param((2, 8, 10, 10), (16, 1, 3, 3), dict(groups=8, padding=1), dict(kernel_size=3, ceil_mode=True),
                      id="depthwise-mult-2"),

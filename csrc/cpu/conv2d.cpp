@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/settings.h"
 #include "core/thread_pool.h"
+#include "cpu/conv_direct.h"
 #include "cpu/gemm.h"
 #include "cpu/machine.h"
 
@@ -130,6 +132,7 @@ constexpr double kTileFromL3 = 1.6;            // the transposed store of a tile
 constexpr double kPackSecondsPerElem = 0.4e-9;  // im2col gather, per element, one thread
 constexpr double kCopyPerPack = 0.4;             // a row copy (indirect_gemm's band) against a gather
 constexpr double kDirectEfficiency = 0.15;     // the direct loop against the GEMM microkernel's rate
+constexpr double kGroupPlanesEfficiency = 0.6;  // conv_group_planes (64 -> 64 on 56x56 in 4 groups: 0.62)
 constexpr double kTaskSeconds = 0.1e-6;        // bookkeeping per task
 constexpr double kL2Bytes = 1 << 20;           // per core
 // Threads do not start a job together: a worker joins late (woken, or
@@ -235,6 +238,18 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
   c.cost = c.time_s + lambda * static_cast<double>(c.workspace);
 }
 
+// Groups of several channels and filters on float: each group's GEMM is
+// small (4 groups of 16 -> 16: 16 filters against patches of 144), so
+// packing its patches costs as much as multiplying them, and the direct loop
+// for depthwise layers reads each input vector for one filter only. The
+// direct kernel's planes path instead loads each input vector once per tap
+// for 8 filters, from a band of the group's rows (Kg a multiple of 8, its
+// filter block; stride 1 along rows, its loads).
+template <class T>
+bool conv_group_planes(const Conv2dDesc& d) {
+  return std::is_same_v<T, float> && d.groups > 1 && d.Cg() > 1 && d.Kg() % 8 == 0 && d.stride_w == 1;
+}
+
 template <class T>
 std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const UkernelTable& table, bool prepacked,
                                        ConvRestrict only) {
@@ -252,7 +267,8 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const UkernelTable&
     c.threads = threads;
     const double flops = 2.0 * s.N * s.G * s.Kg * s.CRS * s.PQ;
     const int64_t tasks = std::max<int64_t>(1, s.N * s.G * s.Kg);
-    const double serial = flops / (m.gemm_flops[sizeof(T) == 8][0] * kDirectEfficiency);
+    const double serial =
+        flops / (m.gemm_flops[sizeof(T) == 8][0] * (conv_group_planes<T>(d) ? kGroupPlanesEfficiency : kDirectEfficiency));
     c.time_s = serial / threads * imbalance(tasks, threads) + straggle(serial / static_cast<double>(tasks), threads) +
                (threads > 1 ? m.wake_s : 0);
     c.cost = c.time_s;
@@ -339,6 +355,23 @@ Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoi
   threads_ = std::clamp(choice_.threads, 1, get_num_threads());
   if (algo_ != ConvAlgo::direct)
     LK_CHECK(kc_ > 0 && mc_ > 0 && nc_ > 0 && nc_ % uk_.nr == 0 && mc_ % uk_.mr == 0, "plan: invalid blocking");
+  group_planes_ = algo_ == ConvAlgo::direct && conv_group_planes<T>(d_);
+  if (group_planes_) {
+    // Bands of output rows: a group's input rows for them within 128 KB of
+    // L2, and a few tasks per thread.
+    const int64_t P = d_.P(), Cg = d_.Cg();
+    auto rows_in = [&](int64_t rows) { return (rows - 1) * d_.stride_h + (d_.R - 1) * d_.dil_h + 1; };
+    band_width_ = d_.pad_left + d_.W + d_.pad_right;
+    rows_per_band_ = P;
+    while (rows_per_band_ > 1 && (Cg * rows_in(rows_per_band_) * band_width_ * 4 > (128 << 10) ||
+                                  d_.N * d_.groups * ceil_div(P, rows_per_band_) < 4 * threads_))
+      rows_per_band_ = ceil_div(rows_per_band_, 2);
+    band_rows_ = rows_in(rows_per_band_);
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t r = 0; r < d_.R; ++r)
+        for (int64_t s = 0; s < d_.S; ++s)
+          tap_off_.push_back((c * band_rows_ + r * d_.dil_h) * band_width_ + s * d_.dil_w);
+  }
 }
 
 template <class T>
@@ -356,7 +389,11 @@ PackedConvWeights<T> Conv2dPlan<T>::pack(const TensorView& w, const TensorView* 
   p.layout = weight_layout();
   auto flat = aligned_alloc_array<T>(K * CRS);
   flatten_weight(w, flat.get());
-  if (algo_ == ConvAlgo::direct) {
+  if (group_planes_) {  // per group taps x Kg
+    p.w = aligned_alloc_array<T>(K * CRS);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t t = 0; t < CRS; ++t) p.w[(k / Kg * CRS + t) * Kg + k % Kg] = flat[k * CRS + t];
+  } else if (algo_ == ConvAlgo::direct) {
     p.w = std::move(flat);
   } else if (transposed()) {
     const int64_t group_stride = round_up(Kg, uk_.nr) * CRS;
@@ -388,6 +425,14 @@ typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const PackedConvWeights<T>& 
 template <class T>
 typename Conv2dPlan<T>::Weights Conv2dPlan<T>::bind(const TensorView* w, const TensorView* b,
                                                     BoundStorage& storage) const {
+  if (group_planes_) {  // per group taps x Kg, in the calling thread's scratch
+    const Weights rows = bind_rows(d_, w, b, storage);
+    const int64_t K = d_.K, Kg = d_.Kg(), CRS = d_.Cg() * d_.R * d_.S;
+    T* packed = scratch_array<T>(kWeightSlot, static_cast<size_t>(K * CRS));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t t = 0; t < CRS; ++t) packed[(k / Kg * CRS + t) * Kg + k % Kg] = rows.w[k * CRS + t];
+    return {packed, 0, rows.bias};
+  }
   if (!transposed()) return bind_rows(d_, w, b, storage);
   // Panels of W^T for this run, packed into the calling thread's scratch
   // (reused across calls: no allocation, no fresh pages) from rows.
@@ -447,6 +492,15 @@ void Conv2dPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
   if (d_.N == 0 || d_.K == 0) return;
   const int64_t K = d_.K, G = d_.groups, Kg = d_.Kg(), P = d_.P(), PQ = P * d_.Q();
 
+  if (group_planes_) {
+    const int64_t bands = ceil_div(P, rows_per_band_);
+    parallel_for(d_.N * G * bands, threads_, [&](int64_t task) {
+      const int64_t n = task / (G * bands), g = task / bands % G, r0 = task % bands * rows_per_band_;
+      group_planes_rows(x, wt, n, g, r0, std::min(P, r0 + rows_per_band_), y + (n * K + g * Kg) * PQ + r0 * d_.Q(),
+                        PQ);
+    });
+    return;
+  }
   if (algo_ == ConvAlgo::direct) {
     // Runs of channels: a few tasks per thread for balance, each one call of the microkernel.
     const int64_t per_image = std::min(K, std::max<int64_t>(1, 4 * threads_ / std::max<int64_t>(d_.N, 1)));
@@ -490,6 +544,12 @@ template <class T>
 void Conv2dPlan<T>::run_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t r0, int64_t r1, T* dst,
                              int64_t ldc) const {
   const int64_t K = d_.K, G = d_.groups, Kg = d_.Kg(), Q = d_.Q();
+  if (group_planes_) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t p = r0; p < r1; p += rows_per_band_)
+        group_planes_rows(x, wt, n, g, p, std::min(r1, p + rows_per_band_), dst + g * Kg * ldc + (p - r0) * Q, ldc);
+    return;
+  }
   if (algo_ == ConvAlgo::direct) {
     direct_rows(x, wt, n, 0, K, r0, r1, dst, ldc);
     return;
@@ -683,6 +743,45 @@ void Conv2dPlan<T>::indirect_tile(const TensorView& x, const Weights& wt, const 
 }
 
 template <class T>
+void Conv2dPlan<T>::group_planes_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t r0,
+                                      int64_t r1, T* out, int64_t ldk) const {
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t Cg = d_.Cg(), Kg = d_.Kg(), Wb = band_width_, plane = band_rows_ * Wb;
+    const int64_t rows = (r1 - r0 - 1) * d_.stride_h + (d_.R - 1) * d_.dil_h + 1;
+    // The group's input rows for output rows [r0, r1), padded: the taps are then fixed offsets.
+    float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(Cg * plane));
+    const float* xg = x.ptr<float>() + n * x.strides[0] + g * Cg * x.strides[1];
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t i = 0; i < rows; ++i) {
+        float* o = band + c * plane + i * Wb;
+        const int64_t ih = r0 * d_.stride_h - d_.pad_top + i;
+        if (ih < 0 || ih >= d_.H) {
+          std::fill(o, o + Wb, 0.0f);
+          continue;
+        }
+        std::fill(o, o + d_.pad_left, 0.0f);
+        std::fill(o + d_.pad_left + d_.W, o + Wb, 0.0f);
+        const float* in = xg + c * x.strides[1] + ih * x.strides[2];
+        if (x.strides[3] == 1)
+          std::memcpy(o + d_.pad_left, in, static_cast<size_t>(d_.W) * sizeof(float));
+        else
+          for (int64_t w = 0; w < d_.W; ++w) o[d_.pad_left + w] = in[w * x.strides[3]];
+      }
+    DirectConvArgs a{};
+    a.x = band, a.Wp = Wb, a.pix = 1, a.plane = plane;
+    a.tap_off = tap_off_.data(), a.taps = static_cast<int64_t>(tap_off_.size());
+    a.w = wt.w + g * a.taps * Kg;
+    a.bias = wt.bias ? wt.bias + g * Kg : nullptr;
+    a.K = Kg, a.k_begin = 0, a.k_end = Kg, a.C = Cg;
+    a.stride_h = d_.stride_h, a.stride_w = 1;
+    a.relu = d_.act == Activation::relu;
+    a.P = r1 - r0, a.Q = d_.Q(), a.p0 = 0, a.p1 = r1 - r0, a.q0 = 0, a.q1 = d_.Q(), a.row0 = 0;
+    a.y = out, a.y_plane = ldk, a.planes_out = true;
+    direct_conv_f32(active_isa())(a);
+  }
+}
+
+template <class T>
 void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k0, int64_t k1,
                                 int64_t r0, int64_t r1, T* out, int64_t ldk) const {
   const DwconvUkernel<T>& uk = ukernels().dwconv<T>();
@@ -712,6 +811,7 @@ template <class T>
 std::string Conv2dPlan<T>::describe() const {
   std::string s = cat("conv2d ", dtype_name(dtype_of<T>()), " algo=", conv_algo_name(algo_), " threads=", threads_);
   if (algo_ != ConvAlgo::direct) s += cat(" ukernel=", uk_.name, " kc=", kc_, " mc=", mc_, " nc=", nc_);
+  if (group_planes_) s += cat(" planes per group rows_per_task=", rows_per_band_);
   s += cat(" predicted_us=", choice_.time_s * 1e6, " workspace_bytes=", choice_.workspace,
            measured_ ? " chosen_by=measurement" : " chosen_by=cost_model");
   return s;

@@ -101,9 +101,10 @@ class Conv2dPlan {
                 int64_t ldc) const;
 
   // Which packed layout this plan reads: MR for A panels, -NR for B panels,
-  // 0 for rows.
+  // 0 for rows, kTapMajorLayout for group_planes().
+  static constexpr int kTapMajorLayout = -1;
   int weight_layout() const {
-    return algo_ == ConvAlgo::direct ? 0 : transposed() ? -uk_.nr : uk_.mr;
+    return algo_ == ConvAlgo::direct ? (group_planes_ ? kTapMajorLayout : 0) : transposed() ? -uk_.nr : uk_.mr;
   }
 
   void check_input(const TensorView& x) const;
@@ -130,6 +131,10 @@ class Conv2dPlan {
   bool padded() const { return d_.pad_top || d_.pad_bottom || d_.pad_left || d_.pad_right; }
   int64_t band_rows() const;  // rows of the padded band an indirect tile of mc_ pixels reads, at most
   bool transposed() const { return algo_ == ConvAlgo::implicit_gemm_t || algo_ == ConvAlgo::indirect_gemm; }
+  // group_planes(): output rows [r0, r1) of group g of image n, its first
+  // channel's row r0 at out, channels ldk apart.
+  void group_planes_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t r0, int64_t r1, T* out,
+                         int64_t ldk) const;
   // Output rows [r0, r1) of channels [k0, k1) of image n: channel k at out + (k - k0) * ldk.
   void direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k0, int64_t k1, int64_t r0, int64_t r1,
                    T* out, int64_t ldk) const;
@@ -137,6 +142,12 @@ class Conv2dPlan {
   Conv2dDesc d_;
   GemmUkernel<T> uk_;
   ConvChoice choice_;
+  // direct on float groups of several channels and filters (conv_group_planes):
+  // the direct kernel's planes path per group and band of rows, the group's
+  // weights tap-major (taps x Kg), tap offsets into a band of band_rows_ rows.
+  bool group_planes_ = false;
+  int64_t rows_per_band_ = 0, band_rows_ = 0, band_width_ = 0;
+  std::vector<int64_t> tap_off_;
   bool measured_ = false;  // chosen by autotuning rather than by the model
   bool prepacked_ = false;
   ConvRestrict only_;

@@ -32,7 +32,8 @@ struct DirectConvArgs {
   int64_t P, Q;            // output size (pooled when pool)
   int64_t p0, p1;          // output rows to compute
   int64_t q0, q1;          // and columns of them
-  float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*P*Q + p*Q + q]
+  float* y;                // hwc: y[(p*Q + q)*K + k]; else y[k*y_plane + p*Q + q]
+  int64_t y_plane = 0;     // planes out: floats from one output plane to the next (0: P*Q)
   bool hwc;
   float* tile;             // not hwc: the band's rows of pixels x channels before their transpose,
                            // (p1 - p0 rounded up to even) * Q * K floats
