@@ -44,7 +44,7 @@ def test_config_contents():
     assert set(cfg["isa_kernels_built"]) <= set(LEVELS) and "generic" in cfg["isa_kernels_built"]
     assert cfg["num_threads"] == lk.get_num_threads() >= 1
     assert cfg["available_cores"] >= 1
-    assert set(cfg["ukernels"]) >= {"f32_gemm_wide", "f32_gemm_tall", "f64_gemm_wide", "f64_gemm_tall"}
+    assert set(cfg["ukernels"]) >= {f"f{bits}_gemm_{shape}" for bits in (32, 64) for shape in ("wide", "tall", "narrow")}
     assert isinstance(cfg["cuda_built"], bool) and isinstance(cfg["cuda_devices"], list)
     json.dumps(cfg)  # plain data only
 
@@ -154,6 +154,7 @@ def test_env_isa(level):
     assert cfg["isa_active"] == capped(level)
     assert cfg["ukernels"]["f32_gemm_wide"].endswith(capped(level))
     assert cfg["ukernels"]["f32_gemm_tall"].endswith(capped(level))
+    assert cfg["ukernels"]["f32_gemm_narrow"].endswith(capped(level))
 
 
 def test_env_isa_unknown_is_conservative():
