@@ -77,9 +77,12 @@ def test_tile_edges(isa, dtype, rng):
         pytest.param((2, 5, 3, 3), (17, 5, 4, 4), dict(padding=1), id="kernel-needs-padding"),
         pytest.param((2, 6, 8, 8), (12, 2, 3, 3), dict(groups=3, padding=1), id="grouped"),
         pytest.param((2, 8, 8, 8), (16, 4, 3, 3), dict(groups=2, stride=2), id="grouped-gemm"),
-        # Groups of 8 filters and several channels: float's direct algorithm runs the planes kernel per group.
+        # Groups of several channels and filters: float's direct algorithm runs the planes kernel per group.
         pytest.param((2, 12, 9, 21), (24, 4, 3, 3), dict(groups=3, padding=(2, 1), dilation=(2, 1)), id="grouped-planes"),
         pytest.param((3, 16, 11, 18), (32, 8, 3, 5), dict(groups=2, stride=(2, 1), padding=(0, 2)), id="grouped-planes-rows"),
+        pytest.param((2, 12, 9, 23), (24, 4, 3, 5), dict(groups=3, stride=(1, 3), padding=2, dilation=(1, 2)),
+                     id="grouped-planes-phases"),
+        pytest.param((2, 32, 10, 19), (32, 4, 3, 3), dict(groups=8, padding=1), id="grouped-planes-4-filters"),
         pytest.param((2, 6, 8, 8), (6, 1, 3, 3), dict(groups=6, padding=1), id="depthwise"),
         pytest.param((2, 6, 8, 8), (12, 1, 3, 3), dict(groups=6, padding=1), id="depthwise-mult-2"),
         pytest.param((2, 5, 9, 9), (5, 1, 5, 5), dict(groups=5, padding="same", dilation=2), id="depthwise-same"),
@@ -102,7 +105,7 @@ def test_argument_classes(isa, dtype, x_shape, w_shape, kwargs, has_bias, activa
 
 
 def test_grouped_direct_runs_the_planes_kernel_per_group(isa, rng):
-    # float32 groups of several channels and a multiple of 8 filters: the direct algorithm takes the planes
+    # float32 groups of several channels and a multiple of 4 filters: the direct algorithm takes the planes
     # kernel group by group, in bands of rows (a few per thread here), the weights packed tap-major.
     x = ref.randn(rng, (2, 32, 23, 37), np.float32)
     w, b = ref.randn(rng, (64, 8, 3, 3), np.float32), ref.randn(rng, 64, np.float32)

@@ -243,11 +243,12 @@ void predict_gemm(ConvChoice& c, const ConvShape& s, const GemmUkernel<T>& uk, c
 // packing its patches costs as much as multiplying them, and the direct loop
 // for depthwise layers reads each input vector for one filter only. The
 // direct kernel's planes path instead loads each input vector once per tap
-// for 8 filters, from a band of the group's rows (Kg a multiple of 8, its
-// filter block; stride 1 along rows, its loads).
+// for a block of 8 (or 4) filters, from a band of the group's rows (Kg a
+// multiple of 4). Its loads take consecutive columns: at a column stride S
+// up to 4 the band holds each plane's columns in S phase planes.
 template <class T>
 bool conv_group_planes(const Conv2dDesc& d) {
-  return std::is_same_v<T, float> && d.groups > 1 && d.Cg() > 1 && d.Kg() % 8 == 0 && d.stride_w == 1;
+  return std::is_same_v<T, float> && d.groups > 1 && d.Cg() > 1 && d.Kg() % 4 == 0 && d.stride_w <= 4;
 }
 
 template <class T>
@@ -361,16 +362,19 @@ Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoi
     // L2, and a few tasks per thread.
     const int64_t P = d_.P(), Cg = d_.Cg();
     auto rows_in = [&](int64_t rows) { return (rows - 1) * d_.stride_h + (d_.R - 1) * d_.dil_h + 1; };
-    band_width_ = d_.pad_left + d_.W + d_.pad_right;
+    // A phase plane's row: every column a tap of the last output reads.
+    const int64_t sw = d_.stride_w;
+    band_width_ = std::max(ceil_div(d_.pad_left + d_.W + d_.pad_right, sw), d_.Q() + (d_.S - 1) * d_.dil_w / sw);
     rows_per_band_ = P;
-    while (rows_per_band_ > 1 && (Cg * rows_in(rows_per_band_) * band_width_ * 4 > (128 << 10) ||
+    while (rows_per_band_ > 1 && (Cg * sw * rows_in(rows_per_band_) * band_width_ * 4 > (128 << 10) ||
                                   d_.N * d_.groups * ceil_div(P, rows_per_band_) < 4 * threads_))
       rows_per_band_ = ceil_div(rows_per_band_, 2);
     band_rows_ = rows_in(rows_per_band_);
     for (int64_t c = 0; c < Cg; ++c)
       for (int64_t r = 0; r < d_.R; ++r)
         for (int64_t s = 0; s < d_.S; ++s)
-          tap_off_.push_back((c * band_rows_ + r * d_.dil_h) * band_width_ + s * d_.dil_w);
+          tap_off_.push_back(((c * sw + s * d_.dil_w % sw) * band_rows_ + r * d_.dil_h) * band_width_ +
+                             s * d_.dil_w / sw);
   }
 }
 
@@ -746,29 +750,44 @@ template <class T>
 void Conv2dPlan<T>::group_planes_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t g, int64_t r0,
                                       int64_t r1, T* out, int64_t ldk) const {
   if constexpr (std::is_same_v<T, float>) {
-    const int64_t Cg = d_.Cg(), Kg = d_.Kg(), Wb = band_width_, plane = band_rows_ * Wb;
+    const int64_t Cg = d_.Cg(), Kg = d_.Kg(), Wb = band_width_, plane = band_rows_ * Wb, sw = d_.stride_w;
     const int64_t rows = (r1 - r0 - 1) * d_.stride_h + (d_.R - 1) * d_.dil_h + 1;
-    // The group's input rows for output rows [r0, r1), padded: the taps are then fixed offsets.
-    float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(Cg * plane));
+    // The group's input rows for output rows [r0, r1), padded (padded column
+    // j in phase plane j % sw, at j / sw): the taps are then fixed offsets.
+    float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(Cg * sw * plane));
     const float* xg = x.ptr<float>() + n * x.strides[0] + g * Cg * x.strides[1];
     for (int64_t c = 0; c < Cg; ++c)
       for (int64_t i = 0; i < rows; ++i) {
-        float* o = band + c * plane + i * Wb;
+        float* o = band + c * sw * plane + i * Wb;
         const int64_t ih = r0 * d_.stride_h - d_.pad_top + i;
-        if (ih < 0 || ih >= d_.H) {
-          std::fill(o, o + Wb, 0.0f);
+        const float* in = ih >= 0 && ih < d_.H ? xg + c * x.strides[1] + ih * x.strides[2] : nullptr;
+        if (sw == 1) {
+          if (in == nullptr) {
+            std::fill(o, o + Wb, 0.0f);
+            continue;
+          }
+          std::fill(o, o + d_.pad_left, 0.0f);
+          std::fill(o + d_.pad_left + d_.W, o + Wb, 0.0f);
+          if (x.strides[3] == 1)
+            std::memcpy(o + d_.pad_left, in, static_cast<size_t>(d_.W) * sizeof(float));
+          else
+            for (int64_t w = 0; w < d_.W; ++w) o[d_.pad_left + w] = in[w * x.strides[3]];
           continue;
         }
-        std::fill(o, o + d_.pad_left, 0.0f);
-        std::fill(o + d_.pad_left + d_.W, o + Wb, 0.0f);
-        const float* in = xg + c * x.strides[1] + ih * x.strides[2];
-        if (x.strides[3] == 1)
-          std::memcpy(o + d_.pad_left, in, static_cast<size_t>(d_.W) * sizeof(float));
-        else
-          for (int64_t w = 0; w < d_.W; ++w) o[d_.pad_left + w] = in[w * x.strides[3]];
+        for (int64_t ph = 0; ph < sw; ++ph) {
+          float* op = o + ph * plane;
+          // Phase columns [lo, hi) hold input columns j * sw + ph - pad_left.
+          const int64_t lo = in ? std::min(Wb, ceil_div(std::max<int64_t>(d_.pad_left - ph, 0), sw)) : Wb;
+          const int64_t hi = in ? std::max(lo, std::min(Wb, ceil_div(d_.pad_left + d_.W - ph, sw))) : Wb;
+          std::fill(op, op + lo, 0.0f);
+          const float* src = in ? in + (lo * sw + ph - d_.pad_left) * x.strides[3] : nullptr;
+          const int64_t step = sw * x.strides[3];
+          for (int64_t j = lo; j < hi; ++j) op[j] = src[(j - lo) * step];
+          std::fill(op + hi, op + Wb, 0.0f);
+        }
       }
     DirectConvArgs a{};
-    a.x = band, a.Wp = Wb, a.pix = 1, a.plane = plane;
+    a.x = band, a.Wp = Wb, a.pix = 1, a.plane = sw * plane;
     a.tap_off = tap_off_.data(), a.taps = static_cast<int64_t>(tap_off_.size());
     a.w = wt.w + g * a.taps * Kg;
     a.bias = wt.bias ? wt.bias + g * Kg : nullptr;

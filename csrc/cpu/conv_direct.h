@@ -22,7 +22,7 @@ struct DirectConvArgs {
   const int64_t* tap_off;  // one offset per tap (c, r, s) from a pixel's first tap: planar
                            // c*plane + r*dil_h*Wp + s*dil_w, interleaved (r*dil_h*Wp + s*dil_w)*C + c
   int64_t taps;
-  const float* w;          // taps x K, K contiguous (K a multiple of 16)
+  const float* w;          // taps x K, K contiguous (K a multiple of 16; planes out: of 4)
   const float* bias;       // K entries, or null
   int64_t K;
   int64_t stride_h, stride_w;
