@@ -132,7 +132,9 @@ constexpr double kTileFromL3 = 1.6;            // the transposed store of a tile
 constexpr double kPackSecondsPerElem = 0.4e-9;  // im2col gather, per element, one thread
 constexpr double kCopyPerPack = 0.4;             // a row copy (indirect_gemm's band) against a gather
 constexpr double kDirectEfficiency = 0.15;     // the direct loop against the GEMM microkernel's rate
-constexpr double kGroupPlanesEfficiency = 0.6;  // conv_group_planes (64 -> 64 on 56x56 in 4 groups: 0.62)
+// conv_group_planes against the microkernel's rate (64 -> 64 on 56x56 in 4
+// groups: 0.79; at stride 2, with the band's phases: 0.5)
+constexpr double kGroupPlanesEfficiency = 0.6;
 constexpr double kTaskSeconds = 0.1e-6;        // bookkeeping per task
 constexpr double kL2Bytes = 1 << 20;           // per core
 // Threads do not start a job together: a worker joins late (woken, or
@@ -272,6 +274,8 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const UkernelTable&
         flops / (m.gemm_flops[sizeof(T) == 8][0] * (conv_group_planes<T>(d) ? kGroupPlanesEfficiency : kDirectEfficiency));
     c.time_s = serial / threads * imbalance(tasks, threads) + straggle(serial / static_cast<double>(tasks), threads) +
                (threads > 1 ? m.wake_s : 0);
+    // No workspace: like the depthwise loop's band of one channel, the group
+    // planes' band (at most 128 KB a thread) is the threads' own scratch.
     c.cost = c.time_s;
     out.push_back(c);
   }
