@@ -1,4 +1,6 @@
 // Microkernels of the avx512 level: this translation unit alone is compiled with that level's flags (CMakeLists.txt).
+#include <immintrin.h>
+
 #include "cpu/ukernels/ukernels.h"
 
 namespace lk::cpu {
