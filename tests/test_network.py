@@ -384,6 +384,27 @@ def test_winograd_filter_groups_and_blocks(rng, restore_threads, isa, threads):
                                f"{shape} -> {filters} with a NaN at {isa}")
 
 
+def test_outputs_past_the_cache_stream_image_by_image(rng, restore_threads):
+    # A tile-mode output over 16 MB goes to memory with streaming stores, from each lane's buffer; the values
+    # are those of the same images in batches that do not stream, into out= arrays however aligned.
+    lk.set_num_threads(2)
+    x = ref.randn(rng, (300, 1, 28, 28), np.float32)  # 300 x 32 x 26 x 26 floats: 26 MB
+    w, b = ref.randn(rng, (32, 1, 3, 3), np.float32), ref.randn(rng, 32, np.float32)
+    layer = lk.Conv2d(w, b, activation="relu")
+    assert "streamed" in layer.describe(x)
+    assert "streamed" not in layer.describe(x[:30])
+    y = layer(x)
+    ref.assert_identical(y, np.concatenate([layer(x[i:i + 30]) for i in range(0, 300, 30)]))
+    for shift in (1, 2, 3):  # out= starting 4, 8 and 12 bytes past a 16-byte boundary
+        buf = np.full(y.size + 4, np.nan, np.float32)
+        start = (-buf.ctypes.data // 4) % 4 + shift
+        out = buf[start:start + y.size].reshape(y.shape)
+        assert layer(x, out=out) is out
+        ref.assert_identical(out, y, f"out= shifted by {shift}")
+    magnitude = ref.conv2d(np.abs(x[:4]), np.abs(w), np.abs(b))
+    ref.assert_sum_close(y[:4], ref.conv2d(x[:4], w, b, activation="relu"), magnitude, 10, np.float32)
+
+
 @pytest.mark.parametrize("channels,padding,relu,dense", [(1, 0, True, False), (3, 1, False, False),
                                                          (32, 1, True, False), (32, 0, False, True)])
 def test_pooled_nan_and_inf(rng, isa, channels, padding, relu, dense):
