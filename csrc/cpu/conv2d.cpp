@@ -778,28 +778,7 @@ void Conv2dPlan<T>::group_planes_rows(const TensorView& x, const Weights& wt, in
             for (int64_t w = 0; w < d_.W; ++w) o[d_.pad_left + w] = in[w * x.strides[3]];
           continue;
         }
-        for (int64_t ph = 0; ph < sw; ++ph) {
-          float* op = o + ph * plane;
-          // Phase columns [lo, hi) hold input columns j * sw + ph - pad_left.
-          const int64_t lo = in ? std::min(Wb, ceil_div(std::max<int64_t>(d_.pad_left - ph, 0), sw)) : Wb;
-          const int64_t hi = in ? std::max(lo, std::min(Wb, ceil_div(d_.pad_left + d_.W - ph, sw))) : Wb;
-          std::fill(op, op + lo, 0.0f);
-          std::fill(op + hi, op + Wb, 0.0f);
-          if (sw == 2 && x.strides[3] == 1) continue;  // both phases at once below
-          const float* src = in ? in + (lo * sw + ph - d_.pad_left) * x.strides[3] : nullptr;
-          const int64_t step = sw * x.strides[3];
-          for (int64_t j = lo; j < hi; ++j) op[j] = src[(j - lo) * step];
-        }
-        if (sw == 2 && x.strides[3] == 1 && in) {  // pairs of columns into the two phases: vectorised
-          float* even = o + d_.pad_left / 2;  // where input column w goes when w + pad_left is even
-          float* odd = o + plane + d_.pad_left / 2;
-          int64_t w = 0;
-          if (d_.pad_left % 2) odd[0] = in[0], w = 1, ++even, ++odd;
-          const int64_t pairs = (d_.W - w) / 2;
-          const float* src = in + w;
-          for (int64_t i = 0; i < pairs; ++i) even[i] = src[2 * i], odd[i] = src[2 * i + 1];
-          if (w + 2 * pairs < d_.W) even[pairs] = src[2 * pairs];
-        }
+        split_row_phases(o, plane, Wb, sw, in, x.strides[3], d_.W, d_.pad_left);
       }
     DirectConvArgs a{};
     a.x = band, a.Wp = Wb, a.pix = 1, a.plane = sw * plane;

@@ -9,6 +9,7 @@
 // a first layer's few planes F(2, 3) along rows.
 // The kernels live in ukernels/conv_direct_<isa>.cpp, one per ISA level.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "core/cpu_features.h"
@@ -121,6 +122,39 @@ constexpr int64_t wino_work_floats(int64_t C) {
 }
 constexpr int64_t kWinoRowMaxPlanes = 4;
 static_assert(4 * kWinoRowMaxPlanes * 4 * 16 <= wino_work_floats(kWinoRowMaxPlanes));
+
+// A band row for a column stride S: padded column j of the input row `in`
+// (W values `step` apart, pad_left zeros before it; null: a padding row)
+// to phase plane j % S at column j / S, each phase row Wp wide (zeros past
+// the input), the planes `plane` floats apart. At S = 2 on contiguous rows
+// one pass takes both phases (the compiler vectorises the pairs).
+inline void split_row_phases(float* out, int64_t plane, int64_t Wp, int64_t S, const float* in, int64_t step,
+                             int64_t W, int64_t pad_left) {
+  for (int64_t ph = 0; ph < S; ++ph) {
+    float* o = out + ph * plane;
+    // Phase columns [lo, hi) hold input columns j * S + ph - pad_left.
+    int64_t lo = Wp, hi = Wp;
+    if (in) {
+      lo = std::min(Wp, (std::max<int64_t>(pad_left - ph, 0) + S - 1) / S);
+      hi = std::max(lo, std::min(Wp, (std::max<int64_t>(pad_left + W - ph, 0) + S - 1) / S));
+    }
+    std::fill(o, o + lo, 0.0f);
+    std::fill(o + hi, o + Wp, 0.0f);
+    if (S == 2 && step == 1) continue;  // both phases at once below
+    const float* src = in ? in + (lo * S + ph - pad_left) * step : nullptr;
+    for (int64_t j = lo; j < hi; ++j) o[j] = src[(j - lo) * S * step];
+  }
+  if (S == 2 && step == 1 && in) {
+    float* even = out + pad_left / 2;  // where input column w goes when w + pad_left is even
+    float* odd = out + plane + pad_left / 2;
+    int64_t w = 0;
+    if (pad_left % 2) odd[0] = in[0], w = 1, ++even, ++odd;
+    const int64_t pairs = (W - w) / 2;
+    const float* src = in + w;
+    for (int64_t i = 0; i < pairs; ++i) even[i] = src[2 * i], odd[i] = src[2 * i + 1];
+    if (w + 2 * pairs < W) even[pairs] = src[2 * pairs];
+  }
+}
 
 using DirectConvFn = void (*)(const DirectConvArgs&);
 

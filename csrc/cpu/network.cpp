@@ -1020,13 +1020,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
       const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
       const bool inside = ih >= 0 && ih < H;
       const float* in = inside ? xn + c * x.strides[1] + ih * x.strides[2] : nullptr;
-      for (int64_t ph = 0; ph < p.phases; ++ph) {
-        float* o = band + (c * p.phases + ph) * plane + r * Wp;
-        for (int64_t i = 0; i < Wp; ++i) {
-          const int64_t w = i * p.phases + ph - d.pad_left;
-          o[i] = inside && w >= 0 && w < W ? in[w * x.strides[3]] : 0.0f;
-        }
-      }
+      split_row_phases(band + c * p.phases * plane + r * Wp, plane, Wp, p.phases, in, x.strides[3], W, d.pad_left);
     }
   for (int64_t c = 0; c < C && !s.hwc_in && s.wino < 2 && !in_place && p.phases == 1; ++c)
     for (int64_t r = 0; r < rows; ++r) {
