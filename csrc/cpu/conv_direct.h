@@ -144,15 +144,17 @@ inline void split_row_phases(float* out, int64_t plane, int64_t Wp, int64_t S, c
     const float* src = in ? in + (lo * S + ph - pad_left) * step : nullptr;
     for (int64_t j = lo; j < hi; ++j) o[j] = src[(j - lo) * S * step];
   }
-  if (S == 2 && step == 1 && in) {
+  // Only the columns the phase rows hold, as above.
+  const int64_t cols = std::min(W, 2 * Wp - pad_left);
+  if (S == 2 && step == 1 && in && cols > 0) {
     float* even = out + pad_left / 2;  // where input column w goes when w + pad_left is even
     float* odd = out + plane + pad_left / 2;
     int64_t w = 0;
     if (pad_left % 2) odd[0] = in[0], w = 1, ++even, ++odd;
-    const int64_t pairs = (W - w) / 2;
+    const int64_t pairs = (cols - w) / 2;
     const float* src = in + w;
     for (int64_t i = 0; i < pairs; ++i) even[i] = src[2 * i], odd[i] = src[2 * i + 1];
-    if (w + 2 * pairs < W) even[pairs] = src[2 * pairs];
+    if (w + 2 * pairs < cols) even[pairs] = src[2 * pairs];
   }
 }
 
