@@ -440,7 +440,7 @@ double bandwidth() { return std::max(1e9, machine_model().bandwidth); }
 // images, 26 MB: 21.7 -> 21.1 ms).
 constexpr int64_t kStreamOutBytes = int64_t{16} << 20;
 
-// dst[i] = src[i] for i < n, the whole lines of dst with streaming stores.
+// dst[i] = src[i] for i < n, from dst's first 16-byte boundary on with streaming stores.
 void stream_copy(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
