@@ -437,6 +437,37 @@ def test_strided_first_layer_on_column_phases(isa, rng, planes, filters, kernel,
     assert "network plan" not in lk.Conv2d(ref.randn(rng, (32, 16, 3, 3), np.float32), stride=2).describe((1, 16, h, w))
 
 
+@pytest.mark.parametrize("planes,filters,rows,h,w,conv", [
+    (3, 64, 7, 224, 224, dict(stride=2, padding=3)), (2, 16, 7, 23, 118, dict(stride=(1, 2), padding=(0, 3))),
+    (4, 32, 3, 30, 97, dict(stride=(3, 2), padding=1)), (3, 48, 5, 40, 170, dict(stride=2, padding=2, dilation=(2, 1)))])
+def test_stem_on_winograd_column_phases(isa, rng, planes, filters, rows, h, w, conv):
+    # Filters 7 columns wide at column stride 2 on 2 to 4 planes (the ResNet stem): F(4, 4) along the rows of
+    # the two column phases (AVX-512), chunks of 64 outputs with a last one partly past the row (112 = 64 + 48
+    # outputs, 59, 47, 84 = 64 + 20), any row stride, filter rows and their dilation; a band holding a NaN, an
+    # infinity or a value past the transforms' bound takes the taps.
+    wt = ref.randn(rng, (filters, planes, rows, 7), np.float32)
+    b = ref.randn(rng, filters, np.float32)
+    layer = lk.Conv2d(wt, b, activation="relu", **conv)
+    assert ("F(4,4) on column phases" in layer.describe((2, planes, h, w))) == (isa == "avx512")
+    base = ref.randn(rng, (3, planes + 1, h, w + 3), np.float32)
+    for x in (base[:1, :planes, :, :w], base[:, 1:, :, 3:], base[::-2, :planes, :, ::-1][..., :w]):
+        check_conv_layer(layer(x), x, wt, b, dict(conv, activation="relu"), None, f"input {x.shape} {x.strides}")
+    x = ref.randn(rng, (2, planes, h, w), np.float32)
+    x[1, planes - 1, h // 2, w // 3], x[0, 0, 0, 0] = np.inf, np.nan
+    got, expected = layer(x), lk.conv2d(x, wt, b, activation="relu", **conv)
+    ref.assert_identical(np.isnan(got), np.isnan(expected))
+    ref.assert_identical(np.isinf(got), np.isinf(expected))
+    x = ref.randn(rng, (1, planes, h, w), np.float32)
+    x[0, 0, h - 1, w - 1] = 1e33  # under the taps' bound, past the transforms'
+    check_conv_layer(layer(x), x, wt, b, dict(conv, activation="relu"), None, "a value past the bound")
+    # With ResNet's pool after it: the stem on F(4, 4), then the pool in a pass of its own.
+    pooled = lk.Conv2dMaxPool2d(wt, b, activation="relu", kernel_size=3, pool_stride=2, pool_padding=1, **conv)
+    assert ("F(4,4) on column phases" in pooled.describe((2, planes, h, w))) == (isa == "avx512")
+    x = base[:, 1:, :, 3:]
+    pool = dict(kernel_size=3, pool_stride=2, pool_padding=1, pool_dilation=1, ceil_mode=False)
+    check_conv_layer(pooled(x), x, wt, b, dict(conv, activation="relu"), pool, f"pooled, input {x.shape}")
+
+
 @pytest.mark.parametrize("planes,filters,h,w,padding", [(16, 32, 17, 20, 1), (32, 16, 5, 3, 0), (64, 64, 56, 56, 1),
                                                         (48, 80, 9, 13, 1)])
 def test_conv_layer_on_winograd(isa, rng, planes, filters, h, w, padding):

@@ -231,6 +231,19 @@ WINO_CASES = [  # (channels, filters, H, W, padding, relu, bias, fused)
 ]
 
 
+def test_stem_stage_on_winograd_column_phases(rng, isa):
+    # A ResNet-like head: the 7x7 stride-2 stem (F(4, 4) on the column phases with AVX-512) with ReLU, a 3x3
+    # pool, a 3x3 convolution and a linear; image by image in lanes (tile mode) and over the batch (layer mode).
+    recipe = [("conv", dict(k=16, kernel=7, stride=2, padding=3, relu=True)), ("pool", dict(kernel=3, stride=2)),
+              ("conv", dict(k=16, padding=1, relu=True)), ("flatten", {}), ("linear", dict(n=10))]
+    net = Net(rng, (3, 30, 180), recipe)
+    seq = net.sequential()
+    for n in (1, 3, 8):
+        assert ("F(4,4) on column phases" in seq.describe((n, 3, 30, 180))) == (isa == "avx512")
+        x = _input(rng, net, n)
+        net.check(seq(x), x, f"batch {n} at {isa}")
+
+
 @pytest.mark.parametrize("case", range(len(WINO_CASES)))
 def test_winograd_stage(rng, isa, case):
     c, k, h, w, padding, relu, bias, fused = WINO_CASES[case]

@@ -6,7 +6,8 @@
 // output pixels is reduced to its maximum in registers before it is stored.
 // Longer reductions over 3x3 windows (a second layer, channels interleaved)
 // take Winograd's F(4x4, 3x3) instead, each output tile four pooling windows;
-// a first layer's few planes F(2, 3) along rows.
+// a first layer's few planes F(2, 3) along rows, and a 7x7 stem at stride 2
+// F(4, 4) along the rows of its column phases.
 // The kernels live in ukernels/conv_direct_<isa>.cpp, one per ISA level.
 #pragma once
 #include <algorithm>
@@ -89,6 +90,17 @@ struct DirectConvArgs {
   // x 4 (G g of filter row r, element j, at ((k * C + c) * 3 + r) * 4 + j),
   // and work wino_work_floats(C) floats.
   bool planes_wino = false;
+  // With planes_out, two column phases (stride_w 2 on the input) and filters
+  // 7 columns wide at dilation 1 across, on 1 to 4 planes (AVX-512):
+  // Winograd F(4, 4) along the rows of each phase where every input the call
+  // reads is finite and at most x_bound * kWino4Shrink, the taps elsewhere.
+  // R filter rows dil_h apart, spanning at most kWinoPhaseMaxRows band rows;
+  // wino_w holds its filters in blocks of 4, K / 4 x C x R x 14 x 4 (G g of
+  // filter row r, phase h, element j for filter f of block kb at
+  // (((kb * C + c) * R + r) * 14 + h * 7 + j) * 4 + f), and work
+  // wino_work_floats(C) floats.
+  bool phases_wino = false;
+  int64_t R = 0, dil_h = 1;
   // The filters [k_begin, k_end) only (multiples of 16), where threads split
   // a layer's filters because its images and rows are too few to split:
   // F(2x2) and the taps without the fused linear; the other kernels take all.
@@ -122,6 +134,10 @@ constexpr int64_t wino_work_floats(int64_t C) {
 }
 constexpr int64_t kWinoRowMaxPlanes = 4;
 static_assert(4 * kWinoRowMaxPlanes * 4 * 16 <= wino_work_floats(kWinoRowMaxPlanes));
+// The phases variant keeps the transforms of the band rows one output row
+// spans, 2 x 7 x 16 floats per plane each.
+constexpr int64_t kWinoPhaseMaxRows = 16;
+static_assert(kWinoPhaseMaxRows * kWinoRowMaxPlanes * 2 * 7 * 16 <= wino_work_floats(kWinoRowMaxPlanes));
 
 // A band row for a column stride S: padded column j of the input row `in`
 // (W values `step` apart, pad_left zeros before it; null: a padding row)

@@ -148,6 +148,36 @@ constexpr double kWino2Efficiency = 0.7;
 // 0.45). Below AVX-512 a tile's 8 accumulators leave no room for more than one
 // tile at a time in 16 registers, and it loses (AVX2: 202 -> 235 us, 476 -> 630).
 constexpr double kWinoRowEfficiency = 0.45;
+// F(4, 4) along the rows of the column phases (DirectConvArgs::phases_wino):
+// per chunk of 64 outputs and filter, 14 multiply-adds per plane and filter
+// row and 37 operations of A^T, bias, shuffles and stores; its rate against
+// the wide GEMM microkernel's, with the input transforms. Measured on the
+// ResNet stem, one thread: 1.31 ms against the planes kernel's 2.12, which
+// these counts put at 1.03x the planes kernel's rate.
+constexpr double kWinoPhaseEfficiency = 0.85;
+
+// Its operations per output and filter, one per lane of a vector, counting
+// the lanes of a last chunk past the row.
+double phases_wino_ops(const Conv2dDesc& d) {
+  return (14.0 * d.C * d.R + 37) * 16 * ceil_div(d.Q(), 64) / d.Q();
+}
+
+// Where its kernel applies, sizes aside: 7 columns at stride 2 on 1 to 4
+// planes (a stem) with more taps than the pixels x filters kernel takes (so
+// the planes kernel would).
+bool phases_wino_kernel_suits(const Conv2dDesc& d, const ConvRestrict& only) {
+  return direct_kernel_suits(d, nullptr, only) && d.S == 7 && d.stride_w == 2 && d.dil_w == 1 &&
+         d.C <= kWinoRowMaxPlanes && d.C * d.R * d.S > kDirectMaxTaps && (d.R - 1) * d.dil_h + 1 <= kWinoPhaseMaxRows &&
+         active_isa() == Isa::avx512;
+}
+
+// And where its chunks of 64 outputs leave fewer lanes idle than its
+// products save.
+bool phases_wino_suits(const Conv2dDesc& d, const ConvRestrict& only) {
+  return phases_wino_kernel_suits(d, only) &&
+         phases_wino_ops(d) / kWinoPhaseEfficiency <
+             7.0 * d.C * d.R * round_up(d.Q(), 16) / d.Q() / direct_efficiency(7 * d.C * d.R);
+}
 
 enum class StageKind { direct, conv, conv_pool, pool, relu, softmax, linear };
 
@@ -171,11 +201,13 @@ struct Stage {
   const NetLayerSpec* layer = nullptr;  // conv or linear: the layer with the weights
   Conv2dDesc conv;                      // N = 1
   std::optional<Pool2dDesc> pool;       // fused (conv) or alone (pool), N = 1
+  int pool_layer = -1;                  // conv_pool: the caller's layer of the pool
   Activation act = Activation::none;    // conv, linear
   bool hwc_out = false;                 // direct: pixels x channels, for a flatten + linear or a direct stage after it
   bool hwc_in = false;                  // linear, direct: the input arrives as pixels x channels
   bool planes_out = false;              // direct: DirectConvArgs::planes_out
   bool planes_wino = false;             // direct: DirectConvArgs::planes_wino
+  bool phases_wino = false;             // direct: DirectConvArgs::phases_wino
   bool planes_only = false;             // direct: a reduction only the planes kernel takes (kPlanesMaxTaps)
   int wino = 0;  // direct: Winograd F(2, 3) on rows (1), F(2x2, 3x3) (2) or F(4x4, 3x3) (4) instead of the taps
   Shape hwc_shape;                      // C, H, W of that input
@@ -244,6 +276,7 @@ struct Builder {
           if (l.pool) {
             add_pool(g, *l.pool, i, s);
             g.kind = StageKind::conv_pool;
+            g.pool_layer = li;
           }
           g.out = s;
           stages.push_back(std::move(g));
@@ -255,6 +288,7 @@ struct Builder {
           if (prev && !flattened && prev->kind == StageKind::conv) {  // conv -> pool: one pass
             add_pool(*prev, *l.pool, i, s);
             prev->kind = StageKind::conv_pool;
+            prev->pool_layer = li;
             prev->last = li;
             prev->out = s;
             break;
@@ -348,6 +382,26 @@ struct Builder {
   // channels when a flatten + linear follows (the linear's weight columns are
   // permuted to match once, when packed), saving a transpose per image.
   void choose_direct() {
+    // A pool after a stem that F(4, 4) on the column phases takes: not in
+    // the same pass (the direct kernel fuses only 2x2 pools, and not with
+    // this one), but in a pass of its own after it, where the GEMM would
+    // fuse it at the GEMM's rate (ResNet's stem, ReLU and 3x3 pool, one
+    // image, 2 threads: 1.38-1.40 -> 0.74-0.81 ms).
+    for (size_t k = 0; k < stages.size(); ++k) {
+      Stage& g = stages[k];
+      if (g.kind != StageKind::conv_pool || g.hwc_in || !phases_wino_suits(g.conv, g.layer->only)) continue;
+      Stage pool;
+      pool.kind = StageKind::pool;
+      pool.first = pool.last = g.pool_layer;
+      pool.in = {g.conv.K, g.conv.P(), g.conv.Q()};
+      pool.pool = g.pool;
+      pool.out = g.out;
+      g.kind = StageKind::conv;
+      g.pool.reset();
+      g.out = pool.in;
+      if (g.last == g.pool_layer && g.first < g.pool_layer) g.last = g.pool_layer - 1;
+      stages.insert(stages.begin() + static_cast<std::ptrdiff_t>(k) + 1, std::move(pool));
+    }
     for (size_t k = 0; k < stages.size(); ++k) {
       Stage& g = stages[k];
       if (g.kind != StageKind::conv && g.kind != StageKind::conv_pool) continue;
@@ -397,6 +451,7 @@ struct Builder {
       g.planes_wino = g.planes_out && d.R == 3 && d.S == 3 && d.stride_h == 1 && d.stride_w == 1 && d.dil_h == 1 &&
                       d.dil_w == 1 && d.C <= kWinoRowMaxPlanes && active_isa() == Isa::avx512;
     }
+    for (Stage& g : stages) g.phases_wino = g.planes_out && phases_wino_suits(g.conv, g.layer->only);
   }
 };
 
@@ -418,7 +473,8 @@ bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const Conv
 }
 
 bool direct_layer_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only) {
-  return direct_kernel_suits(d, pool, only) && (pool || d.stride_w == 1 || d.C * d.R * d.S > kDirectMaxTaps);
+  return (direct_kernel_suits(d, pool, only) && (pool || d.stride_w == 1 || d.C * d.R * d.S > kDirectMaxTaps)) ||
+         (pool && phases_wino_kernel_suits(d, only));
 }
 
 namespace {
@@ -725,6 +781,31 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                                  : ((k * d.C + c) * 3 + r) * 4 + j] = static_cast<float>(u[j]);
             }
       }
+      if (s.phases_wino) {
+        // G g per filter row and column phase (the even columns' 4 taps, the
+        // odd ones' 3 and a zero), for the points 0, 1, -1, 2, -2, 1/2 and
+        // infinity, in double, in blocks of 4 filters
+        // (DirectConvArgs::phases_wino).
+        static const double G[7][4] = {{-0.5, 0, 0, 0},
+                                       {-1.0 / 3, -1.0 / 3, -1.0 / 3, -1.0 / 3},
+                                       {1.0 / 9, -1.0 / 9, 1.0 / 9, -1.0 / 9},
+                                       {1.0 / 36, 2.0 / 36, 4.0 / 36, 8.0 / 36},
+                                       {-1.0 / 60, 2.0 / 60, -4.0 / 60, 8.0 / 60},
+                                       {32.0 / 45, 16.0 / 45, 8.0 / 45, 4.0 / 45},
+                                       {0, 0, 0, 1}};
+        p.uw = aligned_alloc_array<float>(static_cast<size_t>(14 * d.C * d.R * K));
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < d.C; ++c)
+            for (int64_t r = 0; r < d.R; ++r) {
+              const float* g = w + ((k * d.C + c) * d.R + r) * 7;
+              for (int h = 0; h < 2; ++h) {
+                const double t[4] = {g[h], g[h + 2], g[h + 4], h ? 0.0 : g[6]};
+                for (int j = 0; j < 7; ++j)
+                  p.uw[(((k / 4 * d.C + c) * d.R + r) * 14 + h * 7 + j) * 4 + k % 4] =
+                      static_cast<float>(G[j][0] * t[0] + G[j][1] * t[1] + G[j][2] * t[2] + G[j][3] * t[3]);
+              }
+            }
+      }
       if (d.has_bias) {
         p.dbias = aligned_alloc_array<float>(static_cast<size_t>(K));
         std::copy(s.layer->bias.begin(), s.layer->bias.end(), p.dbias.get());
@@ -743,12 +824,14 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       p.fn = direct_conv_f32(active_isa());
       const int64_t P = s.out[1], convP = d.P();
       const double wino_fmas = s.wino == 4 ? 9 : s.wino == 2 ? 4 : 24;  // per output, channel and filter
-      const double flops = s.wino ? 2.0 * images * K * wino_fmas * d.C * P * s.out[2]
-                                  : 2.0 * images * K * taps * convP * d.Q();
-      const double rate = s.wino == 4   ? kWino4Efficiency
-                          : s.wino == 2 ? kWino2Efficiency
-                          : s.wino == 1 ? kWinoRowEfficiency
-                                        : direct_efficiency(taps);
+      const double flops = s.wino          ? 2.0 * images * K * wino_fmas * d.C * P * s.out[2]
+                           : s.phases_wino ? 2.0 * images * K * phases_wino_ops(d) * convP * d.Q()
+                                           : 2.0 * images * K * taps * convP * d.Q();
+      const double rate = s.wino == 4      ? kWino4Efficiency
+                          : s.wino == 2    ? kWino2Efficiency
+                          : s.wino == 1    ? kWinoRowEfficiency
+                          : s.phases_wino ? kWinoPhaseEfficiency
+                                           : direct_efficiency(taps);
       const double one = flops / (m.gemm_flops[0][0] * rate);
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
@@ -827,6 +910,10 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
                    ? cat("winograd F(2,3) on rows pixels in lanes ukernel=f32_conv_planes_wino_3x2__",
                          isa_name(active_isa()), " planes=", d.C, " filters=", K,
                          " (taps for inputs not finite or over ", p.x_bound, ")")
+               : s.phases_wino
+                   ? cat("winograd F(4,4) on column phases pixels in lanes ukernel=f32_conv_phases_wino_4x1__",
+                         isa_name(active_isa()), " planes=", d.C, " filters=", K,
+                         " (taps for inputs not finite or over ", p.x_bound * kWino4Shrink, ")")
                : s.planes_out ? cat("direct pixels in lanes ukernel=f32_conv_planes_",
                                     active_isa() == Isa::avx512 ? "3x8" : "2x4", "__", isa_name(active_isa()),
                                     " taps=", taps, " filters=", K)
@@ -1064,6 +1151,8 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.hwc = s.hwc_out;
   a.planes_out = s.planes_out;
   a.planes_wino = s.planes_wino;
+  a.phases_wino = s.phases_wino;
+  a.R = d.R, a.dil_h = d.dil_h;
   a.tile = s.hwc_out || s.planes_out
                ? nullptr
                : scratch_array<float>(kTileSlot, static_cast<size_t>(round_up(p1 - p0, 2) * Q * K));  // the band's rows
@@ -1071,7 +1160,7 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.C = C;
   a.wino_w = p.uw.get();
   a.plane = plane;
-  a.work = s.wino || s.planes_wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
+  a.work = s.wino || s.planes_wino || s.phases_wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
   if (fuse != nullptr) {
     a.dense_w = fuse->w, a.dense_ldw = fuse->ldw, a.dense_n = fuse->n, a.dense_acc = fuse->acc;
     a.store_y = false;  // the linear stage was its only reader

@@ -62,7 +62,9 @@ class NetPlan;
 bool direct_kernel_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only);
 // Whether a layer alone (lk.Conv2d, lk.Conv2dMaxPool2d) runs as a one-layer
 // network on the direct kernels: pooled, at column stride 1, or a reduction
-// only the planes kernel takes (strided short ones stay with the GEMM).
+// only the planes kernel takes (strided short ones stay with the GEMM); a
+// stem that F(4, 4) on the column phases may take, with any pool (the
+// network then runs the pool in a stage of its own where it does).
 bool direct_layer_suits(const Conv2dDesc& d, const Pool2dDesc* pool, const ConvRestrict& only);
 
 class Network {
