@@ -590,6 +590,7 @@ def test_linear_one_row_large_weight(isa, dtype, n, k, rng):
             ref.assert_identical(x, x_before)
             magnitude = ref.linear(np.abs(x), np.abs(w), None if bias is None else np.abs(bias))
             ref.assert_sum_close(got, ref.linear(x, w, bias, activation), magnitude, k + 1, dtype, f"{x.shape}")
+            ref.assert_identical(layer(x), got, "the next call, reading the panels in the other order")
     layer.weight = w2 = ref.randn(rng, (n, k), dtype)  # repacked: never the old panels
     x = ref.randn(rng, (1, k), dtype)
     ref.assert_sum_close(layer(x), ref.linear(x, w2), ref.linear(np.abs(x), np.abs(w2)), k, dtype)

@@ -1,5 +1,6 @@
 // Fully-connected layer y = act(x W^T + b).
 #pragma once
+#include <atomic>
 #include <string>
 
 #include "core/descriptors.h"
@@ -74,6 +75,7 @@ class LinearPlan {
   GemmUkernel<T> uk_;
   DotUkernel<T> dot_;
   int64_t kc_ = 0, mc_ = 0, nc_ = 0;
+  mutable std::atomic<uint32_t> gemv_calls_{0};  // gemv: odd calls read the panels backwards
   // gemm: columns [edge_, N) on the other tile shape, in blocks of edge_mc_
   // rows, where that pads less than either shape alone (N = edge_: none)
   GemmUkernel<T> edge_uk_{};
