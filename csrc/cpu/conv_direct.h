@@ -146,13 +146,16 @@ static_assert(kWinoPhaseMaxRows * kWinoRowMaxPlanes * 2 * 7 * 16 <= wino_work_fl
 // one pass takes both phases (the compiler vectorises the pairs).
 inline void split_row_phases(float* out, int64_t plane, int64_t Wp, int64_t S, const float* in, int64_t step,
                              int64_t W, int64_t pad_left) {
+  // Rows are short (a group's planes of 56 columns): at stride 2 a shift,
+  // where a division would take longer than the row's copy.
+  auto ceil_div_s = [S](int64_t a) { return S == 2 ? (a + 1) >> 1 : (a + S - 1) / S; };
   for (int64_t ph = 0; ph < S; ++ph) {
     float* o = out + ph * plane;
     // Phase columns [lo, hi) hold input columns j * S + ph - pad_left.
     int64_t lo = Wp, hi = Wp;
     if (in) {
-      lo = std::min(Wp, (std::max<int64_t>(pad_left - ph, 0) + S - 1) / S);
-      hi = std::max(lo, std::min(Wp, (std::max<int64_t>(pad_left + W - ph, 0) + S - 1) / S));
+      lo = std::min(Wp, ceil_div_s(std::max<int64_t>(pad_left - ph, 0)));
+      hi = std::max(lo, std::min(Wp, ceil_div_s(std::max<int64_t>(pad_left + W - ph, 0))));
     }
     std::fill(o, o + lo, 0.0f);
     std::fill(o + hi, o + Wp, 0.0f);
