@@ -39,11 +39,13 @@ ALGORITHMS = ("implicit_gemm", "im2col_gemm", "implicit_gemm_t", "direct")
 def restore_settings():
     scheduler = lk.get_scheduler()
     isa, threads, capacity = lk.get_isa(), lk.get_num_threads(), lk.cache_info().capacity
+    weights = lk.weight_cache_info().capacity
     yield
     lk.set_scheduler(**scheduler)
     lk.set_isa(isa)
     lk.set_num_threads(threads)
     lk.set_cache_capacity(capacity)
+    lk.set_weight_cache_capacity(weights)
 
 
 def check_conv(got, x, w, b=None, **kwargs):
@@ -142,6 +144,76 @@ def test_network_plans_count_in_the_statistics(rng):
         assert lk.cache_info() == (2, 1, 0, 0, info.capacity, info.plan_time_s)
         call(3)
         assert counts() == (2, 2) and lk.cache_info().plan_time_s > info.plan_time_s
+
+
+def weight_counts():
+    info = lk.weight_cache_info()
+    return info.hits, info.misses, info.layers
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv2d_max_pool2d"])
+def test_weight_cache_runs_functional_calls_as_a_module(op, rng):
+    # Off by default. With a capacity, a weight's first call makes its layer, later calls with the same values
+    # reuse it (results equal the module's bit for bit), a weight changed in place makes a new one.
+    lk.cache_clear()
+    assert lk.weight_cache_info() == (0, 0, 0, 0, 0)
+    x = ref.randn(rng, (2, 3, 30, 30), np.float32)
+    w, b = ref.randn(rng, (16, 3, 3, 3), np.float32), ref.randn(rng, 16, np.float32)
+    call = getattr(lk, op)
+    module = (lk.Conv2d if op == "conv2d" else lk.Conv2dMaxPool2d)(w, b, padding=1, activation="relu")
+    call(x, w, b, padding=1, activation="relu")
+    assert weight_counts() == (0, 0, 0)
+    lk.set_weight_cache_capacity(1 << 20)
+    first = call(x, w, b, padding=1, activation="relu")
+    ref.assert_identical(first, module(x))
+    for _ in range(3):
+        ref.assert_identical(call(x, w, b, padding=1, activation="relu"), first)
+    assert weight_counts() == (3, 1, 1) and lk.weight_cache_info().bytes == (w.size + b.size) * 4
+    w[5, 1, 2, 0] += 1.0  # in place: the kept layer no longer holds these values
+    got = call(x, w, b, padding=1, activation="relu")
+    ref.assert_identical(got, (lk.Conv2d if op == "conv2d" else lk.Conv2dMaxPool2d)(
+        w, b, padding=1, activation="relu")(x))
+    assert weight_counts() == (3, 2, 1)
+    b[0] = -b[0]
+    call(x, w, b, padding=1, activation="relu")
+    assert weight_counts() == (3, 3, 1)
+    # Other parameters or another array are other layers; a strided weight binds itself per call.
+    call(x, w, b, padding=2, activation="relu")
+    call(x, w.copy(), b, padding=1, activation="relu")
+    assert weight_counts() == (3, 5, 3)
+    strided = np.repeat(w, 2, axis=0)[::2]
+    if op == "conv2d":
+        check_conv(call(x, strided, b, padding=1, activation="relu"), x, w, b, padding=1, activation="relu")
+    else:  # and indices come from the per-call path too
+        y, _ = call(x, w, b, padding=1, activation="relu", return_indices=True)
+        ref.assert_identical(y, lk.conv2d_max_pool2d(x, strided, b, padding=1, activation="relu"))
+    assert weight_counts() == (3, 5, 3)
+    lk.cache_clear()
+    assert lk.weight_cache_info() == (0, 0, 0, 0, 1 << 20)
+
+
+def test_weight_cache_keeps_the_most_recent_within_its_capacity(rng):
+    x = ref.randn(rng, (1, 8, 12, 12), np.float32)
+    ws = [ref.randn(rng, (32, 8, 3, 3), np.float32) for _ in range(3)]  # 9216 bytes each
+    lk.cache_clear()
+    lk.set_weight_cache_capacity(2 * 9216)
+    for w in ws:
+        check_conv(lk.conv2d(x, w), x, w)
+    assert lk.weight_cache_info()[1:4] == (3, 2, 2 * 9216)
+    lk.conv2d(x, ws[2])
+    lk.conv2d(x, ws[1])
+    assert weight_counts() == (2, 3, 2)
+    lk.conv2d(x, ws[0])  # evicted: made again, and the least recently used goes
+    lk.conv2d(x, ws[1])
+    lk.conv2d(x, ws[2])
+    assert weight_counts() == (3, 5, 2)
+    lk.set_weight_cache_capacity(9216)
+    assert lk.weight_cache_info()[2:] == (1, 9216, 9216)
+    lk.set_weight_cache_capacity(0)
+    assert lk.weight_cache_info()[2:] == (0, 0, 0)
+    for bad, error in ((-1, ValueError), (1.5, TypeError), ("1", TypeError)):
+        with pytest.raises(error, match="nbytes"):
+            lk.set_weight_cache_capacity(bad)
 
 
 def test_plans_hold_no_data(rng):

@@ -8,6 +8,7 @@
 #include "core/plan_cache.h"
 #include "core/plan_store.h"
 #include "core/settings.h"
+#include "cpu/layer_cache.h"
 #include "cpu/machine.h"
 #include "core/thread_pool.h"
 #include "cpu/ukernels/ukernels.h"
@@ -80,6 +81,12 @@ void register_config(py::module_& m) {
     plan_cache_clear();
     output_pool_trim();
   });
+  m.def("layer_cache_info", [] {
+    const cpu::LayerCacheStats s = cpu::layer_cache_stats();
+    return py::make_tuple(s.hits, s.misses, s.layers, s.bytes, s.capacity);
+  });
+  m.def("layer_cache_clear", &cpu::layer_cache_clear);
+  m.def("layer_cache_set_capacity", &cpu::layer_cache_set_capacity);
   m.def("output_pool_bytes", &output_pool_bytes);
   m.def("plan_store_path", &plan_store_path);
   m.def("get_scheduler", [] {

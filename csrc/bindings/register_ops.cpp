@@ -8,6 +8,7 @@
 
 #include "bindings/arrays.h"
 #include "cpu/activation.h"
+#include "cpu/layer_cache.h"
 #include "cpu/planner.h"
 #include "cpu/pool2d.h"
 
@@ -36,10 +37,14 @@ static py::array conv2d_typed(const Conv2dDesc& d, const Input& x, const Input& 
   {
     py::gil_scoped_release release;
     const TensorView* bias_view = b ? &b->view : nullptr;
-    const cpu::ConvCall<T> call{x.view, &w.view, bias_view, yp};
-    auto plan = cpu::plan_conv2d<T>(d, false, &call);
-    typename cpu::Conv2dPlan<T>::BoundStorage storage;
-    plan->run(x.view, plan->bind(&w.view, bias_view, storage), yp);
+    if (auto layer = cpu::functional_conv_layer<T>(d, w.view, bias_view, std::nullopt)) {
+      layer->run(x.view, yp);
+    } else {
+      const cpu::ConvCall<T> call{x.view, &w.view, bias_view, yp};
+      auto plan = cpu::plan_conv2d<T>(d, false, &call);
+      typename cpu::Conv2dPlan<T>::BoundStorage storage;
+      plan->run(x.view, plan->bind(&w.view, bias_view, storage), yp);
+    }
   }
   return y;
 }
@@ -116,21 +121,34 @@ class Conv2dArgs {
 template <class T>
 static py::object conv2d_max_pool2d_typed(const ConvArgs& a, const Pool2dDesc& pool, bool return_indices,
                                           const py::object& out) {
+  const TensorView* bias_view = a.b ? &a.b->view : nullptr;
+  std::shared_ptr<const cpu::Conv2dLayer<T>> layer;
   std::shared_ptr<const cpu::Conv2dMaxPool2dPlan<T>> plan;
+  int64_t shape[4];
   {
     py::gil_scoped_release release;
-    plan = cpu::plan_conv2d_max_pool2d<T>(a.d, pool, false);
+    if (!return_indices) layer = cpu::functional_conv_layer<T>(a.d, a.w.view, bias_view, pool);
+    if (layer) {
+      layer->output_shape(a.x.view, shape);
+    } else {
+      plan = cpu::plan_conv2d_max_pool2d<T>(a.d, pool, false);
+      const Pool2dDesc& p = plan->pool();
+      shape[0] = p.N, shape[1] = p.C, shape[2] = p.P(), shape[3] = p.Q();
+    }
   }
-  const Pool2dDesc& p = plan->pool();
-  auto y = output_array<T>(out, {p.N, p.C, p.P(), p.Q()});
+  auto y = output_array<T>(out, {shape[0], shape[1], shape[2], shape[3]});
   std::optional<py::array_t<int64_t>> idx;
-  if (return_indices) idx.emplace(new_array<int64_t>({p.N, p.C, p.P(), p.Q()}));
+  if (return_indices) idx.emplace(new_array<int64_t>({shape[0], shape[1], shape[2], shape[3]}));
   T* yp = y.mutable_data();
   int64_t* ip = idx ? idx->mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-    typename cpu::Conv2dPlan<T>::BoundStorage storage;
-    plan->run(a.x.view, plan->conv().bind(&a.w.view, a.b ? &a.b->view : nullptr, storage), yp, ip);
+    if (layer) {
+      layer->run(a.x.view, yp);
+    } else {
+      typename cpu::Conv2dPlan<T>::BoundStorage storage;
+      plan->run(a.x.view, plan->conv().bind(&a.w.view, bias_view, storage), yp, ip);
+    }
   }
   if (idx) return py::make_tuple(y, *idx);
   return y;

@@ -1,10 +1,13 @@
 #include "cpu/layers.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <type_traits>
 
 #include "core/error.h"
 #include "core/settings.h"
+#include "core/thread_pool.h"
 #include "cpu/network.h"
 #include "cpu/pool2d.h"
 
@@ -114,6 +117,29 @@ typename Conv2dPlan<T>::Weights Conv2dLayer<T>::weights_for(const Plan& plan) co
     it = packed_.emplace(plan.weight_layout(), plan.pack(w, bias_ ? &b : nullptr)).first;
   }
   return plan.bind(it->second);  // packed_ entries are never erased: the pointers stay valid
+}
+
+template <class T>
+bool Conv2dLayer<T>::holds(const TensorView& weight, const TensorView* bias) const {
+  const size_t wbytes = static_cast<size_t>(params_.K * params_.Cg() * params_.R * params_.S) * sizeof(T);
+  if (weight.numel() * static_cast<int64_t>(sizeof(T)) != static_cast<int64_t>(wbytes) ||
+      (bias != nullptr) != (bias_ != nullptr))
+    return false;
+  if (bias != nullptr && std::memcmp(bias->data, bias_.get(), static_cast<size_t>(params_.K) * sizeof(T)) != 0)
+    return false;
+  // A large weight's comparison reads twice its size, mostly from memory:
+  // on every thread, in chunks (9.4 MB, two threads: 0.58 -> 0.48 ms).
+  constexpr size_t kChunk = size_t{1} << 20;
+  const auto* a = static_cast<const unsigned char*>(weight.data);
+  const auto* b = reinterpret_cast<const unsigned char*>(weight_.get());
+  if (wbytes <= 2 * kChunk) return std::memcmp(a, b, wbytes) == 0;
+  std::atomic<bool> same{true};
+  parallel_for(static_cast<int64_t>((wbytes + kChunk - 1) / kChunk), get_num_threads(), [&](int64_t i) {
+    const size_t off = static_cast<size_t>(i) * kChunk;
+    if (same.load(std::memory_order_relaxed) && std::memcmp(a + off, b + off, std::min(kChunk, wbytes - off)) != 0)
+      same.store(false, std::memory_order_relaxed);
+  });
+  return same.load();
 }
 
 template <class T>

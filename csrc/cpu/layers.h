@@ -34,6 +34,9 @@ class Conv2dLayer {
 
   void run(const TensorView& x, T* y) const;
   std::string describe(const TensorView& x) const;
+  // Whether a contiguous weight (and bias) hold the values of the layer's
+  // copies, bit for bit.
+  bool holds(const TensorView& weight, const TensorView* bias) const;
 
  private:
   template <class Plan>

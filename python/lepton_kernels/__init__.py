@@ -17,7 +17,8 @@ from .backward import (
     max_pool2d_backward,
     relu_backward,
 )
-from .cache import CacheInfo, cache_clear, cache_info, set_cache_capacity
+from .cache import (CacheInfo, WeightCacheInfo, cache_clear, cache_info, set_cache_capacity,
+                    set_weight_cache_capacity, weight_cache_info)
 from .config import (
     get_config,
     get_isa,
@@ -62,6 +63,9 @@ __all__ = [
     "cache_clear",
     "set_cache_capacity",
     "CacheInfo",
+    "WeightCacheInfo",
+    "weight_cache_info",
+    "set_weight_cache_capacity",
     "get_num_threads",
     "set_num_threads",
     "get_isa",
