@@ -1,6 +1,6 @@
 #include "cpu/layer_cache.h"
 
-#include <cstring>
+#include <atomic>
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -29,7 +29,8 @@ struct Cache {
   std::mutex mu;
   std::unordered_map<PlanKey, Entry, KeyHash> entries;
   std::list<PlanKey> ages;  // most recently used first
-  int64_t bytes = 0, capacity = 0, hits = 0, misses = 0;
+  int64_t bytes = 0, hits = 0, misses = 0;
+  std::atomic<int64_t> capacity{0};  // read without the lock by calls while the cache is off
 
   void erase(std::unordered_map<PlanKey, Entry, KeyHash>::iterator it) {
     bytes -= it->second.bytes;
@@ -67,8 +68,10 @@ template <class T>
 std::shared_ptr<const Conv2dLayer<T>> functional_conv_layer(const Conv2dDesc& d, const TensorView& weight,
                                                             const TensorView* bias,
                                                             const std::optional<Pool2dDesc>& pool) {
-  if (!weight.is_contiguous() || (bias && !bias->is_contiguous())) return nullptr;
   Cache& c = cache();
+  if (c.capacity.load(std::memory_order_relaxed) == 0 || !weight.is_contiguous() ||
+      (bias && !bias->is_contiguous()))
+    return nullptr;
   const PlanKey key = layer_key(d, weight, bias, pool);
   std::shared_ptr<const Conv2dLayer<T>> layer;
   {
