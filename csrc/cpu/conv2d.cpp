@@ -759,27 +759,19 @@ void Conv2dPlan<T>::group_planes_rows(const TensorView& x, const Weights& wt, in
     // The group's input rows for output rows [r0, r1), padded (padded column
     // j in phase plane j % sw, at j / sw): the taps are then fixed offsets.
     float* band = scratch_array<float>(kInputBandSlot, static_cast<size_t>(Cg * sw * plane));
+    const SplitRowsFn split = split_rows_phases_f32(active_isa());
     const float* xg = x.ptr<float>() + n * x.strides[0] + g * Cg * x.strides[1];
-    for (int64_t c = 0; c < Cg; ++c)
-      for (int64_t i = 0; i < rows; ++i) {
-        float* o = band + c * sw * plane + i * Wb;
-        const int64_t ih = r0 * d_.stride_h - d_.pad_top + i;
-        const float* in = ih >= 0 && ih < d_.H ? xg + c * x.strides[1] + ih * x.strides[2] : nullptr;
-        if (sw == 1) {
-          if (in == nullptr) {
-            std::fill(o, o + Wb, 0.0f);
-            continue;
-          }
-          std::fill(o, o + d_.pad_left, 0.0f);
-          std::fill(o + d_.pad_left + d_.W, o + Wb, 0.0f);
-          if (x.strides[3] == 1)
-            std::memcpy(o + d_.pad_left, in, static_cast<size_t>(d_.W) * sizeof(float));
-          else
-            for (int64_t w = 0; w < d_.W; ++w) o[d_.pad_left + w] = in[w * x.strides[3]];
-          continue;
-        }
-        split_row_phases(o, plane, Wb, sw, in, x.strides[3], d_.W, d_.pad_left);
-      }
+    const int64_t ih0 = r0 * d_.stride_h - d_.pad_top;  // band row 0's input row
+    const int64_t in0 = std::clamp<int64_t>(-ih0, 0, rows), in1 = std::clamp<int64_t>(d_.H - ih0, in0, rows);
+    const int64_t step = x.strides[3], W = d_.W, pad = d_.pad_left;
+    for (int64_t c = 0; c < Cg; ++c) {
+      float* o = band + c * sw * plane;
+      split(o, plane, Wb, sw, nullptr, 0, step, W, pad, in0);
+      if (in1 > in0)
+        split(o + in0 * Wb, plane, Wb, sw, xg + c * x.strides[1] + (ih0 + in0) * x.strides[2], x.strides[2], step, W,
+              pad, in1 - in0);
+      split(o + in1 * Wb, plane, Wb, sw, nullptr, 0, step, W, pad, rows - in1);
+    }
     DirectConvArgs a{};
     a.x = band, a.Wp = Wb, a.pix = 1, a.plane = sw * plane;
     a.tap_off = tap_off_.data(), a.taps = static_cast<int64_t>(tap_off_.size());

@@ -139,43 +139,16 @@ static_assert(4 * kWinoRowMaxPlanes * 4 * 16 <= wino_work_floats(kWinoRowMaxPlan
 constexpr int64_t kWinoPhaseMaxRows = 16;
 static_assert(kWinoPhaseMaxRows * kWinoRowMaxPlanes * 2 * 7 * 16 <= wino_work_floats(kWinoRowMaxPlanes));
 
-// A band row for a column stride S: padded column j of the input row `in`
-// (W values `step` apart, pad_left zeros before it; null: a padding row)
-// to phase plane j % S at column j / S, each phase row Wp wide (zeros past
-// the input), the planes `plane` floats apart. At S = 2 on contiguous rows
-// one pass takes both phases (the compiler vectorises the pairs).
-inline void split_row_phases(float* out, int64_t plane, int64_t Wp, int64_t S, const float* in, int64_t step,
-                             int64_t W, int64_t pad_left) {
-  // Rows are short (a group's planes of 56 columns): at stride 2 a shift,
-  // where a division would take longer than the row's copy.
-  auto ceil_div_s = [S](int64_t a) { return S == 2 ? (a + 1) >> 1 : (a + S - 1) / S; };
-  for (int64_t ph = 0; ph < S; ++ph) {
-    float* o = out + ph * plane;
-    // Phase columns [lo, hi) hold input columns j * S + ph - pad_left.
-    int64_t lo = Wp, hi = Wp;
-    if (in) {
-      lo = std::min(Wp, ceil_div_s(std::max<int64_t>(pad_left - ph, 0)));
-      hi = std::max(lo, std::min(Wp, ceil_div_s(std::max<int64_t>(pad_left + W - ph, 0))));
-    }
-    std::fill(o, o + lo, 0.0f);
-    std::fill(o + hi, o + Wp, 0.0f);
-    if (S == 2 && step == 1) continue;  // both phases at once below
-    const float* src = in ? in + (lo * S + ph - pad_left) * step : nullptr;
-    for (int64_t j = lo; j < hi; ++j) o[j] = src[(j - lo) * S * step];
-  }
-  // Only the columns the phase rows hold, as above.
-  const int64_t cols = std::min(W, 2 * Wp - pad_left);
-  if (S == 2 && step == 1 && in && cols > 0) {
-    float* even = out + pad_left / 2;  // where input column w goes when w + pad_left is even
-    float* odd = out + plane + pad_left / 2;
-    int64_t w = 0;
-    if (pad_left % 2) odd[0] = in[0], w = 1, ++even, ++odd;
-    const int64_t pairs = (cols - w) / 2;
-    const float* src = in + w;
-    for (int64_t i = 0; i < pairs; ++i) even[i] = src[2 * i], odd[i] = src[2 * i + 1];
-    if (w + 2 * pairs < cols) even[pairs] = src[2 * pairs];
-  }
-}
+// Band rows for a column stride S (up to kMaxPhases): padded column j of
+// input row i (`in` + i * in_row, W values `step` apart, pad_left zeros
+// before it; null in: padding rows) to phase plane j % S at column j / S of
+// row i, each phase row Wp wide (zeros past the input), the planes `plane`
+// floats apart, rows Wp apart. The function of an ISA level: at S = 2 on
+// contiguous rows, vector shuffles take both phases in one pass.
+constexpr int64_t kMaxPhases = 8;
+using SplitRowsFn = void (*)(float* out, int64_t plane, int64_t Wp, int64_t S, const float* in, int64_t in_row,
+                             int64_t step, int64_t W, int64_t pad_left, int64_t rows);
+SplitRowsFn split_rows_phases_f32(Isa isa);
 
 using DirectConvFn = void (*)(const DirectConvArgs&);
 

@@ -58,6 +58,21 @@ DenseRowsFn dense_rows_f32(Isa isa) {
   return kDenseRows_generic;
 }
 
+extern const SplitRowsFn kSplitRows_generic;
+#ifdef LK_HAVE_X86_KERNELS
+extern const SplitRowsFn kSplitRows_avx2;
+extern const SplitRowsFn kSplitRows_avx512;
+#endif
+
+SplitRowsFn split_rows_phases_f32(Isa isa) {
+#ifdef LK_HAVE_X86_KERNELS
+  if (isa == Isa::avx512) return kSplitRows_avx512;
+  if (isa == Isa::avx2) return kSplitRows_avx2;
+#endif
+  (void)isa;
+  return kSplitRows_generic;
+}
+
 namespace {
 
 std::atomic<int64_t> g_arenas{0};
@@ -96,6 +111,7 @@ constexpr int64_t kPlanesMaxTaps = 576;
 // stride-2 stem (147 taps over 3 x 2 phase planes) 1.11 against the GEMM's
 // 1.21 ms; but 64 -> 128 channels 3x3 stride 2 on 56x56 0.77 against 0.61.
 constexpr int64_t kPlanesMaxStride = 4, kPlanesStridedMaxPlanes = 4;
+static_assert(kPlanesMaxStride <= kMaxPhases);
 constexpr int64_t kDirectMaxTapsPooled = 512;
 // The direct kernel's rate against the wide GEMM microkernel's: measured 0.5
 // with 9 taps (mnist: short loops, the band copy and stores weigh more) and
@@ -1101,14 +1117,20 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   // grey images): the band is the input's own rows, read in place.
   const bool in_place = !s.hwc_in && s.wino <= 1 && C == 1 && d.pad_top == 0 && d.pad_bottom == 0 && d.pad_left == 0 &&
                         d.pad_right == 0 && x.strides[3] == 1 && x.strides[2] == W && p.phases == 1;
-  // Column phases: padded column j to phase plane j % S, column j / S.
-  for (int64_t c = 0; c < C && p.phases > 1; ++c)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t ih = cr0 * d.stride_h + r - d.pad_top;
-      const bool inside = ih >= 0 && ih < H;
-      const float* in = inside ? xn + c * x.strides[1] + ih * x.strides[2] : nullptr;
-      split_row_phases(band + c * p.phases * plane + r * Wp, plane, Wp, p.phases, in, x.strides[3], W, d.pad_left);
-    }
+  // Column phases: padded column j to phase plane j % S, column j / S;
+  // band rows [in0, in1) are input rows, the others padding.
+  const int64_t ih0 = cr0 * d.stride_h - d.pad_top;  // band row 0's input row
+  const int64_t in0 = std::clamp<int64_t>(-ih0, 0, rows), in1 = std::clamp<int64_t>(H - ih0, in0, rows);
+  const SplitRowsFn split = split_rows_phases_f32(active_isa());
+  for (int64_t c = 0; c < C && p.phases > 1; ++c) {
+    float* o = band + c * p.phases * plane;
+    const int64_t S = p.phases, step = x.strides[3];
+    split(o, plane, Wp, S, nullptr, 0, step, W, d.pad_left, in0);
+    if (in1 > in0)
+      split(o + in0 * Wp, plane, Wp, S, xn + c * x.strides[1] + (ih0 + in0) * x.strides[2], x.strides[2], step, W,
+            d.pad_left, in1 - in0);
+    split(o + in1 * Wp, plane, Wp, S, nullptr, 0, step, W, d.pad_left, rows - in1);
+  }
   for (int64_t c = 0; c < C && !s.hwc_in && s.wino < 2 && !in_place && p.phases == 1; ++c)
     for (int64_t r = 0; r < rows; ++r) {
       float* o = band + c * plane + r * Wp;

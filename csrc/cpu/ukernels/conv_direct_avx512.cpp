@@ -11,5 +11,6 @@ namespace {
 
 extern const DirectConvFn kConvDirect_avx512 = &conv_direct_f32;
 extern const DenseRowsFn kDenseRows_avx512 = &dense_rows_f32;
+extern const SplitRowsFn kSplitRows_avx512 = &dir_split_rows_phases;
 
 }  // namespace lk::cpu

@@ -9,5 +9,6 @@ namespace {
 
 extern const DirectConvFn kConvDirect_generic = &conv_direct_f32;
 extern const DenseRowsFn kDenseRows_generic = &dense_rows_f32;
+extern const SplitRowsFn kSplitRows_generic = &dir_split_rows_phases;
 
 }  // namespace lk::cpu
