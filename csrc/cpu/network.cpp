@@ -29,49 +29,22 @@
 namespace lk::cpu {
 
 extern const DirectConvFn kConvDirect_generic;
-#ifdef LK_HAVE_X86_KERNELS
-extern const DirectConvFn kConvDirect_avx2;
-extern const DirectConvFn kConvDirect_avx512;
-#endif
-
-DirectConvFn direct_conv_f32(Isa isa) {
-#ifdef LK_HAVE_X86_KERNELS
-  if (isa == Isa::avx512) return kConvDirect_avx512;
-  if (isa == Isa::avx2) return kConvDirect_avx2;
-#endif
-  (void)isa;
-  return kConvDirect_generic;
-}
-
 extern const DenseRowsFn kDenseRows_generic;
-#ifdef LK_HAVE_X86_KERNELS
-extern const DenseRowsFn kDenseRows_avx2;
-extern const DenseRowsFn kDenseRows_avx512;
-#endif
-
-DenseRowsFn dense_rows_f32(Isa isa) {
-#ifdef LK_HAVE_X86_KERNELS
-  if (isa == Isa::avx512) return kDenseRows_avx512;
-  if (isa == Isa::avx2) return kDenseRows_avx2;
-#endif
-  (void)isa;
-  return kDenseRows_generic;
-}
-
 extern const SplitRowsFn kSplitRows_generic;
 #ifdef LK_HAVE_X86_KERNELS
-extern const SplitRowsFn kSplitRows_avx2;
-extern const SplitRowsFn kSplitRows_avx512;
+extern const DirectConvFn kConvDirect_avx2, kConvDirect_avx512;
+extern const DenseRowsFn kDenseRows_avx2, kDenseRows_avx512;
+extern const SplitRowsFn kSplitRows_avx2, kSplitRows_avx512;
+#define LK_OF_ISA(isa, name) \
+  ((isa) == Isa::avx512 ? name##_avx512 : (isa) == Isa::avx2 ? name##_avx2 : name##_generic)
+#else
+#define LK_OF_ISA(isa, name) ((void)(isa), name##_generic)
 #endif
 
-SplitRowsFn split_rows_phases_f32(Isa isa) {
-#ifdef LK_HAVE_X86_KERNELS
-  if (isa == Isa::avx512) return kSplitRows_avx512;
-  if (isa == Isa::avx2) return kSplitRows_avx2;
-#endif
-  (void)isa;
-  return kSplitRows_generic;
-}
+DirectConvFn direct_conv_f32(Isa isa) { return LK_OF_ISA(isa, kConvDirect); }
+DenseRowsFn dense_rows_f32(Isa isa) { return LK_OF_ISA(isa, kDenseRows); }
+SplitRowsFn split_rows_phases_f32(Isa isa) { return LK_OF_ISA(isa, kSplitRows); }
+#undef LK_OF_ISA
 
 namespace {
 

@@ -20,10 +20,10 @@ pooled Winograd kernel), never between calls.
 
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 from . import _core
+from ._args import int_param
 
 __all__ = ["CacheInfo", "WeightCacheInfo", "cache_info", "cache_clear", "set_cache_capacity", "weight_cache_info",
            "set_weight_cache_capacity"]
@@ -64,22 +64,10 @@ def cache_clear() -> None:
 
 def set_cache_capacity(n: int) -> None:
     """Keep at most n plans (least recently used go first); 0 disables caching."""
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"n: expected an int, got {type(n).__name__}") from None
-    if n < 0:
-        raise ValueError(f"n: must be non-negative, got {n}")
-    _core.plan_cache_set_capacity(n)
+    _core.plan_cache_set_capacity(int_param(n, "n", minimum=0))
 
 
 def set_weight_cache_capacity(nbytes: int) -> None:
     """Keep layers for functional calls' weights, up to nbytes of them (least recently used go first);
     0 (the default): every call binds its weights itself."""
-    try:
-        nbytes = operator.index(nbytes)
-    except TypeError:
-        raise TypeError(f"nbytes: expected an int, got {type(nbytes).__name__}") from None
-    if nbytes < 0:
-        raise ValueError(f"nbytes: must be non-negative, got {nbytes}")
-    _core.layer_cache_set_capacity(nbytes)
+    _core.layer_cache_set_capacity(int_param(nbytes, "nbytes", minimum=0))
