@@ -439,7 +439,8 @@ def test_strided_first_layer_on_column_phases(isa, rng, planes, filters, kernel,
 
 @pytest.mark.parametrize("planes,filters,rows,h,w,conv", [
     (3, 64, 7, 224, 224, dict(stride=2, padding=3)), (2, 16, 7, 23, 118, dict(stride=(1, 2), padding=(0, 3))),
-    (4, 32, 3, 30, 97, dict(stride=(3, 2), padding=1)), (3, 48, 5, 40, 170, dict(stride=2, padding=2, dilation=(2, 1)))])
+    (4, 32, 3, 30, 97, dict(stride=(3, 2), padding=1)),
+    (3, 48, 5, 40, 170, dict(stride=2, padding=2, dilation=(2, 1)))])
 def test_stem_on_winograd_column_phases(isa, rng, planes, filters, rows, h, w, conv):
     # Filters 7 columns wide at column stride 2 on 2 to 4 planes (the ResNet stem): F(4, 4) along the rows of
     # the two column phases (AVX-512), chunks of 64 outputs with a last one partly past the row (112 = 64 + 48

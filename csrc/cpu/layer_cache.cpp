@@ -48,7 +48,8 @@ Cache& cache() {
   return *c;
 }
 
-PlanKey layer_key(const Conv2dDesc& d, const TensorView& w, const TensorView* b, const std::optional<Pool2dDesc>& pool) {
+PlanKey layer_key(const Conv2dDesc& d, const TensorView& w, const TensorView* b,
+                  const std::optional<Pool2dDesc>& pool) {
   PlanKey k;
   k.add(static_cast<int64_t>(d.dtype)).add(d.K).add(d.C).add(d.R).add(d.S).add(d.groups);
   k.add(d.stride_h).add(d.stride_w).add(d.pad_top).add(d.pad_bottom).add(d.pad_left).add(d.pad_right);

@@ -378,7 +378,7 @@ struct Builder {
     // image, 2 threads: 1.38-1.40 -> 0.74-0.81 ms).
     for (size_t k = 0; k < stages.size(); ++k) {
       Stage& g = stages[k];
-      if (g.kind != StageKind::conv_pool || g.hwc_in || !phases_wino_suits(g.conv, g.layer->only)) continue;
+      if (g.kind != StageKind::conv_pool || !phases_wino_suits(g.conv, g.layer->only)) continue;
       Stage pool;
       pool.kind = StageKind::pool;
       pool.first = pool.last = g.pool_layer;
@@ -816,11 +816,11 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       const double flops = s.wino          ? 2.0 * images * K * wino_fmas * d.C * P * s.out[2]
                            : s.phases_wino ? 2.0 * images * K * phases_wino_ops(d) * convP * d.Q()
                                            : 2.0 * images * K * taps * convP * d.Q();
-      const double rate = s.wino == 4      ? kWino4Efficiency
-                          : s.wino == 2    ? kWino2Efficiency
-                          : s.wino == 1    ? kWinoRowEfficiency
+      const double rate = s.wino == 4     ? kWino4Efficiency
+                          : s.wino == 2   ? kWino2Efficiency
+                          : s.wino == 1   ? kWinoRowEfficiency
                           : s.phases_wino ? kWinoPhaseEfficiency
-                                           : direct_efficiency(taps);
+                                          : direct_efficiency(taps);
       const double one = flops / (m.gemm_flops[0][0] * rate);
       // Image by image in a lane (tile mode), the stage has its thread alone.
       const bool lane = tile_ && images == 1;
@@ -1155,7 +1155,9 @@ void NetPlan::direct_band(const Planned& p, const TensorView& x, float* y, int64
   a.C = C;
   a.wino_w = p.uw.get();
   a.plane = plane;
-  a.work = s.wino || s.planes_wino || s.phases_wino ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C))) : nullptr;
+  a.work = s.wino || s.planes_wino || s.phases_wino
+               ? scratch_array<float>(kPackSlot, static_cast<size_t>(wino_work_floats(C)))
+               : nullptr;
   if (fuse != nullptr) {
     a.dense_w = fuse->w, a.dense_ldw = fuse->ldw, a.dense_n = fuse->n, a.dense_acc = fuse->acc;
     a.store_y = false;  // the linear stage was its only reader
