@@ -87,6 +87,9 @@ def test_tile_edges(isa, dtype, rng):
         pytest.param((2, 6, 8, 8), (12, 1, 3, 3), dict(groups=6, padding=1), id="depthwise-mult-2"),
         pytest.param((2, 5, 9, 9), (5, 1, 5, 5), dict(groups=5, padding="same", dilation=2), id="depthwise-same"),
         pytest.param((2, 4, 9, 9), (4, 1, 3, 3), dict(groups=4, stride=2, padding=(1, 0)), id="depthwise-strided"),
+        # Rows split in phases whose last pairs fill part of a vector: half of one, or one and a bit.
+        pytest.param((2, 4, 11, 21), (4, 1, 3, 3), dict(groups=4, stride=2, padding=1), id="depthwise-strided-tail"),
+        pytest.param((2, 3, 12, 27), (3, 1, 5, 5), dict(groups=3, stride=2, padding=2), id="depthwise-strided-5x5"),
         pytest.param((1, 1, 1, 1), (1, 1, 1, 1), dict(), id="all-ones"),
         pytest.param((1, 1, 1, 1), (9, 1, 3, 3), dict(padding=1), id="1x1-image-padded"),
         # A reduction over C*R*S = 900 > 768 is split in blocks accumulated in place.
