@@ -90,6 +90,12 @@ def test_tile_edges(isa, dtype, rng):
         # Rows split in phases whose last pairs fill part of a vector: half of one, or one and a bit.
         pytest.param((2, 4, 11, 21), (4, 1, 3, 3), dict(groups=4, stride=2, padding=1), id="depthwise-strided-tail"),
         pytest.param((2, 3, 12, 27), (3, 1, 5, 5), dict(groups=3, stride=2, padding=2), id="depthwise-strided-5x5"),
+        # Planes narrower than a vector: channels in the lanes, in blocks (a last partial one), any window.
+        pytest.param((2, 20, 6, 7), (20, 1, 3, 3), dict(groups=20, padding=1), id="depthwise-small-planes"),
+        pytest.param((1, 13, 9, 9), (13, 1, 5, 5), dict(groups=13, stride=2, padding=2),
+                     id="depthwise-small-planes-5x5"),
+        pytest.param((2, 12, 7, 5), (12, 1, 2, 3), dict(groups=12, dilation=2, padding=(2, 1)),
+                     id="depthwise-small-planes-dilated"),
         pytest.param((1, 1, 1, 1), (1, 1, 1, 1), dict(), id="all-ones"),
         pytest.param((1, 1, 1, 1), (9, 1, 3, 3), dict(padding=1), id="1x1-image-padded"),
         # A reduction over C*R*S = 900 > 768 is split in blocks accumulated in place.

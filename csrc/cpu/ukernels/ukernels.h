@@ -144,11 +144,19 @@ struct DwconvJob {
   T* band;                     // (per_row ? R : band_rows) rows of `width`
   int64_t width, band_rows;
   bool per_row;
+  // One filter per channel, planes narrower than a vector (a row's lanes
+  // mostly idle): channels in the lanes instead, a block of them at a time,
+  // the band (band_rows x width pixels) and then the outputs held as pixels x
+  // channels, transposed in registers. The band then needs (band_rows *
+  // width + max(band_rows * W, (r1 - r0) * Q)) * lanes elements; per_row is off.
+  bool hwc = false;
 };
 
 // The band's rows must hold every tap of every column and the lanes past Q
 // that the last vector reads: (round_up(Q, lanes) - 1) * stride_w +
 // (S - 1) * dil_w + stride_w elements at least, and pad_left + W.
+constexpr int64_t kDwconvHwcMaxTaps = 25;  // DwconvJob::hwc: the window's weight vectors in registers
+
 template <class T>
 using DwconvFn = void (*)(const DwconvJob<T>& job);
 
