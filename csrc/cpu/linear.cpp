@@ -263,8 +263,9 @@ void LinearPlan<T>::run_gemv(const TensorView& x, const Weights& wt, T* y) const
       dot_.gemv(K, xr, wt.w + j0 * K, n, y + j0, wt.bias ? wt.bias + j0 : nullptr, relu);
       return;
     }
-    for (int64_t j = j0 + (n - 1) / nr * nr; j >= j0; j -= nr)
-      dot_.gemv(K, xr, wt.w + j * K, std::min(nr, j0 + n - j), y + j, wt.bias ? wt.bias + j : nullptr, relu);
+    const int64_t step = kGemvPanels * nr;  // the panels the kernel reads side by side
+    for (int64_t j = j0 + (n - 1) / step * step; j >= j0; j -= step)
+      dot_.gemv(K, xr, wt.w + j * K, std::min(step, j0 + n - j), y + j, wt.bias ? wt.bias + j : nullptr, relu);
   });
 }
 

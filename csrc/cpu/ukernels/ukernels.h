@@ -55,7 +55,9 @@ using DotUkernelFn = void (*)(int64_t k, const T* x, int64_t ldx, int rows, cons
 
 // y[0:n] = act(bias + W x) for one input row x of length k against W
 // packed in panels (pack_b_panels: k x nr each, nr = gemv_nr, zero-padded
-// past n); bias null or zero-padded like the panels.
+// past n); bias null or zero-padded like the panels. The kernel reads
+// kGemvPanels panels side by side.
+constexpr int kGemvPanels = 4;
 template <class T>
 using GemvUkernelFn = void (*)(int64_t k, const T* x, const T* panels, int64_t n, T* y, const T* bias, bool relu);
 
