@@ -180,6 +180,17 @@ def test_conv2d(call, exception, names):
     check_raises(call, exception, names)
 
 
+@pytest.mark.parametrize("name, value", [("stride", 1.0), ("stride", (1, 1.0)), ("padding", np.float64(1.0)),
+                                         ("dilation", 1.0), ("groups", 1.0)])
+def test_conv2d_float_equal_to_a_repeated_int(name, value):
+    # Repeated calls take their converted arguments from a cache; 1.0 == 1
+    # must not find the int's entry there.
+    good = {name: (1, 1) if isinstance(value, tuple) else 1}
+    lk.conv2d(X, W, **good)
+    lk.conv2d(X, W, **good)
+    check_raises(lambda: lk.conv2d(X, W, **{name: value}), TypeError, name)
+
+
 @pytest.mark.parametrize("call, exception, names", case_params(POOL_CASES))
 def test_max_pool2d(call, exception, names):
     check_raises(call, exception, names)

@@ -157,6 +157,14 @@ def _result(y, out, batched):
 _CONV_ARGS = {}
 
 
+def _key_part(value):
+    """``value`` as part of a _CONV_ARGS key, if it is ints or a string: 1.0 and True equal 1 and would
+    find an int's entry, though the full path rejects them. Others raise TypeError (the full path then)."""
+    if type(value) is str or (type(value) is tuple and all(type(v) is int for v in value)):
+        return value
+    raise TypeError
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, out=None,
            stream=None):
     """2-D convolution of an (N, C, H, W) or (C, H, W) input with (K, C/groups, R, S) filters.
@@ -173,9 +181,13 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     if out is None and type(input) is np.ndarray and type(weight) is np.ndarray and input.ndim == 4:
         try:
             key = (weight.shape, weight.dtype, input.dtype, bias is None or (type(bias) is np.ndarray and
-                   bias.shape == weight.shape[:1] and bias.dtype), stride, padding, dilation, groups, activation)
+                   bias.shape == weight.shape[:1] and bias.dtype),
+                   stride if type(stride) is int else _key_part(stride),
+                   padding if type(padding) is int else _key_part(padding),
+                   dilation if type(dilation) is int else _key_part(dilation),
+                   groups if type(groups) is int else _key_part(groups), activation)
             args = _CONV_ARGS.get(key)
-        except TypeError:  # unhashable arguments (lists): the full path below
+        except TypeError:  # lists, floats, ...: the full path below
             key = args = None
         if args is not None:
             return args(input, weight, bias)
