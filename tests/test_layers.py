@@ -10,10 +10,10 @@ cost model may pick another algorithm than the functional op (which packs on
 every call) and round differently: convolution layers are compared with the
 float64 reference, and bit for bit only with a fresh layer made the same way
 (which gets the same plan). Linear and MaxPool2d share the functional plans,
-but for one row against a weight of 1 MiB or more: a Linear layer then
-runs the single-row kernel over packed panels, which the functional op (that
-would pack on every call) never uses; those are compared with the float64
-reference.
+but for one row: a Linear layer then runs the single-row kernel over packed
+panels (unless their padding would add more than a quarter), which the
+functional op (that would pack on every call) never uses; those are compared
+with the float64 reference.
 """
 
 from __future__ import annotations
@@ -78,7 +78,13 @@ def test_linear_matches_functional(isa, dtype, case, seed):
     b = ref.randn(rng, w_shape[0], dtype) if has_bias else None
     layer = lk.Linear(w, b, activation=activation)
     expected = lk.linear(x, w, b, activation=activation)
-    ref.assert_identical(layer(x), expected, f"{case}")
+    got = layer(x)
+    if "algo=gemv" in layer.describe(int(np.prod(x_shape[:-1]))):  # the one-row kernel: other rounding
+        magnitude = ref.linear(np.abs(x), np.abs(w), None if b is None else np.abs(b))
+        ref.assert_sum_close(got, ref.linear(x, w, b, activation), magnitude, w_shape[1] + 1, dtype, f"{case}")
+        expected = got
+    else:
+        ref.assert_identical(got, expected, f"{case}")
     if expected.size:
         out = ref.poisoned(expected.shape, dtype)
         assert layer(x, out=out) is out
@@ -494,14 +500,14 @@ def test_linear_many_input_shapes(isa, dtype, rng):
     layer = lk.Linear(w, b)
     for shape in [(4, 10), (10,), (1, 10), (2, 3, 10), (0, 10), (97, 10), (2, 0, 10), (1, 1, 1, 10), (4, 10)]:
         x = ref.randn(rng, shape, dtype)
-        expected = lk.linear(x, w, b)
         got = layer(x)
         assert got.shape == shape[:-1] + (13,)
-        ref.assert_identical(got, expected, f"{shape}")
+        if "algo=gemv" not in layer.describe(int(np.prod(shape[:-1]))):  # the one-row kernel rounds otherwise
+            ref.assert_identical(got, lk.linear(x, w, b), f"{shape}")
         ref.assert_sum_close(got, ref.linear(x, w, b), ref.linear(np.abs(x), np.abs(w), np.abs(b)), 11, dtype)
-        out = ref.poisoned(expected.shape, dtype)
+        out = ref.poisoned(got.shape, dtype)
         assert layer(x, out=out) is out
-        ref.assert_identical(out, expected, f"out=, {shape}")
+        ref.assert_identical(out, got, f"out=, {shape}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -578,7 +584,7 @@ def test_describe_names_the_algorithm(cls, algorithm, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", [(1000, 512), (131, 2003), (97, 3001)])  # 1 MiB or more in float32
+@pytest.mark.parametrize("n,k", [(1000, 512), (131, 2003), (97, 3001)])  # 1 MiB or more in float32: past L2
 def test_linear_one_row_large_weight(isa, dtype, n, k, rng):
     w, b = ref.randn(rng, (n, k), dtype), ref.randn(rng, n, dtype)
     for bias, activation in ((b, "relu"), (None, None)):

@@ -13,14 +13,10 @@ namespace lk::cpu {
 
 namespace {
 constexpr double kDotEfficiency = 0.5;  // the dot kernel against the GEMM microkernel's rate
-// A weight from this size on no longer stays in one core's L2 between calls
-// (1 MiB on the development machine) and streams from L3, where the packed
-// single-row kernel reads it faster than the dot kernel (kernels.inc).
-constexpr int64_t kGemvMinBytes = int64_t{1} << 20;
 }  // namespace
 
 template <class T>
-LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
+LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked, bool one_row_panels)
     : d_(desc), uk_(ukernels().gemm<T>()), dot_(ukernels().dot<T>()) {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
   LK_CHECK(M >= 0 && K >= 0 && N >= 0, "input: sizes must be non-negative");
@@ -31,10 +27,12 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked)
   algo_ = (M <= 8 || 2 * N <= uk_.nr) ? LinearAlgo::dot
           : (!prepacked && M < N)   ? LinearAlgo::gemm_t
                                     : LinearAlgo::gemm;
-  // One row against a large weight that a layer packs once: the panels,
-  // unless their padding (read like weights) would add more than a quarter.
-  if (prepacked && M == 1 && N * K * static_cast<int64_t>(sizeof(T)) >= kGemvMinBytes &&
-      4 * round_up(N, dot_.gemv_nr) <= 5 * N)
+  // One row against a weight that a layer packs once: the panels, unless
+  // their padding (read like weights) would add more than a quarter. They
+  // stream faster than the dot kernel reads rows, in L2 as from L3 (one
+  // thread: 512 -> 256 features 5.9 us against 7.5, 1024 -> 128 5.7
+  // against 8.9, 128 -> 128 1.5 against 2.1).
+  if (prepacked && one_row_panels && M == 1 && 4 * round_up(N, dot_.gemv_nr) <= 5 * N)
     algo_ = LinearAlgo::gemv;
   if (algo_ == LinearAlgo::gemm_t) {  // rows: features, columns: input rows; the shape padding M least
     const UkernelTable& t = ukernels();
@@ -256,16 +254,9 @@ void LinearPlan<T>::run_gemv(const TensorView& x, const Weights& wt, T* y) const
   // first. In one order, a share of the weight past L2 evicts each line
   // shortly before it is read again. Every output's sum is the same.
   const bool backward = gemv_calls_.fetch_add(1, std::memory_order_relaxed) & 1;
-  const int64_t nr = dot_.gemv_nr;
   parallel_for(ceil_div(N, nc_), threads_, [&](int64_t task) {
     const int64_t j0 = task * nc_, n = std::min(nc_, N - j0);
-    if (!backward) {
-      dot_.gemv(K, xr, wt.w + j0 * K, n, y + j0, wt.bias ? wt.bias + j0 : nullptr, relu);
-      return;
-    }
-    const int64_t step = kGemvPanels * nr;  // the panels the kernel reads side by side
-    for (int64_t j = j0 + (n - 1) / step * step; j >= j0; j -= step)
-      dot_.gemv(K, xr, wt.w + j * K, std::min(step, j0 + n - j), y + j, wt.bias ? wt.bias + j : nullptr, relu);
+    dot_.gemv(K, xr, wt.w + j0 * K, n, y + j0, wt.bias ? wt.bias + j0 : nullptr, relu, backward);
   });
 }
 

@@ -108,10 +108,11 @@ std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2
 }
 
 template <class T>
-std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d, bool prepacked) {
+std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d, bool prepacked, bool one_row_panels) {
   PlanKey k = key_for(kLinear, dtype_of<T>());
-  k.add(d.M).add(d.K).add(d.N).add(d.has_bias).add(static_cast<int64_t>(d.act)).add(prepacked);
-  return cached<LinearPlan<T>>(k, [&] { return std::make_shared<const LinearPlan<T>>(d, prepacked); });
+  k.add(d.M).add(d.K).add(d.N).add(d.has_bias).add(static_cast<int64_t>(d.act)).add(prepacked).add(one_row_panels);
+  return cached<LinearPlan<T>>(
+      k, [&] { return std::make_shared<const LinearPlan<T>>(d, prepacked, one_row_panels); });
 }
 
 template std::shared_ptr<const Conv2dPlan<float>> plan_conv2d<float>(const Conv2dDesc&, bool, const ConvCall<float>*,
@@ -120,7 +121,7 @@ template std::shared_ptr<const Conv2dPlan<double>> plan_conv2d<double>(const Con
                                                                       ConvRestrict);
 template std::shared_ptr<const Conv2dMaxPool2dPlan<float>> plan_conv2d_max_pool2d<float>(const Conv2dDesc&, const Pool2dDesc&, bool, ConvRestrict);
 template std::shared_ptr<const Conv2dMaxPool2dPlan<double>> plan_conv2d_max_pool2d<double>(const Conv2dDesc&, const Pool2dDesc&, bool, ConvRestrict);
-template std::shared_ptr<const LinearPlan<float>> plan_linear<float>(const LinearDesc&, bool);
-template std::shared_ptr<const LinearPlan<double>> plan_linear<double>(const LinearDesc&, bool);
+template std::shared_ptr<const LinearPlan<float>> plan_linear<float>(const LinearDesc&, bool, bool);
+template std::shared_ptr<const LinearPlan<double>> plan_linear<double>(const LinearDesc&, bool, bool);
 
 }  // namespace lk::cpu

@@ -55,11 +55,11 @@ using DotUkernelFn = void (*)(int64_t k, const T* x, int64_t ldx, int rows, cons
 
 // y[0:n] = act(bias + W x) for one input row x of length k against W
 // packed in panels (pack_b_panels: k x nr each, nr = gemv_nr, zero-padded
-// past n); bias null or zero-padded like the panels. The kernel reads
-// kGemvPanels panels side by side.
-constexpr int kGemvPanels = 4;
+// past n); bias null or zero-padded like the panels. Backward reads the
+// weights in the opposite order, for the same result.
 template <class T>
-using GemvUkernelFn = void (*)(int64_t k, const T* x, const T* panels, int64_t n, T* y, const T* bias, bool relu);
+using GemvUkernelFn = void (*)(int64_t k, const T* x, const T* panels, int64_t n, T* y, const T* bias, bool relu,
+                               bool backward);
 
 // The dot kernel, and beside it the single-row kernel over packed panels:
 // one contiguous stream of weights where the dot kernel reads many rows.
