@@ -10,7 +10,7 @@ cost model may pick another algorithm than the functional op (which packs on
 every call) and round differently: convolution layers are compared with the
 float64 reference, and bit for bit only with a fresh layer made the same way
 (which gets the same plan). Linear and MaxPool2d share the functional plans,
-but for one row: a Linear layer then runs the single-row kernel over packed
+but for up to 8 rows: a Linear layer then runs the few-row kernel over packed
 panels (unless their padding would add more than a quarter), which the
 functional op (that would pack on every call) never uses; those are compared
 with the float64 reference.
@@ -601,6 +601,27 @@ def test_linear_one_row_large_weight(isa, dtype, n, k, rng):
     layer.weight = w2 = ref.randn(rng, (n, k), dtype)  # repacked: never the old panels
     x = ref.randn(rng, (1, k), dtype)
     ref.assert_sum_close(layer(x), ref.linear(x, w2), ref.linear(np.abs(x), np.abs(w2)), k, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(45, 300), (200, 1103)])
+def test_linear_few_rows_on_panels(isa, dtype, n, k, rng):
+    # Up to 8 rows against a layer's weight packed in panels: blocks of 4
+    # rows and a rest of 1-3, groups of 4, 2 and 1 panels, k in one chunk or
+    # in four and a tail; alternate calls read backwards. Rows read in place,
+    # strided, and all one row (stride 0).
+    w, b = ref.randn(rng, (n, k), dtype), ref.randn(rng, n, dtype)
+    layer = lk.Linear(w, b, activation="relu")
+    magnitude = lambda x: ref.linear(np.abs(x), np.abs(w), np.abs(b))  # noqa: E731
+    for rows in range(1, 10):
+        assert ("algo=gemv" in layer.describe(rows)) == (rows <= 8), layer.describe(rows)
+        wide = ref.randn(rng, (rows, 2 * k), dtype)
+        one = np.broadcast_to(ref.randn(rng, (1, k), dtype), (rows, k))
+        for x in (ref.randn(rng, (rows, k), dtype), wide[:, ::2], one):
+            got = layer(x)
+            ref.assert_sum_close(got, ref.linear(x, w, b, "relu"), magnitude(x), k + 1, dtype, f"{rows} rows")
+            ref.assert_identical(layer(x), got, "the next call, reading the panels in the other order")
+        ref.assert_identical(got, np.broadcast_to(got[:1], got.shape), "rows of one input row")
 
 
 def test_linear_describe(rng):

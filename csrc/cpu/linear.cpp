@@ -13,10 +13,11 @@ namespace lk::cpu {
 
 namespace {
 constexpr double kDotEfficiency = 0.5;  // the dot kernel against the GEMM microkernel's rate
+constexpr int64_t kGemvRows = 8;        // input rows up to which a layer's weight goes in gemv's panels
 }  // namespace
 
 template <class T>
-LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked, bool one_row_panels)
+LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked, bool few_row_panels)
     : d_(desc), uk_(ukernels().gemm<T>()), dot_(ukernels().dot<T>()) {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
   LK_CHECK(M >= 0 && K >= 0 && N >= 0, "input: sizes must be non-negative");
@@ -27,12 +28,13 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked, bool one_row_p
   algo_ = (M <= 8 || 2 * N <= uk_.nr) ? LinearAlgo::dot
           : (!prepacked && M < N)   ? LinearAlgo::gemm_t
                                     : LinearAlgo::gemm;
-  // One row against a weight that a layer packs once: the panels, unless
+  // A few rows against a weight that a layer packs once: the panels, unless
   // their padding (read like weights) would add more than a quarter. They
   // stream faster than the dot kernel reads rows, in L2 as from L3 (one
-  // thread: 512 -> 256 features 5.9 us against 7.5, 1024 -> 128 5.7
-  // against 8.9, 128 -> 128 1.5 against 2.1).
-  if (prepacked && one_row_panels && M == 1 && 4 * round_up(N, dot_.gemv_nr) <= 5 * N)
+  // row, one thread: 512 -> 256 features 5.9 us against 7.5, 1024 -> 128
+  // 5.7 against 8.9, 128 -> 128 1.5 against 2.1), and each row block of up
+  // to four uses every weight vector it reads.
+  if (prepacked && few_row_panels && M >= 1 && M <= kGemvRows && 4 * round_up(N, dot_.gemv_nr) <= 5 * N)
     algo_ = LinearAlgo::gemv;
   if (algo_ == LinearAlgo::gemm_t) {  // rows: features, columns: input rows; the shape padding M least
     const UkernelTable& t = ukernels();
@@ -50,7 +52,7 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked, bool one_row_p
   const MachineModel& model = machine_model();
   const double rate = model.gemm_flops[sizeof(T) == 8][0];
   const double flops = algo_ == LinearAlgo::dot      ? 2.0 * M * K * N / kDotEfficiency
-                       : algo_ == LinearAlgo::gemv   ? 2.0 * K * round_up(N, dot_.gemv_nr) / kDotEfficiency
+                       : algo_ == LinearAlgo::gemv   ? 2.0 * M * K * round_up(N, dot_.gemv_nr) / kDotEfficiency
                        : algo_ == LinearAlgo::gemm_t ? 2.0 * round_up(N, mr) * K * round_up(M, nr)
                                                      : 2.0 * round_up(M, mr) * K * round_up(N, nr);
   double bytes = static_cast<double>(sizeof(T)) * (M * K + N * K + M * N);
@@ -247,11 +249,15 @@ void LinearPlan<T>::run_dot(const TensorView& x, const Weights& wt, T* y) const 
 template <class T>
 void LinearPlan<T>::run_gemv(const TensorView& x, const Weights& wt, T* y) const {
   const int64_t K = d_.K, N = d_.N;
+  const int64_t M = d_.M;
   const T* xr = x.ptr<T>();
-  if (x.strides[1] != 1) {  // the kernel wants a contiguous row
-    T* copy = scratch_array<T>(kPackSlot, static_cast<size_t>(K));
-    for (int64_t p = 0; p < K; ++p) copy[p] = xr[p * x.strides[1]];
+  int64_t ldx = x.strides[0];
+  if (x.strides[1] != 1) {  // the kernel wants contiguous rows
+    T* copy = scratch_array<T>(kPackSlot, static_cast<size_t>(M * K));
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t p = 0; p < K; ++p) copy[r * K + p] = xr[r * x.strides[0] + p * x.strides[1]];
     xr = copy;
+    ldx = K;
   }
   const bool relu = d_.act == Activation::relu;
   // Each call reads a thread's panels in the order opposite to the call
@@ -261,7 +267,8 @@ void LinearPlan<T>::run_gemv(const TensorView& x, const Weights& wt, T* y) const
   const bool backward = gemv_calls_.fetch_add(1, std::memory_order_relaxed) & 1;
   parallel_for(ceil_div(N, nc_), threads_, [&](int64_t task) {
     const int64_t j0 = task * nc_, n = std::min(nc_, N - j0);
-    dot_.gemv(K, xr, wt.w + j0 * K, n, y + j0, wt.bias ? wt.bias + j0 : nullptr, relu, backward);
+    dot_.gemv(K, xr, ldx, static_cast<int>(M), wt.w + j0 * K, n, y + j0, N, wt.bias ? wt.bias + j0 : nullptr, relu,
+              backward);
   });
 }
 

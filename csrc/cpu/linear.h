@@ -15,7 +15,7 @@ enum class LinearAlgo {
   gemm_t,  // transposed (y^T = W x^T): the weight read in place as the GEMM's rows, the
            // input packed instead; for calls whose weight nobody packed in advance
   dot,     // few input rows or few outputs: dot products against weight rows in place
-  gemv,    // one input row against a weight packed in panels one vector wide
+  gemv,    // a few input rows against a weight packed in panels one vector wide
 };
 
 // Weights packed once by LinearPlan::pack, for callers that run many times.
@@ -31,9 +31,9 @@ template <class T>
 class LinearPlan {
  public:
   // prepacked: the caller (a layer) packs weights once for the plan it gets.
-  // one_row_panels: false keeps one input row on the dot kernel, the
+  // few_row_panels: false keeps a few input rows on the dot kernel, the
   // weight as rows (which the network's split with a direct stage reads).
-  LinearPlan(const LinearDesc& desc, bool prepacked, bool one_row_panels = true);
+  LinearPlan(const LinearDesc& desc, bool prepacked, bool few_row_panels = true);
 
   struct Weights {
     const T* w;     // as in PackedLinearWeights

@@ -958,11 +958,12 @@ void NetPlan::plan_stage(Planned& p, int64_t images) {
       d.K = l.in_features, d.N = l.out_features;
       d.has_bias = l.has_bias;
       d.act = s.act;
-      // The split reads the weight as rows, and takes it while the weight
-      // stays in L2 (1 MB on Zen 4); past that the packed panels stream
-      // faster than the split saves.
+      // The split and the lanes' dense stages read the weight as rows: the
+      // panels only for one row, and not for the split while the weight
+      // stays in L2 (1 MB on Zen 4); past that they stream faster than the
+      // split saves.
       const bool split_rows = split_ && &p == &stages_[1] && d.K * d.N * int64_t{4} < (int64_t{1} << 20);
-      p.linear = plan_linear<float>(d, true, !split_rows);
+      p.linear = plan_linear<float>(d, true, d.M == 1 && !split_rows);
       std::vector<float> permuted;
       const float* wsrc = l.weight.data();
       if (s.hwc_in) {  // columns (c, h, w) -> ((h, w), c), as the direct stage lays its output out

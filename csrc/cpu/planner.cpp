@@ -108,11 +108,11 @@ std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2
 }
 
 template <class T>
-std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d, bool prepacked, bool one_row_panels) {
+std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d, bool prepacked, bool few_row_panels) {
   PlanKey k = key_for(kLinear, dtype_of<T>());
-  k.add(d.M).add(d.K).add(d.N).add(d.has_bias).add(static_cast<int64_t>(d.act)).add(prepacked).add(one_row_panels);
+  k.add(d.M).add(d.K).add(d.N).add(d.has_bias).add(static_cast<int64_t>(d.act)).add(prepacked).add(few_row_panels);
   return cached<LinearPlan<T>>(
-      k, [&] { return std::make_shared<const LinearPlan<T>>(d, prepacked, one_row_panels); });
+      k, [&] { return std::make_shared<const LinearPlan<T>>(d, prepacked, few_row_panels); });
 }
 
 template std::shared_ptr<const Conv2dPlan<float>> plan_conv2d<float>(const Conv2dDesc&, bool, const ConvCall<float>*,

@@ -35,8 +35,8 @@ std::shared_ptr<const Conv2dMaxPool2dPlan<T>> plan_conv2d_max_pool2d(const Conv2
                                                                      bool prepacked,
                                                                      ConvRestrict only = {});
 
-// one_row_panels: as LinearPlan's.
+// few_row_panels: as LinearPlan's.
 template <class T>
-std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d, bool prepacked, bool one_row_panels = true);
+std::shared_ptr<const LinearPlan<T>> plan_linear(const LinearDesc& d, bool prepacked, bool few_row_panels = true);
 
 }  // namespace lk::cpu

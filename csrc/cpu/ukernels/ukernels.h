@@ -53,16 +53,17 @@ template <class T>
 using DotUkernelFn = void (*)(int64_t k, const T* x, int64_t ldx, int rows, const T* w, int64_t ldw, int64_t n, T* y,
                               int64_t ldy, const T* bias, bool relu);
 
-// y[0:n] = act(bias + W x) for one input row x of length k against W
-// packed in panels (pack_b_panels: k x nr each, nr = gemv_nr, zero-padded
-// past n); bias null or zero-padded like the panels. Backward reads the
-// weights in the opposite order, for the same result.
+// y[r][0:n] = act(bias + W x[r]) for a few input rows x (row stride ldx,
+// y's ldy) of length k against W packed in panels (pack_b_panels: k x nr
+// each, nr = gemv_nr, zero-padded past n); bias null or zero-padded like the
+// panels. Backward reads the weights in the opposite order, for the same
+// result.
 template <class T>
-using GemvUkernelFn = void (*)(int64_t k, const T* x, const T* panels, int64_t n, T* y, const T* bias, bool relu,
-                               bool backward);
+using GemvUkernelFn = void (*)(int64_t k, const T* x, int64_t ldx, int rows, const T* panels, int64_t n, T* y,
+                               int64_t ldy, const T* bias, bool relu, bool backward);
 
-// The dot kernel, and beside it the single-row kernel over packed panels:
-// one contiguous stream of weights where the dot kernel reads many rows.
+// The dot kernel, and beside it the few-row kernel over packed panels:
+// contiguous streams of weights where the dot kernel reads many rows.
 template <class T>
 struct DotUkernel {
   DotUkernelFn<T> fn;
