@@ -419,6 +419,7 @@ def test_first_layer_on_winograd_rows(isa, rng, planes, filters, h, w, padding):
     for x in (base[:1, :planes, :, :w], base[:, 1:, :, 3:], base[::-2, :planes, :, ::-1][..., :w]):
         check_conv_layer(layer(x), x, wt, b, dict(padding=padding, activation="relu"), None, f"input {x.shape}")
     x = ref.randn(rng, (2, planes, h, w), np.float32)
+    check_conv_layer(lk.Conv2d(wt, padding=padding)(x), x, wt, None, dict(padding=padding), None, "no bias, no relu")
     x[1, planes - 1, h // 2, w // 3], x[0, 0, 0, 0] = np.inf, np.nan
     got, expected = layer(x), lk.conv2d(x, wt, b, padding=padding, activation="relu")
     ref.assert_identical(np.isnan(got), np.isnan(expected))
