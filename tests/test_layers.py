@@ -406,7 +406,8 @@ def test_conv_layer_on_the_direct_kernel(isa, rng, planes, filters, h, w, conv):
 
 
 @pytest.mark.parametrize("planes,filters,h,w,padding", [(3, 32, 32, 32, 1), (2, 16, 9, 37, 1), (4, 48, 6, 40, 0),
-                                                        (3, 64, 7, 7, 1), (2, 32, 33, 70, 1), (1, 32, 28, 28, 0)])
+                                                        (3, 64, 7, 7, 1), (2, 32, 33, 70, 1), (1, 32, 28, 28, 0),
+                                                        (1, 16, 9, 41, 1)])
 def test_first_layer_on_winograd_rows(isa, rng, planes, filters, h, w, padding):
     # 3x3 stride 1 on 1 to 4 planes, channel planes out: F(2, 3) along the rows with pixels in lanes (AVX-512),
     # two outputs per tile, the last tile of an odd row half used, rows in pairs and a last single row, filters
