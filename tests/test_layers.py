@@ -631,6 +631,14 @@ def test_linear_describe(rng):
     for rows in (1, 7, 300):
         text = layer.describe(rows)
         assert isinstance(text, str) and "algo=" in text, text
+        # An array or a shape describes the plan of its rows, as Conv2d.describe takes an input.
+        assert layer.describe(np.zeros((rows, 16), np.float32)) == text
+        assert layer.describe((1, rows, 16)) == text
+    assert layer.describe((16,)) == layer.describe(1)
+    for bad, exception in ((np.zeros((3, 15), np.float32), ValueError), ((), ValueError), (-1, ValueError),
+                           (2.5, TypeError), (True, TypeError), ("rows", TypeError)):
+        with pytest.raises(exception, match="^input:"):
+            layer.describe(bad)
 
 
 @pytest.mark.parametrize("algorithm", ["bogus", "Direct", ""])

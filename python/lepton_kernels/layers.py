@@ -216,6 +216,19 @@ class Linear:
         y = self._layer(x2, out2)
         return out if out is not None else y.reshape(out_shape)
 
-    def describe(self, rows: int) -> str:
-        """The plan for an input of `rows` rows."""
+    def describe(self, input) -> str:
+        """The plan for an input like `input`: an array, a shape ``(..., in_features)`` or a number of rows."""
+        if isinstance(input, (int, np.integer)) and not isinstance(input, (bool, np.bool_)):
+            rows = int(input)
+        else:
+            try:
+                shape = tuple(int(d) for d in (input.shape if hasattr(input, "shape") else input))
+            except (TypeError, ValueError):
+                raise TypeError(f"input: expected an array, a shape or a number of rows, got {input!r}") from None
+            K = self._weight.shape[1]
+            if not shape or shape[-1] != K:
+                raise ValueError(f"input: expected {K} features in the last dimension, got shape {shape}")
+            rows = int(np.prod(shape[:-1], dtype=np.int64))
+        if rows < 0:
+            raise ValueError(f"input: rows must be non-negative, got {rows}")
         return self._layer.describe(rows)
