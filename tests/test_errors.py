@@ -196,6 +196,21 @@ def test_max_pool2d(call, exception, names):
     check_raises(call, exception, names)
 
 
+@pytest.mark.parametrize("name, good, value", [("kernel_size", 2, 2.0), ("stride", 2, 2.0), ("padding", 1, 1.0),
+                                               ("dilation", 1, 1.0), ("kernel_size", (2, 2), (2.0, 2)),
+                                               ("ceil_mode", True, 1)])
+def test_max_pool2d_value_equal_to_a_repeated_one(name, good, value):
+    # Repeated calls take their checked arguments from a cache; 2.0 == 2 (and 1 == True) must not find the
+    # entry of the value that was checked. ceil_mode takes any truth value: there the result must match.
+    args = {"kernel_size": 2, **{name: good}}
+    expected = lk.max_pool2d(X, **args)
+    lk.max_pool2d(X, **args)
+    if name == "ceil_mode":
+        np.testing.assert_array_equal(lk.max_pool2d(X, **{**args, name: value}), expected)
+    else:
+        check_raises(lambda: lk.max_pool2d(X, **{**args, name: value}), TypeError, name)
+
+
 @pytest.mark.parametrize("call, exception, names", case_params(LINEAR_CASES))
 def test_linear(call, exception, names):
     check_raises(call, exception, names)

@@ -165,6 +165,15 @@ def _key_part(value):
     raise TypeError
 
 
+# Checked pooling arguments of recent max_pool2d calls, by the arguments as
+# given (ints, None, tuples of ints) and the input's C, H, W. Bounded.
+_POOL_ARGS = {}
+
+
+def _pool_key(value):
+    return value if value is None or type(value) is int else _key_part(value)
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, out=None,
            stream=None):
     """2-D convolution of an (N, C, H, W) or (C, H, W) input with (K, C/groups, R, S) filters.
@@ -218,7 +227,19 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     check_array(input, "input")
     x, batched = spatial_input(input)
     N, C, H, W = x.shape
-    kernel, stride, pad, dilation, (P, Q) = _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W)
+    try:
+        key = (_pool_key(kernel_size), _pool_key(stride), _pool_key(padding), _pool_key(dilation),
+               ceil_mode if type(ceil_mode) is bool else _key_part(ceil_mode), C, H, W)
+        args = _POOL_ARGS.get(key)
+    except TypeError:  # lists, floats, ...: checked in full each call
+        key = args = None
+    if args is None:
+        args = _pool_args(kernel_size, stride, padding, dilation, ceil_mode, C, H, W)
+        if key is not None:
+            if len(_POOL_ARGS) >= 256:
+                _POOL_ARGS.clear()
+            _POOL_ARGS[key] = args
+    kernel, stride, pad, dilation, (P, Q) = args
     check_out_size((N, C, P, Q), x.dtype)
     check_out(out, (input,))
     res = _core.max_pool2d(x, kernel, stride, pad, dilation, bool(ceil_mode), bool(return_indices),
