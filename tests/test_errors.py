@@ -211,6 +211,17 @@ def test_max_pool2d_value_equal_to_a_repeated_one(name, good, value):
         check_raises(lambda: lk.max_pool2d(X, **{**args, name: value}), TypeError, name)
 
 
+@pytest.mark.parametrize("name, good, value", [("stride", 1, 1.0), ("padding", (1, 1), (1.0, 1)), ("groups", 1, 1.0),
+                                               ("kernel_size", 2, 2.0), ("pool_stride", 2, 2.0),
+                                               ("pool_padding", 1, 1.0), ("pool_dilation", 1, 1.0)])
+def test_conv2d_max_pool2d_value_equal_to_a_repeated_one(name, good, value):
+    # As for conv2d and max_pool2d: the cache of checked arguments must not take 1.0 for 1.
+    args = {"padding": 1, **{name: good}}
+    lk.conv2d_max_pool2d(X, W, **args)
+    lk.conv2d_max_pool2d(X, W, **args)
+    check_raises(lambda: lk.conv2d_max_pool2d(X, W, **{**args, name: value}), TypeError, name)
+
+
 @pytest.mark.parametrize("call, exception, names", case_params(LINEAR_CASES))
 def test_linear(call, exception, names):
     check_raises(call, exception, names)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import math
 import operator
 import sys
 import threading
@@ -330,7 +331,7 @@ def from_cuda_array_interface(obj, name, dtypes=FLOAT_DTYPES) -> DeviceArray:
         ptr = operator.index(data[0])
     except TypeError:
         raise ValueError(f"{name}: __cuda_array_interface__ data pointer must be an int, got {data[0]!r}") from None
-    size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    size = math.prod(shape) if shape else 1
     if ptr < 0 or ptr >= 1 << 64:
         raise ValueError(f"{name}: __cuda_array_interface__ data pointer {ptr} is out of range")
     if ptr == 0 and size:
@@ -876,7 +877,7 @@ def _linear_gpu(rt, input, weight, bias, activation, out, params=None):
             if b.shape != expected and not (vector and b.shape == (1,)):
                 raise ValueError(f"bias: expected shape {expected}, got {b.shape}")
         lead = x.shape[:-1]
-        M = int(np.prod(lead, dtype=np.int64))
+        M = math.prod(lead)
         out_shape = lead + (() if vector else (N,))
         F.check_out_size(out_shape, x.dtype)
         y = L.output(out_shape, x.dtype, out, (x, w, b))
@@ -910,8 +911,8 @@ def softmax(input, dim, *, out, log):
         x = L.input_array(input, "input")
         d = normalize_dim(dim, x.ndim)
         shape = x.shape if x.ndim else (1,)
-        outer = int(np.prod(shape[:d], dtype=np.int64))
-        inner = int(np.prod(shape[d + 1:], dtype=np.int64))
+        outer = math.prod(shape[:d])
+        inner = math.prod(shape[d + 1:])
         y = L.output(x.shape, x.dtype, out, (x,), allow_same=x)
         if y.size:
             L.kernels.softmax(_f64(x), x.ptr, y.ptr, outer, shape[d], inner, bool(log), L.device, L.stream)
@@ -1048,7 +1049,7 @@ def max_pool2d_backward(grad_output, indices, input_shape):
         _expect_shape(idx, go.shape, "indices")
         if go.shape[:-2] != shape[:-2]:
             raise ValueError(f"grad_output: leading dimensions {go.shape[:-2]} differ from input_shape's {shape[:-2]}")
-        planes = int(np.prod(shape[:-2], dtype=np.int64))
+        planes = math.prod(shape[:-2])
         gi = L.output(shape, go.dtype)
         if gi.size:
             if go.size:
@@ -1082,7 +1083,7 @@ def linear_backward(grad_output, input, weight, *, output_mask=(True, True, True
             raise ValueError(f"weight: expected {x.shape[-1]} input features to match input's last dimension, "
                              f"got weight of shape {w.shape}")
         _expect_shape(go, x.shape[:-1] + (N,), "grad_output")
-        M = int(np.prod(x.shape[:-1], dtype=np.int64))
+        M = math.prod(x.shape[:-1])
         gi = L.output(x.shape, x.dtype) if mask[0] else None
         gw = L.output(w.shape, x.dtype) if mask[1] else None
         gb = L.output((N,), x.dtype) if mask[2] else None

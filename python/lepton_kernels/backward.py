@@ -13,6 +13,7 @@ CUDA backward kernels and return device arrays (see ``_device.py``).
 
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -180,7 +181,7 @@ def linear_backward(grad_output, input, weight, *, output_mask=(True, True, True
     expected = input.shape[:-1] + (out_f,)
     if grad_output.shape != expected:
         raise ValueError(f"grad_output: expected shape {expected}, got {grad_output.shape}")
-    rows = int(np.prod(input.shape[:-1], dtype=np.int64))
+    rows = math.prod(input.shape[:-1])
     x2 = input.reshape(rows, in_f) if input.size else np.zeros((rows, in_f), input.dtype)
     g2 = grad_output.reshape(rows, out_f) if grad_output.size else np.zeros((rows, out_f), grad_output.dtype)
     gx, gw, gb = _core.linear_backward(g2, x2, weight, mask)

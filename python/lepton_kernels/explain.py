@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _core, functional, layers
@@ -11,7 +13,7 @@ __all__ = ["explain"]
 
 
 def _rows(x):
-    return int(np.prod(x.shape[:-1], dtype=np.int64)) if x.ndim > 1 else 1
+    return math.prod(x.shape[:-1]) if x.ndim > 1 else 1
 
 
 def explain(op, *args, **kwargs) -> str:

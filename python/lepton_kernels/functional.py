@@ -10,6 +10,8 @@ GPU and return device arrays; see ``_device.py`` and docs/gpu-design.md.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _core, _device
@@ -168,6 +170,8 @@ def _key_part(value):
 # Checked pooling arguments of recent max_pool2d calls, by the arguments as
 # given (ints, None, tuples of ints) and the input's C, H, W. Bounded.
 _POOL_ARGS = {}
+# Likewise the convolution and pooling arguments of conv2d_max_pool2d.
+_FUSED_ARGS = {}
 
 
 def _pool_key(value):
@@ -270,15 +274,35 @@ def conv2d_max_pool2d(input, weight, bias=None, stride=1, padding=0, dilation=1,
             return _device.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation,
                                   out=out, pool=(kernel_size, pool_stride, pool_padding, pool_dilation),
                                   ceil_mode=ceil_mode, return_indices=return_indices)
-    x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
-                                                                    dilation, groups)
-    K = weight.shape[0]
-    pk, ps, pp, pd, (PP, PQ) = _pool_args(kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode, K, P, Q,
-                                          _FUSED_POOL_NAMES)
-    check_out_size((x.shape[0], K, PP, PQ), x.dtype)
+    key = args = None
+    if out is None and type(input) is np.ndarray and type(weight) is np.ndarray and input.ndim == 4:
+        try:
+            key = (weight.shape, weight.dtype, input.dtype, input.shape[1:], bias is None or (
+                   type(bias) is np.ndarray and bias.shape == weight.shape[:1] and bias.dtype),
+                   *(v if type(v) is int else _key_part(v) for v in (stride, padding, dilation, groups)),
+                   activation if activation is None else _key_part(activation),
+                   *(_pool_key(v) for v in (kernel_size, pool_stride, pool_padding, pool_dilation)),
+                   ceil_mode if type(ceil_mode) is bool else _key_part(ceil_mode))
+            args = _FUSED_ARGS.get(key)
+        except TypeError:  # lists, floats, ...: checked in full each call
+            key = None
+    if args is None:
+        x, batched, stride, pads, dilation, groups, (P, Q) = _conv_args(input, weight, bias, stride, padding,
+                                                                        dilation, groups)
+        pool = _pool_args(kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode, weight.shape[0], P, Q,
+                          _FUSED_POOL_NAMES)
+        args = (stride, pads, dilation, groups, _activation(activation), *pool)
+        if key is not None:
+            if len(_FUSED_ARGS) >= 256:
+                _FUSED_ARGS.clear()
+            _FUSED_ARGS[key] = args
+    else:
+        x, batched = input, True
+    stride, pads, dilation, groups, act, pk, ps, pp, pd, (PP, PQ) = args
+    check_out_size((x.shape[0], weight.shape[0], PP, PQ), x.dtype)
     check_out(out, (input, weight, bias))
-    res = _core.conv2d_max_pool2d(x, weight, bias, stride, pads, dilation, groups, _activation(activation), pk, ps,
-                                  pp, pd, bool(ceil_mode), _batched_out(out, batched), bool(return_indices))
+    res = _core.conv2d_max_pool2d(x, weight, bias, stride, pads, dilation, groups, act, pk, ps, pp, pd,
+                                  bool(ceil_mode), _batched_out(out, batched), bool(return_indices))
     if return_indices:
         y, idx = res
         return _result(y, out, batched), (idx if batched else idx[0])
@@ -338,7 +362,7 @@ def linear(input, weight, bias=None, *, activation=None, out=None, stream=None):
 def _rows(x):
     """(..., K) as a 2-D (rows, K) array; a view when the layout allows."""
     K = x.shape[-1]
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    rows = math.prod(x.shape[:-1])
     if x.ndim == 2:
         return x
     if x.size == 0:  # reshape(-1, 0) is ambiguous
@@ -384,8 +408,8 @@ def _softmax(input, dim, out, log, stream):
     x = _contiguous(input, "input")
     d = normalize_dim(dim, x.ndim)
     shape = x.shape if x.ndim else (1,)
-    outer = int(np.prod(shape[:d], dtype=np.int64))
-    inner = int(np.prod(shape[d + 1:], dtype=np.int64))
+    outer = math.prod(shape[:d])
+    inner = math.prod(shape[d + 1:])
     return _core.softmax(x, outer, shape[d], inner, log, _elementwise_out(out, x, input))
 
 

@@ -11,6 +11,8 @@ Called on a device array, a layer uploads its weights to that device once
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _core, _device
@@ -228,7 +230,7 @@ class Linear:
             K = self._weight.shape[1]
             if not shape or shape[-1] != K:
                 raise ValueError(f"input: expected {K} features in the last dimension, got shape {shape}")
-            rows = int(np.prod(shape[:-1], dtype=np.int64))
+            rows = math.prod(shape[:-1])
         if rows < 0:
             raise ValueError(f"input: rows must be non-negative, got {rows}")
         return self._layer.describe(rows)
