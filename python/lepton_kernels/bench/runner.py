@@ -692,6 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot:
         from .plot import plot
 
-        plot(results, args.plot, f"lepton-kernels {lk.__version__} vs peers, {threads} thread(s), {machine['cpu']}")
+        plot(results, args.plot, f"lepton-kernels {lk.__version__} vs peers, {threads} thread(s), {machine['cpu']}",
+             fma_gflops=ceiling["fma_peak_gflops"])
         print(f"wrote {args.plot}", file=out)
     return 0
