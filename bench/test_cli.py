@@ -75,3 +75,14 @@ def test_a_disturbed_row_is_timed_again_and_the_steadiest_attempt_kept(monkeypat
     calls.clear()
     res = runner.run_workload(row, [Peer()], runner.Settings(repeat=3, retry_pause=0.0), ceiling_gflops=1.0)
     assert len(calls) == 1 and res.attempts == 1
+
+
+def test_a_fusion_row_times_our_unfused_sequence_in_its_loops(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert runner.main(["--quick", "--repeat", "2", "--filter", "fuse-c2-b1", "--json", str(path)]) == 0
+    assert "unfused x" in capsys.readouterr().out
+    fused, unfused = json.loads(path.read_text())["workloads"]
+    assert fused["name"] == "fuse-c2-b1" and unfused["name"] == "fuse-c2-b1/unfused"
+    baseline = fused["results"]["unfused"]
+    assert baseline["check"] == "ok" and baseline["median_s"] > 0 and baseline["ratio"] > 0
+    assert "unfused" not in unfused["results"]  # the unfused row is itself the sequence

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from .workloads import OURS
+
 
 def plot(results: Sequence, path: str, title: str, fma_gflops: Optional[float] = None) -> None:
     """Writes a PNG of every implementation's median GFLOP/s per workload (log scale).
 
     One row of bars per workload, top to bottom in run order, each labelled
-    with the faster peer's median over ours (> 1: ours is faster); a line
-    marks the FMA peak when given.
+    with the faster peer's median over ours (> 1: ours is faster; our own
+    unfused sequence is a bar, not a peer); a line marks the FMA peak when
+    given.
     """
     try:
         import matplotlib
@@ -34,7 +37,7 @@ def plot(results: Sequence, path: str, title: str, fma_gflops: Optional[float] =
         ax.barh(ys, xs, height, label=impl)
     for j, r in enumerate(rows):
         ours = r.results["lepton"]
-        peers = [res.median_s for name, res in r.results.items() if name != "lepton" and res.median_s]
+        peers = [res.median_s for name, res in r.results.items() if name not in OURS and res.median_s]
         if peers:
             ax.annotate(f"{min(peers) / ours.median_s:.2f}x", (ours.gflops, j - (len(order) - 1) / 2 * height),
                         xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)

@@ -349,7 +349,9 @@ def run_workload(workload: wl.Workload, peers: Sequence[peers_mod.Peer], setting
 
     prepared: Dict[str, wl.Prepared] = {}
     ours = None
-    for impl in (wl.LEPTON, *(p for p in peers if p.applies(workload))):
+    for impl in (wl.LEPTON, wl.LEPTON_UNFUSED, *peers):
+        if impl is not wl.LEPTON and not impl.applies(workload):
+            continue
         r = res.results[impl.name] = ImplResult(impl.name)
         try:
             start = time.perf_counter_ns()
@@ -622,6 +624,8 @@ def _print_footer(out, results, n_workflows, other_load, usable_cpus, elapsed):
           "busy: CPUs other processes kept busy meanwhile;", file=out)
     print("'<peer> x': peer median / lepton median, > 1 means lepton is faster; "
           "* pool rows count comparisons: Gop/s, no %ceil;", file=out)
+    print("'unfused x' (fusion rows): our one call per op, timed in the same loops, over the fused call;",
+          file=out)
     print(f"?: a median more than {UNSTABLE:g}x the fastest loop (lepton's, or either side of a ratio): "
           f"disturbed loops, rerun before trusting it.", file=out)
     if other_load is not None and other_load >= 0.1:
@@ -666,7 +670,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load = CpuLoad().start()
     results = []
     if workloads:
-        shown = [p for p in peers if any(p.applies(w) for w in workloads)]  # a column per peer that runs a row
+        # A column per peer that runs a row, and one for our unfused sequence when a fusion row runs.
+        shown = [p for p in (*peers, wl.LEPTON_UNFUSED) if any(p.applies(w) for w in workloads)]
         table = _result_table(workloads, shown, out)
         table.header()
         results = run(workloads, peers, threads, settings, ceiling["gflops"],

@@ -347,11 +347,32 @@ class LeptonImpl:
                                        groups=conv.groups, activation="relu" if conv.relu else None,
                                        kernel_size=pool.kernel, pool_stride=pool.step, pool_padding=pool.padding)
             return Prepared(partial(fused, inst.x))
+        return self._unfused(inst)
+
+    def _unfused(self, inst: Instance) -> Prepared:
+        """One call per op of the chain."""
         steps = [self._step(layer, shape, p) for layer, shape, p in inst.steps()]
         return Prepared(chain(partial(steps[0], inst.x), steps[1:]))
 
 
 LEPTON = LeptonImpl()
+
+
+class LeptonUnfusedImpl(LeptonImpl):
+    """Our own unfused sequence of a fused row (one call per op), timed in the fused row's loops: the
+    baseline of the fusion target, measured side by side with the fused call it is compared with."""
+
+    name = "unfused"
+
+    def applies(self, workload) -> bool:
+        return workload.fused
+
+    def prepare(self, inst: Instance) -> Prepared:
+        return self._unfused(inst)
+
+
+LEPTON_UNFUSED = LeptonUnfusedImpl()
+OURS = (LEPTON.name, LEPTON_UNFUSED.name)  # result names that are not peers
 
 
 # --- float64 reference -------------------------------------------------------
