@@ -341,7 +341,7 @@ std::vector<ConvChoice> conv_candidates(const Conv2dDesc& d, const UkernelTable&
 template <class T>
 Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoice* forced,
                           ConvRestrict only)
-    : d_(desc), uk_(ukernels().gemm<T>()), prepacked_(prepacked), only_(only) {
+    : d_(desc), table_(&ukernels()), uk_(table_->gemm<T>()), prepacked_(prepacked), only_(only) {
   validate(d_);
   const std::vector<ConvChoice> all = candidates();
   choice_ = all.front();
@@ -354,7 +354,7 @@ Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoi
     measured_ = true;
   }
   LK_CHECK(choice_.shape >= 0 && choice_.shape < kGemmShapes, "plan: invalid microkernel shape");
-  uk_ = ukernels().gemm<T>(choice_.shape);
+  uk_ = table_->gemm<T>(choice_.shape);
   algo_ = choice_.algo;
   kc_ = choice_.kc, mc_ = choice_.mc, nc_ = choice_.nc;
   threads_ = std::clamp(choice_.threads, 1, get_num_threads());
@@ -384,7 +384,7 @@ Conv2dPlan<T>::Conv2dPlan(const Conv2dDesc& desc, bool prepacked, const ConvChoi
 
 template <class T>
 std::vector<ConvChoice> Conv2dPlan<T>::candidates() const {
-  return conv_candidates<T>(d_, ukernels(), prepacked_, only_);
+  return conv_candidates<T>(d_, *table_, prepacked_, only_);
 }
 
 template <class T>
@@ -514,7 +514,7 @@ void Conv2dPlan<T>::run(const TensorView& x, const Weights& wt, T* y) const {
     // the microkernel; whole vectors of channels where they go in the lanes
     // (DwconvJob::hwc).
     const int64_t per_image = std::min(K, std::max<int64_t>(1, 4 * threads_ / std::max<int64_t>(d_.N, 1)));
-    const int64_t lanes = ukernels().dwconv<T>().lanes;
+    const int64_t lanes = table_->dwconv<T>().lanes;
     int64_t run = ceil_div(K, per_image);
     if (d_.Cg() == 1 && d_.Kg() == 1 && d_.Q() < lanes) run = round_up(run, lanes);
     const int64_t runs = ceil_div(K, run);
@@ -794,7 +794,7 @@ void Conv2dPlan<T>::group_planes_rows(const TensorView& x, const Weights& wt, in
 template <class T>
 void Conv2dPlan<T>::direct_rows(const TensorView& x, const Weights& wt, int64_t n, int64_t k0, int64_t k1,
                                 int64_t r0, int64_t r1, T* out, int64_t ldk) const {
-  const DwconvUkernel<T>& uk = ukernels().dwconv<T>();
+  const DwconvUkernel<T>& uk = table_->dwconv<T>();
   DwconvJob<T> j;
   j.x = x.ptr<T>() + n * x.strides[0];
   j.x_c = x.strides[1], j.x_h = x.strides[2], j.x_w = x.strides[3];
@@ -844,7 +844,7 @@ std::string Conv2dPlan<T>::explain() const {
     const ConvChoice& c = all[i];
     s += cat("\n    ", conv_algo_name(c.algo), " threads=", c.threads);
     if (c.algo != ConvAlgo::direct)
-      s += cat(" ukernel=", ukernels().gemm<T>(c.shape).name, " kc=", c.kc, " mc=", c.mc, " nc=", c.nc);
+      s += cat(" ukernel=", table_->gemm<T>(c.shape).name, " kc=", c.kc, " mc=", c.mc, " nc=", c.nc);
     s += cat(" predicted_us=", c.time_s * 1e6, " workspace_bytes=", c.workspace);
   }
   return s;

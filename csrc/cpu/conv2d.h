@@ -140,6 +140,10 @@ class Conv2dPlan {
                    T* out, int64_t ldk) const;
 
   Conv2dDesc d_;
+  // The kernels of the level active when the plan was made: a level switched
+  // by another thread meanwhile must not mix one level's blocking with
+  // another's microkernel (the blocking check failed under such a race).
+  const UkernelTable* table_;
   GemmUkernel<T> uk_;
   ConvChoice choice_;
   // direct on float groups of several channels and filters (conv_group_planes):

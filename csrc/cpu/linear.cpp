@@ -18,7 +18,7 @@ constexpr int64_t kGemvRows = 8;        // input rows up to which a layer's weig
 
 template <class T>
 LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked, bool few_row_panels)
-    : d_(desc), uk_(ukernels().gemm<T>()), dot_(ukernels().dot<T>()) {
+    : d_(desc), table_(&ukernels()), uk_(table_->gemm<T>()), dot_(table_->dot<T>()) {
   const int64_t M = d_.M, K = d_.K, N = d_.N;
   LK_CHECK(M >= 0 && K >= 0 && N >= 0, "input: sizes must be non-negative");
   // Packing the weight costs as much as a few rows of the product, and a
@@ -37,7 +37,7 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked, bool few_row_p
   if (prepacked && few_row_panels && M >= 1 && M <= kGemvRows && 4 * round_up(N, dot_.gemv_nr) <= 5 * N)
     algo_ = LinearAlgo::gemv;
   if (algo_ == LinearAlgo::gemm_t) {  // rows: features, columns: input rows; the shape padding M least
-    const UkernelTable& t = ukernels();
+    const UkernelTable& t = *table_;
     for (int shape = 1; shape < kGemmShapes; ++shape) {
       const GemmUkernel<T>& u = t.gemm<T>(shape);
       if (round_up(M, u.nr) * round_up(N, u.mr) < round_up(M, uk_.nr) * round_up(N, uk_.mr)) uk_ = u;
@@ -119,7 +119,7 @@ LinearPlan<T>::LinearPlan(const LinearDesc& desc, bool prepacked, bool few_row_p
       }
     return best;
   };
-  const UkernelTable& t = ukernels();
+  const UkernelTable& t = *table_;
   int64_t load = split(t.gemm<T>(0), mc_, nc_);
   for (int shape = 1; shape < kGemmShapes; ++shape) {
     int64_t mc = 0, nc = 0;

@@ -74,6 +74,7 @@ class LinearPlan {
 
   LinearDesc d_;
   LinearAlgo algo_;
+  const UkernelTable* table_;  // the level active when the plan was made (Conv2dPlan::table_)
   GemmUkernel<T> uk_;
   DotUkernel<T> dot_;
   int64_t kc_ = 0, mc_ = 0, nc_ = 0;
